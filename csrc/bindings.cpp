@@ -1,0 +1,35 @@
+// Registers deer's ops with the torch dispatcher (torch.ops.deer.<op>): the CPU kernels always,
+// the CUDA kernels when built with DEER_WITH_CUDA. Python picks the backend by device (and the
+// DEER_BACKEND override) in python/deer/ops/.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "per_sample_grad_norm/per_sample_grad_norm.h"
+
+TORCH_LIBRARY(deer, m) {
+  m.def("per_sample_grad_norm(Tensor left, Tensor right, float scale, Tensor? gram, int gram_side) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(deer, CPU, m) {
+  m.impl("per_sample_grad_norm", &deer::per_sample_grad_norm_cpu);
+}
+
+#ifdef DEER_WITH_CUDA
+TORCH_LIBRARY_IMPL(deer, CUDA, m) {
+  m.impl("per_sample_grad_norm", &deer::per_sample_grad_norm_cuda);
+}
+#endif
+
+static std::vector<std::string> compiled_backends() {
+  std::vector<std::string> out{"cpu"};
+#ifdef DEER_WITH_CUDA
+  out.push_back("cuda");
+#endif
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "deer's compiled kernels (CPU/OpenMP, and CUDA where built); ops live in torch.ops.deer";
+  m.def("compiled_backends", &compiled_backends, "Backends compiled into this build: 'cpu' and possibly 'cuda'");
+  m.def("openmp_threads", [] { return at::get_num_threads(); }, "Threads the CPU kernels use");
+}

@@ -1,0 +1,73 @@
+"""Backend dispatch for deer's ops. One name per op across csrc/, deer_kernels/, python/deer/ops/,
+tests/ and bench/.
+
+Backends: 'cpu' (C++/OpenMP in deer._C), 'cuda' (CUDA C++ in deer._C), 'triton' (deer_kernels/),
+'reference' (pure PyTorch, float64-capable oracle). The choice comes from the call's `backend`
+argument, else the DEER_BACKEND environment variable, else the tensor's device: CPU tensors use
+'cpu', CUDA tensors use 'cuda' (or 'triton' when deer._C was built without CUDA). A backend that
+cannot run says why.
+"""
+from __future__ import annotations
+
+import os
+
+from .. import _ext
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def _triton_reason(device_type: str) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return ("Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 (set before triton is "
+                "imported) to run them on the CPU through the interpreter")
+    return None
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run on tensors of `device_type`, else a sentence saying why not."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return _triton_reason(device_type)
+    if not _ext.available():
+        return _ext.BUILD_HINT
+    if backend == "cpu":
+        return None if device_type == "cpu" else f"the 'cpu' backend needs CPU tensors, got {device_type}"
+    # cuda
+    if "cuda" not in _ext.compiled_backends():
+        return ("deer._C was built without CUDA kernels (no nvcc, a CPU-only torch, or "
+                "DEER_SKIP_CUDA=1). Rebuild on a CUDA machine with DEER_FORCE_CUDA=1.")
+    return None if device_type == "cuda" else f"the 'cuda' backend needs CUDA tensors, got {device_type}"
+
+
+def resolve_backend(device, backend: str | None = None) -> str:
+    """The backend an op will use for tensors on `device`."""
+    device_type = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    choice = backend or os.environ.get("DEER_BACKEND") or "auto"
+    if choice == "auto":
+        order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+        for b in order:
+            if unavailable_reason(b, device_type) is None:
+                return b
+        return "reference"
+    why = unavailable_reason(choice, device_type)
+    if why is not None:
+        raise BackendUnavailable(f"deer backend {choice!r} cannot run here: {why}")
+    return choice
+
+
+def available_backends(device_type: str = "cpu") -> list[str]:
+    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+
+
+from .per_sample_grad_norm import per_sample_grad_norm, per_sample_grad_norm_reference  # noqa: E402,F401

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command: set up (idempotent), run pytest, then build and run the C++ tests with ctest.
+# pytest exiting 5 (nothing collected) is a failure here, never a silent pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+set +e
+$PY -m pytest tests -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then echo "[deer test] pytest collected no tests: failing"; exit 1; fi
+if [ $rc -ne 0 ]; then exit $rc; fi
+echo "[deer test] C++ tests (CMake + ctest)"
+TORCH_PREFIX="$($PY -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+PYBIND_DIR="$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())')"
+cmake -S . -B build-cmake -G Ninja -DCMAKE_MAKE_PROGRAM="$(dirname $PY)/ninja" \
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -Dpybind11_DIR="$PYBIND_DIR" \
+  -DPython_EXECUTABLE="$(realpath $PY)" -DCMAKE_BUILD_TYPE=Release > build-cmake.log 2>&1 \
+  || { cat build-cmake.log; exit 1; }
+cmake --build build-cmake -j "$(nproc)" >> build-cmake.log 2>&1 || { tail -50 build-cmake.log; exit 1; }
+(cd build-cmake && ctest --output-on-failure)
