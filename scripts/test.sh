@@ -13,9 +13,10 @@ if [ $rc -eq 5 ]; then echo "[deer test] pytest collected no tests: failing"; ex
 if [ $rc -ne 0 ]; then exit $rc; fi
 echo "[deer test] C++ tests (CMake + ctest)"
 TORCH_PREFIX="$($PY -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+NV_LIB="$($PY -c 'import glob, os, nvidia; print(next(iter(sorted(glob.glob(os.path.join(nvidia.__path__[0], "cu*", "lib")))), ""))' 2>/dev/null || true)"
 PYBIND_DIR="$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())')"
-cmake -S . -B build-cmake -G Ninja -DCMAKE_MAKE_PROGRAM="$(dirname $PY)/ninja" \
-  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -Dpybind11_DIR="$PYBIND_DIR" \
+cmake -S . -B build-cmake -G Ninja -DCMAKE_MAKE_PROGRAM="$(realpath "$(dirname $PY)/ninja")" \
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -Dpybind11_DIR="$PYBIND_DIR" -DDEER_NVIDIA_LIB_DIR="$NV_LIB" \
   -DPython_EXECUTABLE="$(realpath $PY)" -DCMAKE_BUILD_TYPE=Release > build-cmake.log 2>&1 \
   || { cat build-cmake.log; exit 1; }
 cmake --build build-cmake -j "$(nproc)" >> build-cmake.log 2>&1 || { tail -50 build-cmake.log; exit 1; }
