@@ -1,2 +1,7 @@
-"""LoRA layers with per-sample gradient capture for DP training."""
-from .lora import LoRALinear, lora_layers  # noqa: F401
+"""LoRA layers with per-sample gradient capture for DP training, and tools to inject them."""
+from .lora import QKV_SLICES, LoRAFactors, LoRALinear, LoRAQKV, lora_layers, lora_units  # noqa: F401
+from .inject import (NoLoRALayersError, get_lora_state, get_phase, inject_lora,  # noqa: F401
+                     set_lora_state, set_phase)
+
+__all__ = ["LoRAFactors", "LoRALinear", "LoRAQKV", "QKV_SLICES", "lora_layers", "lora_units", "inject_lora",
+           "set_phase", "get_phase", "get_lora_state", "set_lora_state", "NoLoRALayersError"]

@@ -1,12 +1,19 @@
-"""LoRALinear: a drop-in replacement for nn.Linear with a LoRA branch whose backward hands the
-layer's input and output gradient to the DP machinery (no Python hooks on the hot path).
+"""LoRA layers whose backward hands each layer's input and output gradient to the DP machinery
+(no Python hooks on the hot path).
 
     y = x W^T + b + s * dropout(x) A^T B^T,     A: (r, n) kaiming-uniform(a=sqrt(5)), B: (m, r) zeros
 
-During a private step (`capture=True`) the custom autograd Function stores, per physical batch,
-X = dropout(x) (b, T, n), U = X A^T (b, T, r) and G = dL/dy (b, T, m): everything the per-sample
-gradient kernels need. The summed gradients of A and B are still produced as usual, so the same
-layer serves non-private training.
+`LoRALinear` replaces an `nn.Linear`. `LoRAQKV` replaces a fused q/k/v projection (timm's
+`attn.qkv`, out = 3 * dim) and carries one independent pair of factors per chosen slice, as the
+DEeR paper does for q, k and v. Every pair of factors is a `LoRAFactors` module: the unit the
+privacy engine clips, noises and accounts.
+
+While `capture` is True (set by the privacy engine) the custom autograd Function appends, on each
+backward call, X = dropout(x), U = X A^T and G = dL/dy to the unit's capture list: everything the
+per-sample gradient kernels need. Several backward calls before one optimizer step (gradient
+accumulation over physical batches, "virtual steps") simply append more chunks. While capturing,
+the summed .grad of A and B is not computed at all: the DP optimizer writes the private gradient
+itself, and skipping the two (T*b x r x max(m, n)) matmuls halves the backward cost of the branch.
 """
 from __future__ import annotations
 
@@ -16,62 +23,194 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reference import check_phase
+from ..reference import check_phase, trained_factors
 
 
 class _LoRABranch(torch.autograd.Function):
+    """s * (x A^T) B^T with a backward that optionally records (X, U, G) for per-sample gradients."""
+
     @staticmethod
-    def forward(ctx, x, A, B, scale, layer):
+    def forward(ctx, x, A, B, scale, unit):
         u = x @ A.T
         ctx.save_for_backward(x, u, A, B)
         ctx.scale = scale
-        ctx.layer = layer
+        ctx.unit = unit
         return (u @ B.T) * scale
 
     @staticmethod
     def backward(ctx, gout):
         x, u, A, B = ctx.saved_tensors
         s = ctx.scale
-        layer = ctx.layer
+        unit = ctx.unit
+        capturing = unit is not None and unit.capture
         v = gout @ B                      # (..., r): dL/du / s
         gx = (v @ A) * s if ctx.needs_input_grad[0] else None
         gA = gB = None
-        if ctx.needs_input_grad[1]:
-            gA = s * v.reshape(-1, v.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[2]:
-            gB = s * gout.reshape(-1, gout.shape[-1]).T @ u.reshape(-1, u.shape[-1])
-        if layer is not None and layer.capture:
-            layer._captured.append((x.detach(), u.detach(), gout.detach()))
+        if capturing:
+            unit._captured.append((x.detach(), u.detach(), gout.detach()))
+        else:
+            if ctx.needs_input_grad[1]:
+                gA = s * v.reshape(-1, v.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            if ctx.needs_input_grad[2]:
+                gB = s * gout.reshape(-1, gout.shape[-1]).T @ u.reshape(-1, u.shape[-1])
         return gx, gA, gB, None, None
 
 
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 name: str = ""):
+def _check_rank(r, m, n, where):
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(m, n):
+        raise ValueError(f"LoRA rank must be an integer in [1, min(out, in)] = [1, {min(m, n)}] for "
+                         f"{where} (out={m}, in={n}), got r={r!r}. Choose a smaller rank.")
+
+
+class LoRAFactors(nn.Module):
+    """One pair of LoRA factors (A: (r, n), B: (m, r), scale alpha / r) with per-sample capture.
+
+    This is the unit the privacy engine works on: its `phase` says which factor trains, its
+    capture list holds (X, U, G) chunks of the current logical batch."""
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float | None = None,
+                 dropout: float = 0.0, dtype: torch.dtype | None = None, device=None, name: str = ""):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}"
-                            + (f" at {name!r}" if name else ""))
-        m, n = base.out_features, base.in_features
-        if not (isinstance(r, int) and 1 <= r <= min(m, n)):
-            raise ValueError(f"LoRA rank must be an integer in [1, min(out, in)] = [1, {min(m, n)}] for "
-                             f"{name or 'this layer'} ({m}x{n}), got {r}")
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        m, n = out_features, in_features
+        _check_rank(r, m, n, repr(name) if name else "this layer")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.r = r
         self.alpha = float(alpha if alpha is not None else r)
         self.scale = self.alpha / r
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, n, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=w.dtype, device=w.device))
+        self.lora_A = nn.Parameter(torch.empty(r, n, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name = name
         self.capture = False
         self._captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.merged = False
         self.phase = "AB"
+
+    def set_phase(self, phase: str):
+        """'A': train A (B frozen); 'B': train B (A frozen); 'AB': train both."""
+        self.phase = check_phase(phase)
+        self.lora_A.requires_grad_(phase in ("A", "AB"))
+        self.lora_B.requires_grad_(phase in ("B", "AB"))
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        return trained_factors(self.phase)
+
+    def factor(self, f: str) -> nn.Parameter:
+        return self.lora_A if f == "A" else self.lora_B
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s * dropout(x) A^T B^T, computed in the factors' dtype, returned in x's dtype."""
+        xd = self.dropout(x)
+        if xd.dtype != self.lora_A.dtype:
+            xd = xd.to(self.lora_A.dtype)
+        return _LoRABranch.apply(xd, self.lora_A, self.lora_B, self.scale, self).to(x.dtype)
+
+    def pop_captured(self):
+        out, self._captured = self._captured, []
+        return out
+
+    def clear_captured(self):
+        self._captured = []
+
+    def extra_repr(self):
+        return (f"in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}, r={self.r}, "
+                f"alpha={self.alpha}, phase={self.phase}")
+
+
+class LoRALinear(LoRAFactors):
+    """Drop-in replacement for an `nn.Linear` (frozen) plus a LoRA branch.
+
+    `dtype` sets the factors' dtype (default: the base weight's), e.g. fp32 factors on a bf16 base."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                 name: str = "", dtype: torch.dtype | None = None):
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}"
+                            + (f" at {name!r}" if name else ""))
+        w = base.weight
+        super().__init__(base.in_features, base.out_features, r, alpha, dropout,
+                         dtype=dtype or w.dtype, device=w.device, name=name)
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.merged = False
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold s B A into the base weight (inference); forward then skips the branch."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def forward(self, x):
+        y = F.linear(x, self.base.weight, self.base.bias)
+        if self.merged:
+            return y
+        return y + self.lora_delta(x)
+
+
+QKV_SLICES = ("q", "k", "v")
+
+
+class LoRAQKV(nn.Module):
+    """A fused q/k/v projection (nn.Linear with out = 3 * d, as timm's `Attention.qkv`) with an
+    independent LoRA pair on each chosen slice: y[..., j*d:(j+1)*d] += s dropout(x) A_j^T B_j^T.
+    The slices' factors live in `self.slices[j]` (LoRAFactors), one privacy unit each."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                 slices=QKV_SLICES, name: str = "", dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRAQKV wraps an nn.Linear, got {type(base).__name__}"
+                            + (f" at {name!r}" if name else ""))
+        if base.out_features % 3 != 0:
+            raise ValueError(f"LoRAQKV needs a fused projection with out_features = 3 * dim, got "
+                             f"out_features={base.out_features} at {name!r}; inject a plain LoRALinear "
+                             f"instead (qkv_slices=None)")
+        slices = tuple(slices)
+        bad = [s for s in slices if s not in QKV_SLICES]
+        if not slices or bad or len(set(slices)) != len(slices):
+            raise ValueError(f"qkv_slices must be a non-empty subset of {QKV_SLICES} without repeats, "
+                             f"got {slices!r}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.dim = base.out_features // 3
+        w = base.weight
+        self.slices = nn.ModuleDict({
+            s: LoRAFactors(base.in_features, self.dim, r, alpha, dropout, dtype=dtype or w.dtype,
+                           device=w.device, name=f"{name}[{s}]" if name else s)
+            for s in QKV_SLICES if s in slices})
+        self.name = name
+        self.merged = False
 
     @property
     def in_features(self):
@@ -90,13 +229,15 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def set_phase(self, phase: str):
-        """'A': train A (B frozen); 'B': train B (A frozen); 'AB': train both."""
-        self.phase = check_phase(phase)
-        self.lora_A.requires_grad_(phase in ("A", "AB"))
-        self.lora_B.requires_grad_(phase in ("B", "AB"))
+        for u in self.slices.values():
+            u.set_phase(phase)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale
+        d = torch.zeros_like(self.base.weight, dtype=next(iter(self.slices.values())).lora_A.dtype)
+        for s, u in self.slices.items():
+            j = QKV_SLICES.index(s)
+            d[j * self.dim:(j + 1) * self.dim] = u.delta_weight()
+        return d
 
     @torch.no_grad()
     def merge(self):
@@ -114,15 +255,21 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.base.weight, self.base.bias)
         if self.merged:
             return y
-        return y + _LoRABranch.apply(self.dropout(x), self.lora_A, self.lora_B, self.scale, self)
-
-    def pop_captured(self):
-        out, self._captured = self._captured, []
-        return out
+        parts = list(y.split(self.dim, dim=-1))
+        for s, u in self.slices.items():
+            j = QKV_SLICES.index(s)
+            parts[j] = parts[j] + u.lora_delta(x)
+        return torch.cat(parts, dim=-1)
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, phase={self.phase}"
+        return f"in={self.in_features}, out={self.out_features}, slices={tuple(self.slices)}"
 
 
-def lora_layers(model: nn.Module) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+def lora_units(model: nn.Module) -> list[tuple[str, LoRAFactors]]:
+    """(qualified name, unit) of every pair of LoRA factors in `model`, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAFactors)]
+
+
+def lora_layers(model: nn.Module) -> list[LoRAFactors]:
+    """Every pair of LoRA factors in `model` (a LoRALinear, or one slice of a LoRAQKV)."""
+    return [m for _, m in lora_units(model)]

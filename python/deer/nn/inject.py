@@ -1,0 +1,182 @@
+"""Put LoRA into an existing model, move its factors in and out, and switch DEeR phases.
+
+    model = timm.create_model(...)                                   # or a transformers model
+    inject_lora(model, ["qkv", "head"], r=8, alpha=16)               # timm: q, k, v slices + head
+    inject_lora(bert, ["query", "key", "value"], r=8)                # HF attention projections
+    set_phase(model, "B")                                            # DEeR: train B, A frozen
+    state = get_lora_state(model, factors=("B",))                    # what a client uploads
+    set_lora_state(model, state)                                     # what the server sends back
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..reference import check_phase
+from .lora import QKV_SLICES, LoRAFactors, LoRALinear, LoRAQKV, lora_units
+
+Target = Union[str, type, Callable[[str, nn.Module], bool]]
+
+
+class NoLoRALayersError(ValueError):
+    """The model has no LoRA layers where some were required."""
+
+
+def _matches(name: str, module: nn.Module, target: Target) -> bool:
+    if isinstance(target, str):
+        # peft-style: an exact qualified name, a dotted suffix ("attn.qkv" matches
+        # "blocks.0.attn.qkv"), or a regular expression matched against the full name.
+        if name == target or name.endswith("." + target):
+            return True
+        try:
+            return re.fullmatch(target, name) is not None
+        except re.error:
+            return False
+    if isinstance(target, type):
+        return isinstance(module, target)
+    if callable(target):
+        return bool(target(name, module))
+    raise TypeError(f"target_modules entries must be names/regexes (str), module types, or "
+                    f"callables (name, module) -> bool; got {target!r}")
+
+
+def _is_fused_qkv(name: str, module: nn.Linear) -> bool:
+    return name.split(".")[-1] == "qkv" and module.out_features % 3 == 0 \
+        and module.out_features // 3 == module.in_features
+
+
+def _summary_of_names(model: nn.Module, limit: int = 40) -> str:
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    shown = ", ".join(linear[:limit]) + (f", ... ({len(linear) - limit} more)" if len(linear) > limit else "")
+    return f"nn.Linear modules in this model: [{shown}]" if linear else \
+        f"this model has no nn.Linear modules (module types: {sorted({type(m).__name__ for m in model.modules()})})"
+
+
+def inject_lora(model: nn.Module, target_modules: Target | Sequence[Target], r: int = 8,
+                alpha: float | None = None, dropout: float = 0.0,
+                qkv_slices: Iterable[str] | None = QKV_SLICES, dtype: torch.dtype | None = None,
+                freeze_base: bool = True) -> nn.Module:
+    """Replace the matched `nn.Linear` modules of `model` (in place) by LoRA layers and return it.
+
+    target_modules: a name, a list of names/regexes (matched like peft: exact, dotted suffix or full
+      regex), module types (e.g. nn.Linear), or callables (name, module) -> bool.
+    qkv_slices: a fused timm projection (last name 'qkv', out = 3 * in) gets a `LoRAQKV` with
+      separate factors on these slices (default q, k and v, as the DEeR paper); None wraps it in a
+      single LoRALinear like any other Linear (the peft-compatible choice).
+    freeze_base: freeze every parameter that is not a LoRA factor (as peft does). Anything you want
+      to train privately (e.g. a classifier head) must be a LoRA target as well.
+    alpha: LoRA alpha (default r, i.e. scale 1).
+    """
+    if isinstance(target_modules, (str, type)) or callable(target_modules):
+        targets = [target_modules]
+    else:
+        targets = list(target_modules)
+    if not targets:
+        raise ValueError("inject_lora: target_modules is empty; name the nn.Linear modules to adapt")
+    for t in targets:
+        if isinstance(t, type) and not issubclass(t, nn.Linear):
+            raise TypeError(f"inject_lora: LoRA targets must be nn.Linear modules, but the target type "
+                            f"{t.__name__} is not a subclass of nn.Linear")
+
+    # Modules inside an existing LoRA wrapper (its frozen base, its factors) are never targets.
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, (LoRAFactors, LoRAQKV))]
+    matched = []
+    for name, module in model.named_modules():
+        if any(name == w or name.startswith(w + ".") for w in wrapped):
+            continue
+        if any(name.startswith(n + ".") for n, _ in matched):
+            continue  # inside a module already matched (which is then rejected below)
+        if any(_matches(name, module, t) for t in targets):
+            matched.append((name, module))
+    if not matched:
+        raise NoLoRALayersError(f"inject_lora: no module matched target_modules={targets!r}. "
+                                f"{_summary_of_names(model)}")
+    for name, module in matched:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"inject_lora: target {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                            f"LoRA here adapts Linear layers only. Narrow target_modules (e.g. "
+                            f"{name + '.<linear name>'!r}). {_summary_of_names(model)}")
+        if name == "":
+            raise ValueError("inject_lora: the model itself is the target Linear; wrap it yourself with "
+                             "deer.nn.LoRALinear(model, r=...)")
+
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for name, module in matched:
+        if qkv_slices is not None and _is_fused_qkv(name, module):
+            new = LoRAQKV(module, r, alpha, dropout, slices=qkv_slices, name=name, dtype=dtype)
+        else:
+            new = LoRALinear(module, r, alpha, dropout, name=name, dtype=dtype)
+        parent = _parent(model, name)
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    return model
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+def _require_lora(model: nn.Module, what: str):
+    units = lora_units(model)
+    if not units:
+        raise NoLoRALayersError(f"{what}: the model has no LoRA layers yet. Call "
+                                f"deer.nn.inject_lora(model, target_modules=[...]) first. {_summary_of_names(model)}")
+    return units
+
+
+def set_phase(model: nn.Module, phase: str) -> nn.Module:
+    """DEeR phase on every LoRA unit: 'A' trains A (B frozen), 'B' trains B (A frozen), 'AB' both."""
+    check_phase(phase)
+    for _, u in _require_lora(model, f"set_phase({phase!r})"):
+        u.set_phase(phase)
+    return model
+
+
+def get_phase(model: nn.Module) -> str:
+    phases = {u.phase for _, u in _require_lora(model, "get_phase")}
+    if len(phases) != 1:
+        raise ValueError(f"LoRA layers are in different phases {sorted(phases)}; call set_phase(model, ...)")
+    return phases.pop()
+
+
+def get_lora_state(model: nn.Module, factors: Sequence[str] = ("A", "B")) -> dict[str, torch.Tensor]:
+    """Detached copies of the LoRA factors: {'<unit name>.lora_A': (r, n), '<unit name>.lora_B': (m, r)}
+    (names as in model.state_dict()). factors=('B',) gives only what the B phase trains."""
+    bad = [f for f in factors if f not in ("A", "B")]
+    if bad:
+        raise ValueError(f"factors must be a subset of ('A', 'B'), got {tuple(factors)!r}")
+    out = {}
+    for name, u in _require_lora(model, "get_lora_state"):
+        for f in ("A", "B"):
+            if f in factors:
+                out[f"{name}.lora_{f}"] = u.factor(f).detach().clone()
+    return out
+
+
+@torch.no_grad()
+def set_lora_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = False) -> None:
+    """Copy factors from `state` (as get_lora_state returns, any subset of factors) into the model.
+    Unknown names or wrong shapes are errors; strict=True also requires every factor to be present."""
+    params = {}
+    for name, u in _require_lora(model, "set_lora_state"):
+        params[f"{name}.lora_A"] = u.lora_A
+        params[f"{name}.lora_B"] = u.lora_B
+    unknown = [k for k in state if k not in params]
+    if unknown:
+        raise KeyError(f"set_lora_state: {len(unknown)} names are not LoRA factors of this model, e.g. "
+                       f"{unknown[:5]}; expected names like {list(params)[:3]}")
+    if strict:
+        missing = [k for k in params if k not in state]
+        if missing:
+            raise KeyError(f"set_lora_state(strict=True): missing {len(missing)} factors, e.g. {missing[:5]}")
+    for k, v in state.items():
+        p = params[k]
+        if tuple(v.shape) != tuple(p.shape):
+            raise ValueError(f"set_lora_state: {k} has shape {tuple(v.shape)}, the model's is {tuple(p.shape)}")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"set_lora_state: {k} contains NaN or Inf; refusing to load it")
+        p.copy_(v.to(dtype=p.dtype, device=p.device))

@@ -1,0 +1,103 @@
+"""Adapter checkpoints in peft's format: `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight` (r x in) / `.lora_B.weight` (out x r) and an
+`adapter_config.json`, so that `peft.PeftModel.from_pretrained(base_model, directory)` loads a deer
+adapter into the same base model and gives the same outputs.
+
+peft has no notion of LoRA on a slice of a fused projection: a model with `LoRAQKV` layers (timm
+qkv with per-slice factors) cannot be written in this format. Inject with `qkv_slices=None` for a
+peft-compatible adapter, or keep deer's own format (`save_lora_state`: the same safetensors file
+with deer's parameter names, loaded by `load_lora_state`).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from ..nn.inject import _require_lora, get_lora_state, set_lora_state
+from ..nn.lora import LoRALinear, LoRAQKV
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."
+
+
+def _peft_units(model: nn.Module):
+    qkv = [n for n, m in model.named_modules() if isinstance(m, LoRAQKV)]
+    if qkv:
+        raise ValueError(f"save_adapter: {len(qkv)} layers carry LoRA on slices of a fused qkv projection "
+                         f"(e.g. {qkv[0]!r}), which peft cannot represent. Inject them with qkv_slices=None "
+                         f"for a peft-compatible adapter, or use deer.privacy.checkpoint.save_lora_state.")
+    units = [(n, m) for n, m in _require_lora(model, "save_adapter")]
+    odd = [n for n, m in units if not isinstance(m, LoRALinear)]
+    if odd:
+        raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear layers; peft cannot load them")
+    return units
+
+
+def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None) -> str:
+    """Write the model's LoRA adapter in peft's format to `directory`; returns the directory."""
+    from safetensors.torch import save_file
+    units = _peft_units(model)
+    if any(m.merged for _, m in units):
+        raise ValueError("save_adapter: some LoRA layers are merged into their base weights; unmerge() first")
+    os.makedirs(directory, exist_ok=True)
+    tensors = {}
+    for name, m in units:
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
+
+    ranks = {n: m.r for n, m in units}
+    alphas = {n: m.alpha for n, m in units}
+    drops = {m.lora_dropout_p for _, m in units}
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    # full module paths are matched exactly by peft (key == target or key.endswith('.' + target)),
+    # and rank/alpha patterns are anchored at the end of the path
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": r0, "lora_alpha": a0, "lora_dropout": max(drops) if drops else 0.0,
+        "target_modules": sorted(ranks), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
+    }
+    if len(drops) > 1:
+        raise ValueError(f"save_adapter: peft has one lora_dropout per adapter, this model uses {sorted(drops)}")
+    with open(os.path.join(directory, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    return directory
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str) -> None:
+    """Load a peft-format adapter (deer's or peft's own save) into a deer model with the same LoRA
+    targets and ranks (as inject_lora(model, target_modules=config['target_modules'], r=...) made)."""
+    from safetensors.torch import load_file
+    units = dict(_peft_units(model))
+    tensors = load_file(os.path.join(directory, WEIGHTS))
+    state = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX) or not key.endswith(".weight"):
+            raise KeyError(f"load_adapter: unexpected key {key!r} (expected {PREFIX}<path>.lora_A/B.weight)")
+        path, which = key[len(PREFIX):-len(".weight")].rsplit(".", 1)
+        path = path.replace(".default", "") if path not in units else path
+        if path not in units or which not in ("lora_A", "lora_B"):
+            raise KeyError(f"load_adapter: {key!r} has no matching LoRA layer in this model; LoRA layers: "
+                           f"{list(units)[:5]}")
+        state[f"{path}.{which}"] = t
+    set_lora_state(model, state, strict=True)
+
+
+def save_lora_state(model: nn.Module, path: str) -> None:
+    """deer's own format (any LoRA layout, including qkv slices): safetensors keyed like get_lora_state."""
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous().cpu() for k, v in get_lora_state(model).items()}, path)
+
+
+def load_lora_state(model: nn.Module, path: str) -> None:
+    from safetensors.torch import load_file
+    set_lora_state(model, load_file(path), strict=True)

@@ -1,0 +1,119 @@
+"""Per-sample gradients of the trained LoRA factors, their norms in the chosen metric, and the
+clipping factors (flat over all layers, or per layer).
+
+For one unit with captured chunks (X, U, G) of a logical batch (several chunks = gradient
+accumulation over physical batches):
+    B trained: g_i = s G_i^T U_i  (m x r),  regulated norm tr(g K g^T),  K = A A^T + lam I
+    A trained: g_i = s V_i^T X_i  (r x n),  regulated norm tr(g^T K g),  K = B^T B + lam I,  V = G B
+The per-sample gradients and norms come from deer.ops.per_sample_grad_norm (C++/CUDA/Triton
+kernels, or the PyTorch reference on any device).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .. import reference as ref
+from ..ops import per_sample_grad_norm
+
+
+@dataclass
+class TensorGrads:
+    """Per-sample gradients of one trained factor of one LoRA unit."""
+    name: str                       # '<unit name>.lora_A' / '.lora_B'
+    factor: str                     # 'A' or 'B'
+    layer_id: int                   # stable index for noise keys: 2 * unit index + (0 for A, 1 for B)
+    param: torch.nn.Parameter
+    grads: torch.Tensor | None      # (b, p, q) or None when the unit saw no samples this step
+    sq_norms: torch.Tensor | None   # (b,) in the clipping metric
+    gram: torch.Tensor | None       # K (r x r) when the regulated metric or noise is used
+    noise_side: int                 # 0: A (noise on columns), 1: B (rows)
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(b, n) -> (b, 1, n); (b, T, n) as is; (b, d1, d2, ..., n) -> (b, d1*d2*..., n)."""
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    if t.dim() == 3:
+        return t
+    if t.dim() > 3:
+        return t.reshape(t.shape[0], -1, t.shape[-1])
+    raise ValueError(f"a LoRA layer's input must have a batch dimension, got shape {tuple(t.shape)}")
+
+
+def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bool,
+               loss_reduction: str = "mean", backend: str | None = None):
+    """(grads (b, p, q), sq_norms (b,), gram K or None) for `factor` of `unit` over all chunks."""
+    A = unit.lora_A.detach()
+    B = unit.lora_B.detach()
+    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    K = ref.metric_gram(A.to(acc), B.to(acc), factor, lam) if need_gram else None
+    gram = K if metric == "regulated" else None
+    gs, ns = [], []
+    for X, U, G in chunks:
+        X, U, G = _tokens(X), _tokens(U), _tokens(G)
+        if loss_reduction == "mean":
+            # The loss was a mean over this physical batch: dL/dy_i = (1/b) dL_i/dy_i. Undo it so
+            # that g_i is the gradient of sample i's own loss (as Opacus does for 'mean').
+            G = G * G.shape[0]
+        if factor == "B":
+            g, n = per_sample_grad_norm(G, U, unit.scale, gram, 1, backend=backend)
+        else:
+            V = G @ B.to(G.dtype)
+            g, n = per_sample_grad_norm(V, X, unit.scale, gram, 0, backend=backend)
+        gs.append(g)
+        ns.append(n)
+    if not gs:
+        return None, None, K
+    return torch.cat(gs), torch.cat(ns), K
+
+
+def drop_nonfinite(tensors: Sequence[TensorGrads]) -> torch.Tensor | None:
+    """Mask (b,) of samples whose gradient in any trained tensor is NaN/Inf. Those samples' gradients
+    and norms are zeroed in place (their clip factor is then forced to 0 by the caller), so a NaN
+    never reaches the sum: 0 * NaN would still be NaN, hence torch.where rather than a product."""
+    bad = None
+    for t in tensors:
+        if t.sq_norms is None:
+            continue
+        b = ~torch.isfinite(t.sq_norms)
+        bad = b if bad is None else bad | b
+    if bad is None or not bool(bad.any()):
+        return bad
+    for t in tensors:
+        if t.sq_norms is None:
+            continue
+        t.sq_norms = torch.where(bad, torch.zeros_like(t.sq_norms), t.sq_norms)
+        t.grads = torch.where(bad.view(-1, 1, 1), torch.zeros_like(t.grads), t.grads)
+    return bad
+
+
+def clip_factors(tensors: Sequence[TensorGrads], clipping: str, max_grad_norm, batch: int,
+                 bad: torch.Tensor | None):
+    """Per-tensor clip factors (list of (b,) tensors) and the total L2 sensitivity of the clipped sum.
+    flat: c_i = min(1, C / (N_i + 1e-6)), N_i^2 = sum over all trained tensors of their squared norms.
+    per_layer: tensor l gets its own bound C_l (a scalar C is split as C / sqrt(L)); sensitivity
+    sqrt(sum_l C_l^2)."""
+    dev = next((t.sq_norms.device for t in tensors if t.sq_norms is not None), tensors[0].param.device)
+    zeros = torch.zeros(batch, dtype=torch.float32, device=dev)
+    norms = [t.sq_norms.float() if t.sq_norms is not None else zeros for t in tensors]
+    if clipping == "flat":
+        C = float(max_grad_norm)
+        total = torch.stack(norms).sum(0)
+        c = ref.clip_factors(total, C)
+        if bad is not None:
+            c = torch.where(bad, torch.zeros_like(c), c)
+        return [c] * len(tensors), C, total.sqrt()
+    if clipping == "per_layer":
+        bounds = ref.per_layer_bounds(max_grad_norm, len(tensors))
+        cs = []
+        for n, Cl in zip(norms, bounds):
+            c = ref.clip_factors(n, Cl)
+            if bad is not None:
+                c = torch.where(bad, torch.zeros_like(c), c)
+            cs.append(c)
+        return cs, math.sqrt(sum(b * b for b in bounds)), torch.stack(norms).sum(0).sqrt()
+    raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")

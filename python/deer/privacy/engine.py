@@ -1,0 +1,505 @@
+"""PrivacyEngine: private LoRA training in an existing PyTorch loop, the way Opacus does it.
+
+Example (an existing loop over `loader` with `model`, `optimizer`, `loss_fn`)::
+
+    import deer
+    from deer.nn import inject_lora
+    from deer.privacy import PrivacyEngine
+
+    inject_lora(model, ["qkv", "head"], r=8, alpha=16)           # LoRA on q/k/v slices and the head
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=1.0,
+        target_epsilon=8.0, target_delta=1e-5, epochs=4, noise="regulated", phase="B")
+    for epoch in range(4):
+        engine.set_phase("B" if epoch % 2 == 0 else "A")        # DEeR: alternate the trained factor
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()                                     # clip, sum, noise, average, step
+    print(engine.get_epsilon(delta=1e-5))
+
+What a step does (DESIGN.md section 2): per-sample gradients of every trained LoRA factor (from
+the (X, U, G) the LoRA layers captured in backward), their norm over all LoRA layers in the chosen
+metric, clipping to `max_grad_norm`, the clipped sum, Gaussian noise (isotropic, or regulated
+through the frozen factor) of std sigma * C, division by the expected batch size, then the wrapped
+optimizer's step. The accountant is charged the multiplier the step really had.
+
+Modes and what they guarantee (sample-level DP per client, Poisson sampling rate q):
+    noise="isotropic"                     Euclidean clipping + isotropic noise: DP-SGD, charged sigma.
+    noise="regulated", regulator="metric" clipping in the regulated metric + regulated noise: a
+                                          Gaussian mechanism in whitened coordinates, charged sigma.
+    noise="regulated", regulator="paper"  Euclidean clipping + regulated noise (the paper): charged
+                                          the true multiplier sigma / max_l sigma_max(frozen_l).
+Non-LoRA trainable parameters are rejected (their gradients would not be clipped): freeze them, or
+make them LoRA targets (e.g. inject_lora(model, [..., "head"])).
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+import math
+import os
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import reference as ref
+from ..nn.inject import NoLoRALayersError, _require_lora, set_phase as _set_phase
+from ..nn.lora import lora_units
+from . import clipping as _clip
+from . import noise as _noise
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """The next private step would spend more than the target epsilon. Raised before the step."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Accountant: deer.privacy.accountant (a wrapper of Opacus' accountants) when present; otherwise a
+# thin adapter over Opacus' accountants with the same interface.
+# ------------------------------------------------------------------------------------------------
+
+class _OpacusAccountantAdapter:
+    def __init__(self, mechanism: str = "rdp"):
+        from opacus.accountants import create_accountant
+        self.mechanism = mechanism
+        self._acc = create_accountant(mechanism)
+
+    @property
+    def history(self):
+        return list(self._acc.history)
+
+    def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1):
+        h = self._acc.history
+        if h and h[-1][0] == noise_multiplier and h[-1][1] == sample_rate:
+            h[-1] = (noise_multiplier, sample_rate, h[-1][2] + num_steps)
+        else:
+            h.append((noise_multiplier, sample_rate, num_steps))
+
+    def get_epsilon(self, delta: float) -> float:
+        if not self._acc.history:
+            return 0.0
+        return float(self._acc.get_epsilon(delta=delta))
+
+    def state_dict(self):
+        return {"mechanism": self.mechanism, "history": list(self._acc.history)}
+
+    def load_state_dict(self, state):
+        self._acc.history = [tuple(h) for h in state["history"]]
+
+
+def make_accountant(mechanism: str = "rdp"):
+    if mechanism not in ("rdp", "prv"):
+        raise ValueError(f"accountant must be 'rdp' or 'prv', got {mechanism!r}")
+    try:
+        from .accountant import DeerAccountant
+    except (ImportError, AttributeError):
+        return _OpacusAccountantAdapter(mechanism)
+    return DeerAccountant(mechanism=mechanism)
+
+
+def noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                         mechanism: str = "rdp") -> float:
+    try:
+        from .accountant import noise_multiplier_for as f
+    except (ImportError, AttributeError):
+        from opacus.accountants.utils import get_noise_multiplier
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=mechanism))
+    return float(f(target_epsilon, target_delta, sample_rate, steps, mechanism))
+
+
+def _epsilon_after(accountant, noise_multiplier: float, sample_rate: float, delta: float) -> float:
+    trial = copy.deepcopy(accountant)
+    trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return float(trial.get_epsilon(delta))
+
+
+def _clip_reduce_noise(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer,
+                       client, backend):
+    """The fused kernel from deer.ops when it exists, else the PyTorch path in privacy.noise."""
+    op = None
+    if backend != "reference":
+        try:
+            from ..ops import clip_reduce_noise as op  # type: ignore[attr-defined]
+        except (ImportError, AttributeError):
+            op = None
+    if op is None:
+        return _noise.clip_reduce_noise_reference(grads, clip, noise_std, expected_batch_size, chol,
+                                                  noise_side, seed, step, layer, client)
+    return op(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client)
+
+
+# ------------------------------------------------------------------------------------------------
+# The DP optimizer
+# ------------------------------------------------------------------------------------------------
+
+class DPLoRAOptimizer(torch.optim.Optimizer):
+    """Wraps a torch optimizer; `step()` replaces the LoRA gradients by their private version first.
+
+    Between two steps any number of backward calls may run (gradient accumulation over physical
+    batches of one logical Poisson batch): the captured chunks are stacked and the DP step happens
+    once. `zero_grad()` clears grads and captures. Attributes after a step: `nonfinite_samples`
+    (total samples dropped for NaN/Inf gradients), `last_step` (norms, clip fraction, multiplier)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: "PrivacyEngine"):
+        # Deliberately no super().__init__: param_groups/state/defaults are the wrapped optimizer's.
+        self.original_optimizer = optimizer
+        self._engine = engine
+        # the hook registries torch.optim.Optimizer.__init__ would create (LR schedulers, profilers)
+        for attr in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, attr, OrderedDict())
+        self.nonfinite_samples = 0
+        self.steps_taken = 0
+        self.last_step: dict = {}
+
+    # --- delegation, so schedulers and checkpoints see the wrapped optimizer ---------------------
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, v):
+        self.original_optimizer.param_groups = v
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, sd):
+        self.original_optimizer.load_state_dict(sd)
+
+    def add_param_group(self, group):
+        self.original_optimizer.add_param_group(group)
+
+    def __repr__(self):
+        return f"DPLoRAOptimizer({self.original_optimizer!r})"
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        for _, u in lora_units(self._engine.module):
+            u.clear_captured()
+
+    # --- the private step -----------------------------------------------------------------------
+    def pre_step(self) -> None:
+        """Compute the private gradients of the trained LoRA factors into .grad and charge the
+        accountant (raises PrivacyBudgetExceeded before anything when the budget would be exceeded)."""
+        e = self._engine
+        units = _require_lora(e.module, "DP step")
+        phase = {u.phase for _, u in units}
+        if len(phase) != 1:
+            raise ValueError(f"LoRA layers are in different phases {sorted(phase)}; use engine.set_phase()")
+        phase = phase.pop()
+        factors = ref.trained_factors(phase)
+        metric = "regulated" if (e.noise == "regulated" and e.regulator == "metric") else "euclidean"
+        need_gram = e.noise == "regulated"
+
+        tensors: list[_clip.TensorGrads] = []
+        for li, (name, u) in enumerate(units):
+            chunks = u.pop_captured()
+            for f in factors:
+                g, n, K = _clip.per_sample(u, f, chunks, e.lam, metric, need_gram, e.loss_reduction, e.backend)
+                tensors.append(_clip.TensorGrads(f"{name}.lora_{f}", f, 2 * li + (0 if f == "A" else 1),
+                                                 u.factor(f), g, n, K, 0 if f == "A" else 1))
+
+        # The multiplier this step really has, and the budget check: before touching anything.
+        eff = e.noise_multiplier
+        if e.noise == "regulated" and metric == "euclidean":
+            eff = ref.paper_effective_multiplier(e.noise_multiplier, [t.gram for t in tensors])
+        if e.target_epsilon is not None:
+            eps_next = _epsilon_after(e.accountant, eff, e.sample_rate, e.target_delta)
+            if eps_next > e.target_epsilon:
+                raise PrivacyBudgetExceeded(
+                    f"the next step would bring epsilon to {eps_next:.4g} > target_epsilon="
+                    f"{e.target_epsilon} (delta={e.target_delta}); spent so far "
+                    f"{e.get_epsilon(e.target_delta):.4g} after {self.steps_taken} steps. Stop training, "
+                    f"or start a new run with a larger budget or noise multiplier. No step was taken.")
+
+        sizes = {t.name: t.grads.shape[0] for t in tensors if t.grads is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"LoRA layers saw different numbers of samples in this step: {sizes}. deer treats "
+                             f"dim 0 of every LoRA layer's input as the sample dimension; a model that folds "
+                             f"tokens into the batch (x.view(-1, n)) before a LoRA layer is not supported.")
+        batch = next(iter(sizes.values()), 0)
+
+        bad = _clip.drop_nonfinite(tensors)
+        nbad = int(bad.sum()) if bad is not None else 0
+        if nbad:
+            self.nonfinite_samples += nbad
+            warnings.warn(f"deer: {nbad} sample(s) had NaN/Inf per-sample gradients and were dropped from this "
+                          f"step's sum (optimizer.nonfinite_samples = {self.nonfinite_samples}). Check the "
+                          f"loss and inputs of those samples.", RuntimeWarning, stacklevel=3)
+
+        step_seed = e._step_seed()
+        if batch > 0:
+            cs, sens, total_norm = _clip.clip_factors(tensors, e.clipping, e.max_grad_norm, batch, bad)
+        else:
+            cs, sens, total_norm = [None] * len(tensors), _sensitivity(e, len(tensors)), None
+        std = e.noise_multiplier * sens
+        for t, c in zip(tensors, cs):
+            p = t.param
+            chol = ref.cholesky_upper(t.gram) if e.noise == "regulated" else None
+            if t.grads is None:   # no samples reached this layer: the release is pure noise
+                shape = (1,) + tuple(p.shape)
+                g0 = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                t.grads, c = g0, torch.zeros(1, device=p.device)
+            out = _clip_reduce_noise(t.grads, c, std, e.expected_batch_size, chol, t.noise_side, step_seed,
+                                     e._step_counter, t.layer_id, e.client, e.backend)
+            if not torch.isfinite(out).all():
+                raise FloatingPointError(f"deer: the private gradient of {t.name} is not finite although every "
+                                         f"per-sample gradient was; refusing to step (check lam and the frozen factor)")
+            p.grad = out.to(p.dtype)
+        for _, u in units:
+            for f in ("A", "B"):
+                if f not in factors:
+                    u.factor(f).grad = None
+
+        e.accountant.step(noise_multiplier=eff, sample_rate=e.sample_rate)
+        e._step_counter += 1
+        self.steps_taken += 1
+        clipped = None
+        if batch > 0 and cs[0] is not None:
+            clipped = float((torch.stack(cs) < 1).any(0).float().mean())
+        self.last_step = {"batch_size": batch, "noise_multiplier_effective": eff, "sensitivity": sens,
+                          "noise_std": std, "clipped_fraction": clipped, "dropped_nonfinite": nbad,
+                          "per_sample_norms": total_norm}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.pre_step()
+        self.original_optimizer.step()
+        return loss
+
+
+def _sensitivity(e, n_tensors):
+    if e.clipping == "flat":
+        return float(e.max_grad_norm)
+    return math.sqrt(sum(b * b for b in ref.per_layer_bounds(e.max_grad_norm, n_tensors)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+
+class PrivacyEngine:
+    """Opacus-like entry point: `make_private` returns (model, optimizer, data_loader); `get_epsilon`
+    reads the accountant; `set_phase` switches DEeR phases.
+
+    accountant: 'rdp' (Opacus' RDP accountant) or 'prv' (Opacus' PRV accountant).
+    secure_mode: noise keys and Poisson sampling seeded from OS entropy at every step (runs are not
+      reproducible). torch's Gaussian generator itself is not a CSPRNG; see the README."""
+
+    def __init__(self, accountant: str = "rdp", secure_mode: bool = False):
+        self.accountant = make_accountant(accountant)
+        self.accountant_mechanism = accountant
+        self.secure_mode = bool(secure_mode)
+        self.module: nn.Module | None = None
+        self.optimizer: DPLoRAOptimizer | None = None
+        self._step_counter = 0
+
+    # ------------------------------------------------------------------------------------------
+    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader=None, *,
+                     max_grad_norm: float | Sequence[float], noise_multiplier: float | None = None,
+                     target_epsilon: float | None = None, target_delta: float | None = None,
+                     epochs: int | None = None, steps: int | None = None, clipping: str = "flat",
+                     noise: str = "isotropic", regulator: str | None = None, lam: float = 1e-3,
+                     poisson_sampling: bool = True, phase: str | None = None, seed: int | None = None,
+                     backend: str | None = None, loss_reduction: str = "mean", client: int = 0,
+                     sample_rate: float | None = None, expected_batch_size: float | None = None):
+        """Make LoRA training of `module` private. Returns (module, DPLoRAOptimizer, data_loader).
+
+        module: a model with LoRA layers (deer.nn.inject_lora); every trainable parameter must be a
+          LoRA factor. optimizer: any torch optimizer over the LoRA factors.
+        data_loader: replaced by a Poisson-sampling loader (Opacus' DPDataLoader) when
+          poisson_sampling; sample rate 1 / len(data_loader). Without a loader pass sample_rate and
+          expected_batch_size (e.g. a federated client that samples its own batches).
+        noise_multiplier, or target_epsilon + target_delta + epochs (or steps): sigma is then
+          calibrated by the accountant. With target_epsilon the engine raises PrivacyBudgetExceeded
+          before any step that would exceed it (also when noise_multiplier is given explicitly).
+        max_grad_norm: C (flat), or per-tensor bounds for clipping='per_layer' (a scalar is split
+          as C / sqrt(L) so the total sensitivity is C).
+        noise: 'isotropic' | 'regulated'; regulator: 'metric' (default, sound) | 'paper'.
+        lam: ridge lambda of K = frozen^T frozen + lam I (needed: B = 0 at init).
+        phase: 'A' | 'B' | 'AB' (default 'B' for regulated noise, which needs a frozen factor; 'AB'
+          otherwise). seed: noise key seed (default: OS entropy). client: noise key component.
+        loss_reduction: 'mean' (the loss averages over the physical batch) or 'sum'.
+        """
+        if noise not in ("isotropic", "regulated"):
+            raise ValueError(f"noise must be 'isotropic' or 'regulated', got {noise!r}")
+        if regulator is None:
+            regulator = "metric"
+        elif noise == "isotropic":
+            raise ValueError("regulator applies to noise='regulated' only (it chooses the clipping metric "
+                             "that goes with regulated noise); drop it or set noise='regulated'")
+        if regulator not in ("metric", "paper"):
+            raise ValueError(f"regulator must be 'metric' (regulated clipping metric, sound) or 'paper' "
+                             f"(Euclidean clipping, charged sigma / sigma_max), got {regulator!r}")
+        if clipping not in ("flat", "per_layer"):
+            raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if isinstance(max_grad_norm, (int, float)):
+            if not max_grad_norm > 0:
+                raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        elif clipping != "per_layer":
+            raise ValueError("a list of max_grad_norm bounds needs clipping='per_layer'")
+        elif any(not c > 0 for c in max_grad_norm):
+            raise ValueError(f"every per-layer bound must be > 0, got {list(max_grad_norm)}")
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if noise == "regulated" and lam == 0:
+            warnings.warn("lam=0 with regulated noise: K = frozen^T frozen is singular while a factor is "
+                          "zero (B at init); the step will fail there. lam=1e-3 is the default.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, DPLoRAOptimizer):
+            raise ValueError("this optimizer is already private; pass the original optimizer")
+
+        units = _require_lora(module, "make_private")
+        phase = phase or ("B" if noise == "regulated" else _current_phase(units))
+        ref.check_phase(phase)
+        if noise == "regulated" and phase == "AB":
+            raise ValueError("regulated noise needs a frozen factor: use phase 'A' or 'B' (DEeR alternates "
+                             "them), or noise='isotropic' for phase 'AB'")
+        lora_params = {id(p) for _, u in units for p in (u.lora_A, u.lora_B)}
+        # every trainable parameter must be a LoRA factor, or its gradient would escape clipping
+        _set_phase(module, phase)
+        others = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in lora_params]
+        if others:
+            raise ValueError(f"make_private: {len(others)} trainable parameters are not LoRA factors and would "
+                             f"not be clipped or noised: {others[:8]}{' ...' if len(others) > 8 else ''}. "
+                             f"Freeze them (p.requires_grad_(False)) or make their modules LoRA targets "
+                             f"(e.g. inject_lora(model, [..., 'head'])).")
+
+        # Sampling: Poisson via Opacus' DPDataLoader, sample rate 1 / len(loader).
+        if data_loader is not None:
+            n_data = len(data_loader.dataset)
+            if poisson_sampling:
+                from opacus.data_loader import DPDataLoader
+                gen = torch.Generator()
+                gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+                                if (self.secure_mode or seed is None) else int(seed) + 1)
+                data_loader = DPDataLoader.from_data_loader(data_loader, generator=gen)
+                sample_rate = data_loader.sample_rate
+                expected_batch_size = sample_rate * n_data
+            else:
+                bs = data_loader.batch_size
+                if bs is None:
+                    raise ValueError("poisson_sampling=False needs a data loader with a fixed batch_size")
+                sample_rate, expected_batch_size = bs / n_data, float(bs)
+                warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling at rate "
+                              "batch_size / len(dataset); shuffled fixed-size batches only approximate it.")
+            steps_per_epoch = len(data_loader)
+        else:
+            if sample_rate is None or expected_batch_size is None:
+                raise ValueError("without a data_loader pass sample_rate and expected_batch_size")
+            steps_per_epoch = max(1, round(1 / sample_rate))
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+
+        if target_epsilon is not None:
+            if target_delta is None:
+                raise ValueError("target_epsilon needs target_delta")
+            if not target_epsilon > 0:
+                raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+        if noise_multiplier is None:
+            if target_epsilon is None:
+                raise ValueError("give noise_multiplier, or target_epsilon + target_delta + epochs (or steps)")
+            if steps is None:
+                if epochs is None:
+                    raise ValueError("target_epsilon needs epochs (or steps) to calibrate the noise")
+                steps = int(epochs * steps_per_epoch)
+            noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps,
+                                                    self.accountant_mechanism)
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+
+        self.module = module
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = max_grad_norm
+        self.target_epsilon, self.target_delta = target_epsilon, target_delta
+        self.clipping, self.noise, self.regulator, self.lam = clipping, noise, regulator, float(lam)
+        self.sample_rate, self.expected_batch_size = float(sample_rate), float(expected_batch_size)
+        self.loss_reduction, self.backend, self.client = loss_reduction, backend, int(client)
+        self.seed = int.from_bytes(os.urandom(8), "little") & ((1 << 62) - 1) if seed is None else int(seed)
+        for _, u in units:
+            u.clear_captured()
+            u.capture = True
+        self.optimizer = DPLoRAOptimizer(optimizer, self)
+        self._sync_optimizer()
+        return module, self.optimizer, data_loader
+
+    # ------------------------------------------------------------------------------------------
+    def _step_seed(self) -> int:
+        if self.secure_mode:
+            return int.from_bytes(os.urandom(8), "little") & ((1 << 62) - 1)
+        return self.seed
+
+    def set_phase(self, phase: str) -> None:
+        """Switch the DEeR phase: freeze the other factor, make the regulator use it, put the newly
+        trained factor in the optimizer and reset the optimizer state of all LoRA factors (moments
+        built while the other factor was different do not carry over)."""
+        ref.check_phase(phase)
+        if self.module is None:
+            raise NoLoRALayersError("PrivacyEngine.set_phase before make_private: inject LoRA "
+                                    "(deer.nn.inject_lora) and call engine.make_private(...) first")
+        if self.noise == "regulated" and phase == "AB":
+            raise ValueError("regulated noise needs a frozen factor: phase must be 'A' or 'B'")
+        _set_phase(self.module, phase)
+        self._sync_optimizer(reset_state=True)
+
+    def _sync_optimizer(self, reset_state: bool = False):
+        opt = self.optimizer.original_optimizer
+        units = lora_units(self.module)
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        lora = [p for _, u in units for p in (u.lora_A, u.lora_B)]
+        missing = [p for p in lora if p.requires_grad and id(p) not in held]
+        if missing:
+            # join the group that already holds LoRA factors (same lr, weight decay, ...)
+            group = next((g for g in opt.param_groups if any(id(p) in {id(q) for q in lora} for p in g["params"])),
+                         opt.param_groups[0])
+            group["params"].extend(missing)
+        if reset_state:
+            for p in lora:
+                opt.state.pop(p, None)
+        for _, u in units:
+            u.clear_captured()
+        for p in lora:
+            p.grad = None
+
+    def get_epsilon(self, delta: float) -> float:
+        return float(self.accountant.get_epsilon(delta))
+
+    def state_dict(self):
+        return {"accountant": self.accountant.state_dict(), "step": self._step_counter,
+                "seed": self.seed if not self.secure_mode else None}
+
+    def load_state_dict(self, state):
+        self.accountant.load_state_dict(state["accountant"])
+        self._step_counter = int(state["step"])
+        if state.get("seed") is not None:
+            self.seed = int(state["seed"])
+
+
+def _current_phase(units) -> str:
+    phases = {u.phase for _, u in units}
+    return phases.pop() if len(phases) == 1 else "AB"
