@@ -50,7 +50,7 @@ def _is_fused_qkv(name: str, module: nn.Linear) -> bool:
 
 def _summary_of_names(model: nn.Module, limit: int = 40) -> str:
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
-    shown = ", ".join(linear[:limit]) + (f", ... ({len(linear) - limit} more)" if len(linear) > limit else "")
+    shown = ", ".join(map(repr, linear[:limit])) + (f", ... ({len(linear) - limit} more)" if len(linear) > limit else "")
     return f"nn.Linear modules in this model: [{shown}]" if linear else \
         f"this model has no nn.Linear modules (module types: {sorted({type(m).__name__ for m in model.modules()})})"
 

@@ -97,9 +97,12 @@ def clip_factors(tensors: Sequence[TensorGrads], clipping: str, max_grad_norm, b
     flat: c_i = min(1, C / (N_i + 1e-6)), N_i^2 = sum over all trained tensors of their squared norms.
     per_layer: tensor l gets its own bound C_l (a scalar C is split as C / sqrt(L)); sensitivity
     sqrt(sum_l C_l^2)."""
-    dev = next((t.sq_norms.device for t in tensors if t.sq_norms is not None), tensors[0].param.device)
-    zeros = torch.zeros(batch, dtype=torch.float32, device=dev)
-    norms = [t.sq_norms.float() if t.sq_norms is not None else zeros for t in tensors]
+    present = [t.sq_norms for t in tensors if t.sq_norms is not None]
+    dev = present[0].device if present else tensors[0].param.device
+    # fp32 norms from the kernels, fp64 when the model runs in fp64 (the reference tests)
+    acc = torch.float64 if any(n.dtype == torch.float64 for n in present) else torch.float32
+    zeros = torch.zeros(batch, dtype=acc, device=dev)
+    norms = [t.sq_norms.to(acc) if t.sq_norms is not None else zeros for t in tensors]
     if clipping == "flat":
         C = float(max_grad_norm)
         total = torch.stack(norms).sum(0)

@@ -113,10 +113,15 @@ def noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rate
     return float(f(target_epsilon, target_delta, sample_rate, steps, mechanism))
 
 
-def _epsilon_after(accountant, noise_multiplier: float, sample_rate: float, delta: float) -> float:
+def _would_exceed(accountant, target_epsilon: float, delta: float, noise_multiplier: float,
+                  sample_rate: float) -> bool:
+    if noise_multiplier <= 0:
+        return True
+    if hasattr(accountant, "would_exceed"):
+        return bool(accountant.would_exceed(target_epsilon, delta, noise_multiplier, sample_rate))
     trial = copy.deepcopy(accountant)
     trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-    return float(trial.get_epsilon(delta))
+    return float(trial.get_epsilon(delta)) > target_epsilon
 
 
 def _clip_reduce_noise(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer,
@@ -220,13 +225,12 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         if e.noise == "regulated" and metric == "euclidean":
             eff = ref.paper_effective_multiplier(e.noise_multiplier, [t.gram for t in tensors])
         if e.target_epsilon is not None:
-            eps_next = _epsilon_after(e.accountant, eff, e.sample_rate, e.target_delta)
-            if eps_next > e.target_epsilon:
+            if _would_exceed(e.accountant, e.target_epsilon, e.target_delta, eff, e.sample_rate):
                 raise PrivacyBudgetExceeded(
-                    f"the next step would bring epsilon to {eps_next:.4g} > target_epsilon="
-                    f"{e.target_epsilon} (delta={e.target_delta}); spent so far "
-                    f"{e.get_epsilon(e.target_delta):.4g} after {self.steps_taken} steps. Stop training, "
-                    f"or start a new run with a larger budget or noise multiplier. No step was taken.")
+                    f"the next step (noise multiplier {eff:.4g}, sample rate {e.sample_rate:.4g}) would bring "
+                    f"epsilon above target_epsilon={e.target_epsilon} (delta={e.target_delta}); spent so far "
+                    f"{e.get_epsilon(e.target_delta):.4g} after {self.steps_taken} steps. Stop training, or start "
+                    f"a new run with a larger budget or noise multiplier. No step was taken.")
 
         sizes = {t.name: t.grads.shape[0] for t in tensors if t.grads is not None}
         if len(set(sizes.values())) > 1:
@@ -267,7 +271,10 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 if f not in factors:
                     u.factor(f).grad = None
 
-        e.accountant.step(noise_multiplier=eff, sample_rate=e.sample_rate)
+        if eff > 0:
+            e.accountant.step(noise_multiplier=eff, sample_rate=e.sample_rate)
+        else:   # no noise: not private at all; get_epsilon reports inf from now on
+            e.unaccounted_steps += 1
         e._step_counter += 1
         self.steps_taken += 1
         clipped = None
@@ -313,6 +320,7 @@ class PrivacyEngine:
         self.module: nn.Module | None = None
         self.optimizer: DPLoRAOptimizer | None = None
         self._step_counter = 0
+        self.unaccounted_steps = 0   # steps taken with noise_multiplier = 0 (not private)
 
     # ------------------------------------------------------------------------------------------
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader=None, *,
@@ -432,6 +440,9 @@ class PrivacyEngine:
                                                     self.accountant_mechanism)
         if not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if noise_multiplier == 0:
+            warnings.warn("noise_multiplier=0: steps are clipped but not noised and are NOT differentially "
+                          "private; get_epsilon() will report inf (useful for debugging and tests only)")
 
         self.module = module
         self.noise_multiplier = float(noise_multiplier)
@@ -487,15 +498,20 @@ class PrivacyEngine:
             p.grad = None
 
     def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at `delta` (inf once a step ran without noise)."""
+        if self.unaccounted_steps:
+            return math.inf
         return float(self.accountant.get_epsilon(delta))
 
     def state_dict(self):
         return {"accountant": self.accountant.state_dict(), "step": self._step_counter,
+                "unaccounted_steps": self.unaccounted_steps,
                 "seed": self.seed if not self.secure_mode else None}
 
     def load_state_dict(self, state):
         self.accountant.load_state_dict(state["accountant"])
         self._step_counter = int(state["step"])
+        self.unaccounted_steps = int(state.get("unaccounted_steps", 0))
         if state.get("seed") is not None:
             self.seed = int(state["seed"])
 

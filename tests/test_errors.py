@@ -1,0 +1,141 @@
+"""Every bad input of the DP-LoRA API gets a clear error (or, for NaN gradients, a dropped sample,
+a warning and a counter), and each is tested here."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deer.nn import NoLoRALayersError, inject_lora, lora_layers, set_phase
+from deer.privacy import PrivacyBudgetExceeded, PrivacyEngine
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _private(model, **kw):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad] or model.parameters(), lr=0.1)
+    eng = PrivacyEngine()
+    args = dict(sample_rate=0.1, expected_batch_size=5, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    args.update(kw)
+    model, opt, _ = eng.make_private(module=model, optimizer=opt, **args)
+    return eng, opt
+
+
+def test_no_lora_layers_matched_lists_names():
+    with pytest.raises(NoLoRALayersError, match=r"no module matched.*'0', '3'"):
+        inject_lora(_mlp(), ["query", "value"], r=2)
+
+
+def test_target_not_a_linear():
+    with pytest.raises(TypeError, match="'1' is a LayerNorm, not an nn.Linear"):
+        inject_lora(_mlp(), ["0", "1"], r=2)
+    with pytest.raises(TypeError, match="LayerNorm is not a subclass of nn.Linear"):
+        inject_lora(_mlp(), nn.LayerNorm, r=2)
+
+
+def test_rank_too_large():
+    with pytest.raises(ValueError, match=r"\[1, 3\].*'3'.*got r=4"):
+        inject_lora(_mlp(), ["0", "3"], r=4)      # layer '3' is 8 -> 3: rank at most 3
+    with pytest.raises(ValueError, match="rank"):
+        inject_lora(_mlp(), "0", r=0)
+
+
+def test_phase_before_lora():
+    with pytest.raises(NoLoRALayersError, match="inject_lora"):
+        set_phase(_mlp(), "A")
+    with pytest.raises(NoLoRALayersError, match="make_private"):
+        PrivacyEngine().set_phase("B")
+    with pytest.raises(NoLoRALayersError, match="inject_lora"):
+        _private(_mlp())
+
+
+def test_non_lora_trainable_parameters_rejected():
+    model = inject_lora(_mlp(), "0", r=2)
+    model[3].weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"not LoRA factors.*'3.weight'"):
+        _private(model)
+
+
+def test_bad_mode_combinations():
+    model = inject_lora(_mlp(), ["0", "3"], r=2)
+    with pytest.raises(ValueError, match="frozen factor"):
+        _private(model, noise="regulated", phase="AB")
+    with pytest.raises(ValueError, match="regulator applies to noise='regulated'"):
+        _private(model, regulator="paper")
+    with pytest.raises(ValueError, match="noise_multiplier, or target_epsilon"):
+        _private(model, noise_multiplier=None)
+    with pytest.raises(ValueError, match="target_delta"):
+        _private(model, target_epsilon=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        _private(model, max_grad_norm=0.0)
+
+
+def test_budget_raises_before_the_step(gen):
+    model = inject_lora(_mlp(), ["0", "3"], r=2)
+    eng, opt = _private(model, noise_multiplier=1.5, sample_rate=0.05, target_epsilon=1.0, target_delta=1e-5)
+    x = torch.randn(5, 6, generator=gen)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    steps = 0
+    with pytest.raises(PrivacyBudgetExceeded, match="No step was taken"):
+        for _ in range(200):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            hist = list(eng.accountant.history)
+            opt.step()
+            steps += 1
+    assert steps > 1
+    # the refused step changed nothing: no weight, no accountant entry; what was spent is within budget
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert list(eng.accountant.history) == hist
+    assert 0.6 < eng.get_epsilon(1e-5) <= 1.0
+
+
+def test_nan_sample_dropped_with_warning(gen):
+    """A NaN/Inf sample is dropped: the step equals the step on the batch without it."""
+    torch.manual_seed(gen.initial_seed())
+    base = inject_lora(_mlp(), ["0", "3"], r=2)
+    with torch.no_grad():
+        for u in lora_layers(base):
+            u.lora_B.normal_()
+    x = torch.randn(6, 6, generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    x_bad = x.clone()
+    x_bad[2, 1] = float("nan")
+    x_bad[4, 0] = float("inf")
+    keep = torch.tensor([0, 1, 3, 5])
+    results = []
+    import copy
+    for xb, yb in ((x_bad, y), (x[keep], y[keep])):
+        model = copy.deepcopy(base)
+        eng, opt = _private(model, noise_multiplier=0.5, loss_reduction="sum", max_grad_norm=0.5, seed=9)
+        F.cross_entropy(model(xb), yb, reduction="sum").backward()
+        if xb is x_bad:
+            with pytest.warns(RuntimeWarning, match="2 sample\\(s\\) had NaN/Inf"):
+                opt.step()
+            assert opt.nonfinite_samples == 2 and opt.last_step["dropped_nonfinite"] == 2
+        else:
+            opt.step()
+            assert opt.nonfinite_samples == 0
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n in results[0]:
+        assert torch.isfinite(results[0][n]).all(), n
+        torch.testing.assert_close(results[0][n], results[1][n], msg=n)
+
+
+def test_inconsistent_sample_dimension(gen):
+    class Folding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):                      # (b, T, 4) -> folds tokens into the batch for b
+            return self.b(self.a(x).reshape(-1, 4))
+    model = inject_lora(Folding(), ["a", "b"], r=2)
+    eng, opt = _private(model)
+    model(torch.randn(3, 5, 4, generator=gen)).sum().backward()
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        opt.step()
