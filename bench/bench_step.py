@@ -1,0 +1,192 @@
+"""End-to-end private LoRA training step: deer vs Opacus vs non-private LoRA (issue 6).
+
+One case = one full step (forward, backward, per-sample clipping, noise, optimizer step) of a timm ViT
+with LoRA on the attention qkv projection (or qkv + proj + MLP), timed by pytest-benchmark, with its
+peak memory and a machine-readable row in `extra_info`. Methods and how each is built: bench/models.py.
+
+    pytest bench/bench_step.py --benchmark-json=bench/results/step.json         # default sweep
+    DEER_BENCH_QUICK=1 pytest bench/bench_step.py --benchmark-json=/tmp/q.json  # smoke (< 60 s)
+    python -m bench.report bench/results/step.json                               # table + plots
+
+Default CPU sweep (2-core friendly): ViT-tiny, batch 32, image 64 (17 tokens), rank 8, LoRA on qkv as
+the centre, both phases; then one knob at a time: model small, batch 8/16/64, image 32/128, rank 4/32,
+LoRA on every Linear of the blocks. CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
+tiny/small at batch 32, every deer backend available. `--quick` (or DEER_BENCH_QUICK=1): a 2-block
+ViT-tiny at 32 px, batch 8, every method/backend/phase once; it checks every case runs and writes its
+row, and asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+import warnings
+
+import pytest
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # `bench` is imported as a package from the repository root
+    sys.path.insert(0, _ROOT)
+
+from bench.memory import peak_memory
+from bench.models import Case, build_step
+
+CPU_CENTER = dict(model="tiny", batch=32, img=64, rank=8, targets="qkv")
+CUDA_CENTER = dict(model="base", batch=64, img=224, rank=8, targets="qkv")
+QUICK = dict(model="tiny", depth=2, batch=8, img=32, rank=4, targets="qkv")
+
+
+def _quick(config) -> bool:
+    try:
+        flag = bool(config.getoption("--quick", default=False))
+    except ValueError:
+        flag = False
+    return flag or os.environ.get("DEER_BENCH_QUICK", "0") == "1"
+
+
+def _deer_backends(device: str) -> list[str]:
+    from deer.ops import available_backends
+    bs = available_backends(device)
+    if device == "cpu":
+        # Triton on the CPU runs through the interpreter (TRITON_INTERPRET=1): a correctness tool,
+        # orders of magnitude slower, not a benchmark target.
+        bs = [b for b in bs if b != "triton"]
+    return bs
+
+
+def _methods(device: str, backends: list[str], phase_noise=True) -> list[dict]:
+    """Every compared method for one configuration."""
+    out = [dict(method="nonprivate", noise="none")]
+    for b in backends:
+        for noise in ("isotropic", "regulated"):
+            out.append(dict(method="deer", backend=b, noise=noise))
+    out += [dict(method="opacus_hooks", noise="isotropic"), dict(method="opacus_ghost", noise="isotropic"),
+            dict(method="deer_on_opacus", noise="paper")]
+    return out
+
+
+def _with(center: dict, **kw) -> dict:
+    d = dict(center)
+    d.update(kw)
+    return d
+
+
+def cases_for(device: str, quick: bool) -> list[Case]:
+    backends = _deer_backends(device)
+    fast_backends = [b for b in backends if b != "reference"]  # the knob sweeps use compiled kernels only
+    if not fast_backends:
+        fast_backends = backends
+    cases: list[Case] = []
+
+    def add(cfg: dict, phases=("B",), backs=None):
+        for phase in phases:
+            for m in _methods(device, backs if backs is not None else fast_backends):
+                cases.append(Case(device=device, phase=phase, **cfg, **m))
+
+    if quick:
+        add(QUICK, phases=("A", "B"), backs=backends)
+        return cases
+    if device == "cpu":
+        c = CPU_CENTER
+        add(c, phases=("A", "B"), backs=backends)
+        add(_with(c, model="small"), phases=("A", "B"))
+        for b in (8, 16, 64):
+            add(_with(c, batch=b))
+        for img in (32, 128):
+            add(_with(c, img=img))
+        for r in (4, 32):
+            add(_with(c, rank=r))
+        add(_with(c, targets="all"))
+    else:
+        c = CUDA_CENTER
+        add(c, phases=("A", "B"), backs=backends)
+        for b in (128, 256):
+            add(_with(c, batch=b))
+        for r in (4, 32):
+            add(_with(c, rank=r))
+        add(_with(c, targets="all"))
+        add(_with(c, img=384, batch=32))
+        for model in ("tiny", "small"):
+            add(_with(c, model=model, batch=32))
+            add(_with(c, model=model, batch=256))
+    return cases
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    quick = _quick(metafunc.config)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cases = [c for d in devices for c in cases_for(d, quick)]
+    metafunc.parametrize("case", cases, ids=[c.id() for c in cases])
+
+
+def environment_row(device: str) -> dict:
+    import opacus
+    import timm
+
+    import deer
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
+        (platform.processor() or platform.machine())
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+        if device == "cpu" and model:
+            name = model
+    except OSError:
+        pass
+    return {
+        "device_name": name, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "opacus": opacus.__version__, "timm": timm.__version__,
+        "deer": getattr(deer, "__version__", "unknown"), "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+_WARMED: set[str] = set()
+
+
+def _warm_up(device: str) -> None:
+    """Run every method once on a tiny case before the first measurement in this process: lazy
+    imports, thread pools and first-call allocations otherwise land in the first case's time and
+    peak memory."""
+    if device in _WARMED:
+        return
+    for m in _methods(device, _deer_backends(device)[:1]):
+        step, _ = build_step(Case(device=device, phase="B", **QUICK, **m))
+        step()
+    _WARMED.add(device)
+
+
+def _synced(step, device: str):
+    if device.startswith("cuda"):
+        def run():
+            step()
+            torch.cuda.synchronize()
+        return run
+    return step
+
+
+def test_step(benchmark, case: Case, request):
+    quick = _quick(request.config)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    _warm_up(case.device)
+    with peak_memory(case.device) as pm:
+        step, info = build_step(case)
+        run = _synced(step, case.device)
+        run()          # first step: lazy state (optimizer buffers, Opacus hooks) is created here
+        run()
+    benchmark.group = (f"{case.device}-{case.model}-b{case.batch}-img{case.img}-r{case.rank}-"
+                       f"{case.targets}-{case.phase}")
+    benchmark.extra_info.update(case.as_row())
+    benchmark.extra_info.update(environment_row(case.device))
+    benchmark.extra_info.update({"impl": info["impl"], "peak_mem_bytes": pm.bytes, "peak_mem_kind": pm.kind,
+                                 "quick": quick})
+    rounds = 1 if quick else (5 if case.device == "cpu" else 20)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=0 if quick else 1, iterations=1)
+    # The step really trained: every trained parameter is finite (a NaN would void the timing).
+    for p in info["params"]:
+        assert torch.isfinite(p).all(), f"{case.id()}: non-finite parameter after the step"
+    assert benchmark.extra_info["method"] == case.method

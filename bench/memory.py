@@ -1,0 +1,83 @@
+"""Peak memory of one benchmark case.
+
+CUDA: `torch.cuda.max_memory_allocated` (bytes held by torch's caching allocator for live tensors,
+peak) minus what was allocated before the case was built: model weights, LoRA factors, optimizer
+state, activations, per-sample gradients and noise.
+
+CPU: peak resident set size (RSS) of this process while the case is built and stepped, minus the
+RSS just before it. The kernel's high-water mark (VmHWM in /proc/self/status) is reset to the current
+RSS by writing "5" to /proc/self/clear_refs (Linux >= 4.0), and glibc is first asked to hand freed
+heap pages back (malloc_trim), so memory freed by earlier cases is not silently reused and missed.
+This counts everything the case touches (weights, activations, per-sample gradients, allocator
+slack) but not the Python interpreter or the libraries loaded before it. Where clear_refs is not
+writable the CPU measurement is reported as unavailable (None), never guessed.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+from contextlib import contextmanager
+
+import torch
+
+CPU_KIND = "cpu_peak_rss_delta"      # VmHWM - VmRSS(before), bytes
+CUDA_KIND = "cuda_max_allocated_delta"
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Result holder: bytes (int or None) and kind (CPU_KIND or CUDA_KIND)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.bytes: int | None = None
+
+
+@contextmanager
+def peak_memory(device: str | torch.device):
+    """with peak_memory(device) as pm: ...build and run...; then pm.bytes, pm.kind."""
+    dev = torch.device(device)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        pm = PeakMemory(CUDA_KIND)
+        yield pm
+        torch.cuda.synchronize(dev)
+        pm.bytes = int(torch.cuda.max_memory_allocated(dev) - base)
+        return
+    _malloc_trim()
+    ok = _reset_hwm()
+    base = _status_kb("VmRSS")
+    pm = PeakMemory(CPU_KIND)
+    yield pm
+    hwm = _status_kb("VmHWM")
+    if ok and base is not None and hwm is not None:
+        pm.bytes = int(max(0, hwm - base) * 1024)

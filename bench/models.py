@@ -1,0 +1,468 @@
+"""Shared builders for the end-to-end benchmark (bench/bench_step.py), its report and the fairness test.
+
+Every compared method trains the *same* LoRA parameters of the *same* frozen timm ViT on the *same*
+batch. A case is described by a `Case`; `build_step(case)` returns a zero-argument callable that runs
+one full training step (forward, backward, per-sample clipping, noise, optimizer step) and the state
+it needs. Methods:
+
+    nonprivate      LoRA with deer's LoRALinear, plain backward + SGD: the floor
+    deer            deer's DP step (backend = cpu | cuda | triton | reference),
+                    noise 'isotropic' (Euclidean clipping, standard DP-SGD) or
+                    'regulated' (regulated-metric clipping + low-cost regulated noise, deer's default)
+    opacus_hooks    Opacus 1.6 GradSampleModule (grad_sample_mode='hooks') + DPOptimizer
+    opacus_ghost    Opacus 1.6 ghost clipping (grad_sample_mode='ghost': two backward passes)
+    deer_on_opacus  Opacus hooks clipping + the paper's regulated noise as the authors' code does it:
+                    a full (m x n) Gaussian draw and a pseudo-inverse of the frozen factor per layer
+                    per step
+
+For Opacus the LoRA factors are plain nn.Linear modules (`OpacusLoRALinear`) so Opacus can compute
+their per-sample gradients; parameters are copied from the deer model, so both hold identical values.
+Phases follow deer: 'A' trains A (B frozen), 'B' trains B (A frozen). B is given random (non-zero)
+values, as it has after a few rounds of training, so that the A phase has non-zero gradients and the
+regulated metric of the A phase is well conditioned.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deer import reference as ref
+from deer.nn.lora import LoRALinear, lora_layers
+from deer.ops import per_sample_grad_norm, resolve_backend
+
+# timm ViT sizes (embed dim, depth, heads): the ViT-Ti/S/B of "How to train your ViT", built with timm's
+# VisionTransformer class so nothing is downloaded. mlp_ratio 4, patch 16 unless a case says otherwise.
+VIT_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+METHODS = ("nonprivate", "deer", "opacus_hooks", "opacus_ghost", "deer_on_opacus")
+LORA_TARGETS = {"qkv": ("attn.qkv",), "qkv_proj": ("attn.qkv", "attn.proj"),
+                "all": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    model: str = "tiny"
+    batch: int = 32
+    img: int = 64
+    rank: int = 8
+    phase: str = "B"
+    noise: str = "isotropic"        # isotropic | regulated | paper (deer_on_opacus) | none (nonprivate)
+    backend: str = "-"              # deer backend; '-' for the others
+    targets: str = "qkv"
+    depth: int | None = None        # override the ViT depth (quick runs)
+    patch: int = 16
+    device: str = "cpu"
+    sigma: float = 1.0
+    max_grad_norm: float = 1.0
+    lam: float = 1e-2
+
+    @property
+    def tokens(self) -> int:
+        return (self.img // self.patch) ** 2 + 1
+
+    def id(self) -> str:
+        meth = self.method if self.backend == "-" else f"{self.method}[{self.backend}]"
+        d = f"-d{self.depth}" if self.depth is not None else ""
+        return (f"{self.device}-{self.model}{d}-b{self.batch}-img{self.img}-r{self.rank}-{self.targets}-"
+                f"{self.phase}-{meth}-{self.noise}")
+
+    def as_row(self) -> dict:
+        row = asdict(self)
+        row["tokens"] = self.tokens
+        return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+def build_vit(model: str, img: int, depth: int | None = None, patch: int = 16, seed: int = 0) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+    if model not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size {model!r}; choose one of {tuple(VIT_SIZES)}")
+    if img % patch:
+        raise ValueError(f"image size {img} must be a multiple of the patch size {patch}")
+    cfg = dict(VIT_SIZES[model])
+    if depth is not None:
+        cfg["depth"] = depth
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=img, patch_size=patch, num_classes=NUM_CLASSES, mlp_ratio=4.0, **cfg)
+    for p in vit.parameters():
+        p.requires_grad_(False)
+    return vit
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(_get(module, parent) if parent else module, leaf, new)
+
+
+def inject_deer_lora(vit: nn.Module, rank: int, targets: str = "qkv", seed: int = 1) -> list[LoRALinear]:
+    """Wrap the target Linears of every block in deer's LoRALinear (alpha = 2 r). B gets random values
+    (std 1/sqrt(m)) so both phases are non-trivial, as after a few rounds of training."""
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {tuple(LORA_TARGETS)}")
+    g = torch.Generator().manual_seed(seed)
+    for i, blk in enumerate(vit.blocks):
+        for path in LORA_TARGETS[targets]:
+            base = _get(blk, path)
+            lyr = LoRALinear(base, r=rank, alpha=2 * rank, name=f"blocks.{i}.{path}")
+            with torch.no_grad():
+                lyr.lora_B.copy_(torch.randn(lyr.lora_B.shape, generator=g) / math.sqrt(lyr.out_features))
+            _set(blk, path, lyr)
+    return lora_layers(vit)
+
+
+class OpacusLoRALinear(nn.Module):
+    """LoRA with the factors as nn.Linear modules, the form Opacus' grad samplers understand:
+    y = base(x) + s * lora_B(lora_A(x)),  lora_A.weight = A (r, n), lora_B.weight = B (m, r)."""
+
+    def __init__(self, src: LoRALinear):
+        super().__init__()
+        self.base = src.base
+        m, n, r = src.out_features, src.in_features, src.r
+        self.lora_A = nn.Linear(n, r, bias=False, device=src.lora_A.device, dtype=src.lora_A.dtype)
+        self.lora_B = nn.Linear(r, m, bias=False, device=src.lora_B.device, dtype=src.lora_B.dtype)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(src.lora_A)
+            self.lora_B.weight.copy_(src.lora_B)
+        self.scale = src.scale
+
+    def set_phase(self, phase: str):
+        ref.check_phase(phase)
+        self.lora_A.weight.requires_grad_(phase in ("A", "AB"))
+        self.lora_B.weight.requires_grad_(phase in ("B", "AB"))
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+
+def to_opacus_lora(deer_model: nn.Module) -> tuple[nn.Module, list[OpacusLoRALinear]]:
+    """A deep copy of `deer_model` whose LoRALinear layers are OpacusLoRALinear with the same values."""
+    model = copy.deepcopy(deer_model)
+    swapped = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            new = OpacusLoRALinear(mod)
+            _set(model, name, new)
+            swapped.append(new)
+    return model, swapped
+
+
+def make_batch(case: Case, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.batch, 3, case.img, case.img, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (case.batch,), generator=g)
+    return x.to(case.device), y.to(case.device)
+
+
+def build_lora_model(case: Case) -> tuple[nn.Module, list[LoRALinear]]:
+    vit = build_vit(case.model, case.img, case.depth, case.patch)
+    layers = inject_deer_lora(vit, case.rank, case.targets)
+    vit.to(case.device)
+    for lyr in layers:
+        lyr.set_phase(case.phase)
+    return vit, layers
+
+
+def trainable(model: nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------------
+# deer's DP step. One place decides how deer runs: deer.privacy.PrivacyEngine when it is importable
+# and DEER_BENCH_ENGINE != 0, else the interim step below (LoRALinear capture + the
+# per_sample_grad_norm kernel + clipping + noise), which is the same computation the engine runs.
+# ------------------------------------------------------------------------------------------------
+
+def deer_engine_available() -> bool:
+    if os.environ.get("DEER_BENCH_ENGINE", "1") == "0":
+        return False
+    try:
+        from deer.privacy import PrivacyEngine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def deer_interim_step(model, layers, opt, x, y, *, phase: str, noise: str, max_grad_norm: float,
+                      sigma: float, lam: float, backend: str, generator=None, zero_grad: bool = True):
+    """Fallback when deer.privacy is not importable (or DEER_BENCH_ENGINE=0): one DP-SGD step on the
+    LoRA factor trained in `phase` ('A' or 'B') from the LoRALinear captures and the
+    per_sample_grad_norm kernel. noise='isotropic': Euclidean clipping + N(0, I) noise;
+    noise='regulated': clipping in the regulated metric K = frozen^T frozen + lam I and noise with
+    covariance K^{-1} in the low-cost Cholesky form (r x max(m, n) random numbers per layer)."""
+    for lyr in layers:
+        lyr.capture = True
+    try:
+        # Sum reduction: the captured output gradient of sample i is then dL_i/dy_i exactly.
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        loss.backward()
+    finally:
+        for lyr in layers:
+            lyr.capture = False
+    b = x.shape[0]
+    regulated = noise == "regulated"
+    per_layer = []
+    total = None
+    for lyr in layers:
+        (X, U, G), = lyr.pop_captured()
+        A, B = lyr.lora_A.detach(), lyr.lora_B.detach()
+        if phase == "B":
+            K = A @ A.T if regulated else None
+            left, right, side = G, U, 1
+        else:
+            K = B.T @ B if regulated else None
+            left, right, side = G @ B, X, 0
+        if K is not None:
+            K = K + lam * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+        g, n = per_sample_grad_norm(left, right, lyr.scale, K, side, backend=backend)
+        per_layer.append((lyr, g, K))
+        total = n if total is None else total + n
+    if not torch.isfinite(total).all():
+        raise FloatingPointError("deer interim step: non-finite per-sample gradient norms")
+    c = ref.clip_factors(total, max_grad_norm)
+    for lyr, g, K in per_layer:
+        p = lyr.lora_A if phase == "A" else lyr.lora_B
+        S = torch.einsum("b,bpq->pq", c.to(g.dtype), g)
+        if sigma > 0:
+            if regulated:
+                other = S.shape[1] if phase == "A" else S.shape[0]
+                xi = ref.regulated_noise_cholesky(K, phase, other, generator)
+            else:
+                xi = torch.randn(S.shape, generator=generator, dtype=S.dtype, device=S.device)
+            S = S + (sigma * max_grad_norm) * xi
+        p.grad = (S / b).to(p.dtype)
+    opt.step()
+    if zero_grad:
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def build_deer_step(case: Case, model, layers, x, y, lr: float = 1e-3):
+    """The deer step for `case` as a callable step(zero_grad=True); the single switch point between
+    deer.privacy.PrivacyEngine (used whenever importable) and the interim implementation.
+    Returns (step, impl_name)."""
+    backend = resolve_backend(torch.device(case.device), None if case.backend == "-" else case.backend)
+    opt = torch.optim.SGD(trainable(model), lr=lr)
+    if deer_engine_available():
+        return _build_deer_engine_step(case, model, opt, x, y, backend), "PrivacyEngine"
+    gen = torch.Generator(device=case.device).manual_seed(3)
+
+    def step(zero_grad: bool = True):
+        return deer_interim_step(model, layers, opt, x, y, phase=case.phase, noise=case.noise,
+                                 max_grad_norm=case.max_grad_norm, sigma=case.sigma, lam=case.lam,
+                                 backend=backend, generator=gen, zero_grad=zero_grad)
+    return step, "interim"
+
+
+def _build_deer_engine_step(case, model, opt, x, y, backend):
+    """deer.privacy.PrivacyEngine().make_private(...) as a user writes it (mean loss, fixed batches).
+    Regulated noise uses the metric regulator (deer's sound default)."""
+    import warnings
+
+    from deer.privacy import PrivacyEngine
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=case.batch)
+    kw = dict(regulator="metric") if case.noise == "regulated" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # poisson_sampling=False: fixed batches, timed only
+        model_p, opt_p, _ = PrivacyEngine().make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=case.sigma,
+            max_grad_norm=case.max_grad_norm, clipping="flat", noise=case.noise, lam=case.lam,
+            poisson_sampling=False, phase=case.phase, backend=backend, seed=3, **kw)
+
+    def step(zero_grad: bool = True):
+        loss = F.cross_entropy(model_p(x), y)
+        loss.backward()
+        opt_p.step()
+        if zero_grad:
+            opt_p.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+# ------------------------------------------------------------------------------------------------
+# Opacus
+# ------------------------------------------------------------------------------------------------
+
+def _opacus_dp_optimizer_class():
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class PaperRegulatedDPOptimizer(DPOptimizer):
+        """Opacus' flat clipping, then the paper's regulated noise as the authors' code adds it: per
+        layer and step a full (m x n) Gaussian N mapped through the frozen factor's pseudo-inverse,
+        A trained: xi = pinv(B) N;  B trained: xi = N pinv(A)."""
+
+        def __init__(self, optimizer, *, frozen_of, **kw):
+            super().__init__(optimizer, **kw)
+            self.frozen_of = frozen_of          # id(trained param) -> ('A' | 'B', frozen factor tensor)
+
+        def add_noise(self):
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                factor, frozen = self.frozen_of[id(p)]
+                if factor == "A":                               # frozen B: (m, r); p: (r, n)
+                    N = torch.randn(frozen.shape[0], p.shape[1], generator=self.generator,
+                                    device=p.device, dtype=p.dtype)
+                    xi = torch.linalg.pinv(frozen) @ N
+                else:                                           # frozen A: (r, n); p: (m, r)
+                    N = torch.randn(p.shape[0], frozen.shape[1], generator=self.generator,
+                                    device=p.device, dtype=p.dtype)
+                    xi = N @ torch.linalg.pinv(frozen)
+                std = self.noise_multiplier * self.max_grad_norm
+                p.grad = (p.summed_grad + std * xi).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return PaperRegulatedDPOptimizer
+
+
+def build_opacus_step(case: Case, deer_model, x, y, lr: float = 1e-3):
+    """Opacus hooks / ghost / deer_on_opacus on an OpacusLoRALinear copy of the deer model."""
+    import warnings
+
+    from opacus import GradSampleModule, PrivacyEngine
+
+    model, olayers = to_opacus_lora(deer_model)
+    for lyr in olayers:
+        lyr.set_phase(case.phase)
+    opt = torch.optim.SGD(trainable(model), lr=lr)
+    crit = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # secure-RNG and poisson_sampling=False warnings
+        if case.method in ("opacus_hooks", "opacus_ghost"):
+            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=case.batch)
+            mode = "hooks" if case.method == "opacus_hooks" else "ghost"
+            out = PrivacyEngine().make_private(
+                module=model, optimizer=opt, criterion=crit, data_loader=loader,
+                noise_multiplier=case.sigma, max_grad_norm=case.max_grad_norm, poisson_sampling=False,
+                grad_sample_mode=mode)
+            gsm, dpopt = out[0], out[1]
+            crit_p = out[2] if mode == "ghost" else crit
+        elif case.method == "deer_on_opacus":
+            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            frozen_of = {}
+            for lyr in olayers:
+                if case.phase == "A":
+                    frozen_of[id(lyr.lora_A.weight)] = ("A", lyr.lora_B.weight.detach())
+                else:
+                    frozen_of[id(lyr.lora_B.weight)] = ("B", lyr.lora_A.weight.detach())
+            dpopt = _opacus_dp_optimizer_class()(
+                opt, frozen_of=frozen_of, noise_multiplier=case.sigma, max_grad_norm=case.max_grad_norm,
+                expected_batch_size=case.batch, loss_reduction="mean")
+            crit_p = crit
+        else:
+            raise ValueError(f"not an Opacus method: {case.method!r}")
+
+    def step(zero_grad: bool = True):
+        loss = crit_p(gsm(x), y)
+        loss.backward()
+        dpopt.step()
+        if zero_grad:
+            dpopt.zero_grad(set_to_none=True)
+        return loss
+    return step, gsm, olayers, dpopt
+
+
+def build_nonprivate_step(case: Case, model, x, y):
+    opt = torch.optim.SGD(trainable(model), lr=1e-3)
+
+    def step(zero_grad: bool = True):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if zero_grad:
+            opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def build_step(case: Case):
+    """(step, info) for `case`: step() runs one full training step; info names what ran and holds the
+    trained parameters (to check they stay finite)."""
+    if case.method not in METHODS:
+        raise ValueError(f"unknown method {case.method!r}; choose one of {METHODS}")
+    x, y = make_batch(case)
+    model, layers = build_lora_model(case)
+    info = {"impl": case.method}
+    if case.method == "nonprivate":
+        step = build_nonprivate_step(case, model, x, y)
+        info["params"] = trainable(model)
+    elif case.method == "deer":
+        step, impl = build_deer_step(case, model, layers, x, y)
+        info["impl"] = f"deer:{impl}"
+        info["params"] = trainable(model)
+    else:
+        step, gsm, olayers, _ = build_opacus_step(case, model, x, y)
+        info["impl"] = f"opacus {_opacus_version()}"
+        info["params"] = trainable(gsm)
+        del model, layers
+    return step, info
+
+
+def _opacus_version() -> str:
+    import opacus
+    return opacus.__version__
+
+
+# ------------------------------------------------------------------------------------------------
+# Fairness: with the noise off, every method's clipped, averaged gradient of the same LoRA parameters
+# on the same batch must agree (acceptance 3 of issue 6).
+# ------------------------------------------------------------------------------------------------
+
+def clipped_grads(case: Case, model, x, y, methods=("deer", "opacus_hooks", "opacus_ghost",
+                                                    "deer_on_opacus")) -> dict[str, list[torch.Tensor]]:
+    """For each method: the gradient it hands the optimizer (sum_i c_i g_i / b with the noise off) for
+    the trained factor of every LoRA layer, in layer order, Euclidean flat clipping (what Opacus
+    does). Every method runs its real step on its own copy of `model` with lr = 0."""
+    case = replace(case, sigma=0.0, noise="isotropic")
+    out = {}
+    for meth in methods:
+        c = replace(case, method=meth)
+        if meth == "deer":
+            m = copy.deepcopy(model)
+            lys = lora_layers(m)
+            step, _ = build_deer_step(c, m, lys, x, y, lr=0.0)
+            step(zero_grad=False)
+            out[meth] = [(l.lora_A if c.phase == "A" else l.lora_B).grad.detach().clone() for l in lys]
+        else:
+            step, gsm, olayers, dpopt = build_opacus_step(c, model, x, y, lr=0.0)
+            step(zero_grad=False)
+            out[meth] = [(l.lora_A if c.phase == "A" else l.lora_B).weight.grad.detach().clone()
+                         for l in olayers]
+    return out
+
+
+def reference_clipped_grads(model, layers, x, y, phase: str, max_grad_norm: float):
+    """float64 oracle: per-sample gradients from deer.reference on the captured (X, G) of every layer,
+    Euclidean flat clipping, mean over the batch. Returns (grads per layer, per-sample norms)."""
+    m = copy.deepcopy(model)
+    lys = lora_layers(m)
+    for l in lys:
+        l.capture = True
+    F.cross_entropy(m(x), y, reduction="sum").backward()
+    batches = []
+    for l in lys:
+        l.capture = False
+        (X, U, G), = l.pop_captured()
+        batches.append(ref.LayerBatch(X.double(), G.double(), l.lora_A.detach().double(),
+                                      l.lora_B.detach().double(), l.scale))
+    res = ref.dp_step(batches, phase, max_grad_norm, 0.0, x.shape[0])
+    return [g[phase] for g in res.grads], res.sq_norms.sqrt()

@@ -1,0 +1,66 @@
+"""Fairness of the end-to-end benchmark (issue 6, acceptance 3): with the noise off, deer, Opacus hooks,
+Opacus ghost clipping and "DEeR on Opacus" hand the optimizer the same clipped, averaged gradient of
+the same LoRA parameters on the same batch, and that gradient is the float64 reference's.
+
+The model is a 2-block ViT-tiny at 32 px (5 tokens) with LoRA on qkv, an odd batch (7) and rank 3,
+both DEeR phases. The clipping bound is the median per-sample norm, so some samples are clipped and
+some are not: a method that skipped clipping, clipped per layer, or scaled by the wrong batch size
+would differ from the reference by far more than the tolerance (checked against the unclipped mean).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+pytest.importorskip("opacus")
+pytest.importorskip("timm")
+
+from bench.models import Case, build_lora_model, clipped_grads, make_batch, reference_clipped_grads  # noqa: E402
+
+RTOL = 2e-4   # fp32 per-sample gradients and norms of a 2-block ViT against the float64 oracle
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("phase", ["A", "B"])
+def test_clipped_gradients_agree_across_methods(phase, gen):
+    seed = gen.initial_seed()
+    torch.manual_seed(seed)
+    case = Case(method="deer", model="tiny", depth=2, img=32, batch=7, rank=3, phase=phase,
+                noise="isotropic", backend="-", sigma=0.0)
+    model, layers = build_lora_model(case)
+    x, y = make_batch(case, seed=seed % (2 ** 31))
+    # Unclipped per-sample norms decide C: the median, so the batch has clipped and unclipped samples.
+    _, norms = reference_clipped_grads(model, layers, x, y, phase, 1e30)  # no clipping
+    C = float(norms.median())
+    clipped = int((norms > C * (1 + 1e-3)).sum())
+    assert 0 < clipped < case.batch, f"seed {seed}: want a partly clipped batch, norms {norms.tolist()}"
+    case = replace(case, max_grad_norm=C)
+    want, _ = reference_clipped_grads(model, layers, x, y, phase, C)
+    unclipped, _ = reference_clipped_grads(model, layers, x, y, phase, 1e30)  # no clipping
+    # The planted error (no clipping) must be far outside the tolerance, or the test could not fail.
+    gap = min(_rel_err(u, w) for u, w in zip(unclipped, want))
+    assert gap > 50 * RTOL, f"seed {seed}: clipping changes the gradient by only {gap:.2e}"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = clipped_grads(case, model, x, y)
+    assert set(got) == {"deer", "opacus_hooks", "opacus_ghost", "deer_on_opacus"}
+    for meth, grads in got.items():
+        assert len(grads) == len(want), f"{meth}: {len(grads)} trained tensors, reference {len(want)}"
+        for li, (g, w) in enumerate(zip(grads, want)):
+            assert g.shape == w.shape, f"{meth} layer {li}: shape {tuple(g.shape)} vs {tuple(w.shape)}"
+            err = _rel_err(g, w)
+            assert err < RTOL, (f"seed {seed}, phase {phase}: {meth} layer {li} clipped gradient is off the "
+                                f"float64 reference by {err:.2e} (tolerance {RTOL})")
