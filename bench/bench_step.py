@@ -172,19 +172,21 @@ def _synced(step, device: str):
 def test_step(benchmark, case: Case, request):
     quick = _quick(request.config)
     warnings.filterwarnings("ignore", category=UserWarning)
-    _warm_up(case.device)
+    if not quick:
+        _warm_up(case.device)
     with peak_memory(case.device) as pm:
         step, info = build_step(case)
         run = _synced(step, case.device)
         run()          # first step: lazy state (optimizer buffers, Opacus hooks) is created here
-        run()
+        if not quick:
+            run()
     benchmark.group = (f"{case.device}-{case.model}-b{case.batch}-img{case.img}-r{case.rank}-"
                        f"{case.targets}-{case.phase}")
     benchmark.extra_info.update(case.as_row())
     benchmark.extra_info.update(environment_row(case.device))
     benchmark.extra_info.update({"impl": info["impl"], "peak_mem_bytes": pm.bytes, "peak_mem_kind": pm.kind,
                                  "quick": quick})
-    rounds = 1 if quick else (5 if case.device == "cpu" else 20)
+    rounds = 1 if quick else (10 if case.device == "cpu" else 20)
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=0 if quick else 1, iterations=1)
     # The step really trained: every trained parameter is finite (a NaN would void the timing).
     for p in info["params"]:

@@ -23,6 +23,7 @@ regulated metric of the A phase is well conditioned.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -47,6 +48,15 @@ METHODS = ("nonprivate", "deer", "opacus_hooks", "opacus_ghost", "deer_on_opacus
 LORA_TARGETS = {"qkv": ("attn.qkv",), "qkv_proj": ("attn.qkv", "attn.proj"),
                 "all": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
 NUM_CLASSES = 10
+
+# When True (the report's profiler run), every step labels its stages so a profile says where the time
+# goes: "forward" (model + loss), "backward" (all backward passes, hooks and captures included) and
+# "step" (per-sample norms, clipping, noise and the optimizer update: the DP work outside autograd).
+PROFILE_STAGES = False
+
+
+def stage(name: str):
+    return torch.profiler.record_function(name) if PROFILE_STAGES else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -213,12 +223,22 @@ def deer_interim_step(model, layers, opt, x, y, *, phase: str, noise: str, max_g
         lyr.capture = True
     try:
         # Sum reduction: the captured output gradient of sample i is then dL_i/dy_i exactly.
-        loss = F.cross_entropy(model(x), y, reduction="sum")
-        loss.backward()
+        with stage("forward"):
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+        with stage("backward"):
+            loss.backward()
     finally:
         for lyr in layers:
             lyr.capture = False
-    b = x.shape[0]
+    with stage("step"):
+        _interim_dp_update(layers, opt, x.shape[0], phase=phase, noise=noise, max_grad_norm=max_grad_norm,
+                           sigma=sigma, lam=lam, backend=backend, generator=generator)
+    if zero_grad:
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def _interim_dp_update(layers, opt, b, *, phase, noise, max_grad_norm, sigma, lam, backend, generator):
     regulated = noise == "regulated"
     per_layer = []
     total = None
@@ -251,9 +271,6 @@ def deer_interim_step(model, layers, opt, x, y, *, phase: str, noise: str, max_g
             S = S + (sigma * max_grad_norm) * xi
         p.grad = (S / b).to(p.dtype)
     opt.step()
-    if zero_grad:
-        opt.zero_grad(set_to_none=True)
-    return loss
 
 
 def build_deer_step(case: Case, model, layers, x, y, lr: float = 1e-3):
@@ -289,9 +306,12 @@ def _build_deer_engine_step(case, model, opt, x, y, backend):
             poisson_sampling=False, phase=case.phase, backend=backend, seed=3, **kw)
 
     def step(zero_grad: bool = True):
-        loss = F.cross_entropy(model_p(x), y)
-        loss.backward()
-        opt_p.step()
+        with stage("forward"):
+            loss = F.cross_entropy(model_p(x), y)
+        with stage("backward"):
+            loss.backward()
+        with stage("step"):
+            opt_p.step()
         if zero_grad:
             opt_p.zero_grad(set_to_none=True)
         return loss
@@ -372,9 +392,12 @@ def build_opacus_step(case: Case, deer_model, x, y, lr: float = 1e-3):
             raise ValueError(f"not an Opacus method: {case.method!r}")
 
     def step(zero_grad: bool = True):
-        loss = crit_p(gsm(x), y)
-        loss.backward()
-        dpopt.step()
+        with stage("forward"):
+            loss = crit_p(gsm(x), y)
+        with stage("backward"):
+            loss.backward()
+        with stage("step"):
+            dpopt.step()
         if zero_grad:
             dpopt.zero_grad(set_to_none=True)
         return loss
@@ -385,9 +408,12 @@ def build_nonprivate_step(case: Case, model, x, y):
     opt = torch.optim.SGD(trainable(model), lr=1e-3)
 
     def step(zero_grad: bool = True):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        with stage("forward"):
+            loss = F.cross_entropy(model(x), y)
+        with stage("backward"):
+            loss.backward()
+        with stage("step"):
+            opt.step()
         if zero_grad:
             opt.zero_grad(set_to_none=True)
         return loss

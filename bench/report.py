@@ -1,0 +1,404 @@
+"""Turn a pytest-benchmark JSON of bench/bench_step.py into a markdown report and PNG plots.
+
+    python -m bench.report path/to/benchmark.json [--out DIR] [--note TEXT] [--no-profile]
+
+Writes into DIR (default bench/results/<date>-<device>/): report.md (every case: median step time,
+DP overhead = time / non-private time - 1, peak memory and its ratio to non-private; deer's ratios to
+non-private, Opacus hooks and Opacus ghost; the targets of issue 6, met or missed), README_section.md
+(the compact table for the README), time_vs_batch_<device>.png and memory_vs_batch_<device>.png, and a
+copy of the JSON (benchmark.json). When a target is missed the report profiles the deer step
+(torch.profiler: time per stage and the top operators) next to the non-private step, so it says where
+the time goes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from collections import defaultdict
+
+CONFIG_KEYS = ("device", "model", "depth", "batch", "img", "rank", "targets", "phase")
+CPU_TARGET, GPU_TARGET, GPU_MEM_TARGET = 0.15, 0.05, 1.05
+
+
+def load_rows(path: str) -> tuple[list[dict], dict]:
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for b in data.get("benchmarks", []):
+        e = dict(b.get("extra_info", {}))
+        if "method" not in e:
+            continue          # a kernel benchmark from another suite: not part of this report
+        st = b["stats"]
+        e["median_s"] = st["median"]
+        e["iqr_s"] = st.get("iqr", 0.0)
+        e["rounds"] = st.get("rounds")
+        e["name"] = b.get("name", "")
+        rows.append(e)
+    if not rows:
+        raise SystemExit(f"{path}: no bench_step rows (benchmarks with extra_info['method']) found")
+    return rows, data
+
+
+def label(r: dict) -> str:
+    m = r["method"]
+    if m == "deer":
+        return f"deer[{r['backend']}] {r['noise']}"
+    return {"nonprivate": "non-private", "opacus_hooks": "Opacus hooks", "opacus_ghost": "Opacus ghost",
+            "deer_on_opacus": "DEeR on Opacus (paper noise)"}.get(m, m)
+
+
+def config_of(r: dict) -> tuple:
+    return tuple(r.get(k) for k in CONFIG_KEYS)
+
+
+def config_str(cfg: tuple) -> str:
+    d = dict(zip(CONFIG_KEYS, cfg))
+    depth = f" d{d['depth']}" if d.get("depth") else ""
+    return (f"{d['device']} ViT-{d['model']}{depth} b{d['batch']} img{d['img']} r{d['rank']} "
+            f"{d['targets']} phase {d['phase']}")
+
+
+def _mib(b) -> str:
+    return "n/a" if b is None else f"{b / 2 ** 20:.0f}"
+
+
+def _ratio(a, b) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.2f}"
+
+
+def annotate(rows: list[dict]) -> dict:
+    """Adds overhead / memory ratio against the non-private step of the same configuration."""
+    by_cfg = defaultdict(list)
+    for r in rows:
+        by_cfg[config_of(r)].append(r)
+    for cfg, rs in by_cfg.items():
+        floor = next((r for r in rs if r["method"] == "nonprivate"), None)
+        for r in rs:
+            r["overhead"] = None if floor is None else r["median_s"] / floor["median_s"] - 1
+            fm, m = (floor or {}).get("peak_mem_bytes"), r.get("peak_mem_bytes")
+            r["mem_ratio"] = m / fm if (fm and m is not None) else None
+    return by_cfg
+
+
+def _fmt_over(o) -> str:
+    return "n/a" if o is None else f"{o:+.3f}"
+
+
+def main_table(by_cfg: dict) -> str:
+    out = ["| configuration | method | median ms | DP overhead | peak MiB | mem / non-private |",
+           "|---|---|---:|---:|---:|---:|"]
+    for cfg in sorted(by_cfg, key=_cfg_sort):
+        for r in sorted(by_cfg[cfg], key=_method_sort):
+            out.append(f"| {config_str(cfg)} | {label(r)} | {r['median_s'] * 1e3:.1f} | {_fmt_over(r['overhead'])} "
+                       f"| {_mib(r.get('peak_mem_bytes'))} | {_ratio(r.get('peak_mem_bytes'), _floor_mem(by_cfg[cfg]))} |")
+    return "\n".join(out)
+
+
+def _floor_mem(rs):
+    f = next((r for r in rs if r["method"] == "nonprivate"), None)
+    return None if f is None else f.get("peak_mem_bytes")
+
+
+_ORDER = {"nonprivate": 0, "deer": 1, "opacus_hooks": 2, "opacus_ghost": 3, "deer_on_opacus": 4}
+
+
+def _method_sort(r):
+    return (_ORDER.get(r["method"], 9), r.get("backend", ""), r.get("noise", ""))
+
+
+def _cfg_sort(cfg):
+    d = dict(zip(CONFIG_KEYS, cfg))
+    return (d["device"], d["model"], d.get("depth") or 0, d["targets"], d["img"], d["rank"], d["batch"], d["phase"])
+
+
+def ratio_table(by_cfg: dict) -> str:
+    out = ["| configuration | deer variant | deer / non-private | deer / Opacus hooks | deer / Opacus ghost "
+           "| overhead deer | overhead hooks | overhead ghost | overhead DEeR-on-Opacus |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for cfg in sorted(by_cfg, key=_cfg_sort):
+        rs = by_cfg[cfg]
+        get = {r["method"]: r for r in rs if r["method"] != "deer"}
+        np_, hk, gh, do = (get.get(k) for k in ("nonprivate", "opacus_hooks", "opacus_ghost", "deer_on_opacus"))
+        for r in sorted((r for r in rs if r["method"] == "deer"), key=_method_sort):
+            t = r["median_s"]
+            out.append(
+                f"| {config_str(cfg)} | {label(r)} | {_ratio(t, np_ and np_['median_s'])} "
+                f"| {_ratio(t, hk and hk['median_s'])} | {_ratio(t, gh and gh['median_s'])} "
+                f"| {_fmt_over(r['overhead'])} | {_fmt_over(hk and hk['overhead'])} "
+                f"| {_fmt_over(gh and gh['overhead'])} | {_fmt_over(do and do['overhead'])} |")
+    return "\n".join(out)
+
+
+def targets(by_cfg: dict) -> tuple[str, list[dict]]:
+    """Issue 6's targets against the measurement. Returns (markdown, missed deer rows)."""
+    lines, missed = [], []
+    for cfg in sorted(by_cfg, key=_cfg_sort):
+        d = dict(zip(CONFIG_KEYS, cfg))
+        cpu = d["device"] == "cpu" and d["model"] in ("tiny", "small") and d["batch"] == 32 and not d.get("depth")
+        gpu = d["device"] != "cpu" and d["model"] == "base" and 64 <= d["batch"] <= 256
+        if not (cpu or gpu):
+            continue
+        rs = by_cfg[cfg]
+        get = {r["method"]: r for r in rs if r["method"] != "deer"}
+        hk, gh = get.get("opacus_hooks"), get.get("opacus_ghost")
+        limit = CPU_TARGET if cpu else GPU_TARGET
+        for r in sorted((r for r in rs if r["method"] == "deer" and r.get("backend") != "reference"),
+                        key=_method_sort):
+            o = r["overhead"]
+            if o is None:
+                continue
+            checks = [(f"overhead {o:+.3f} <= {limit}", o <= limit)]
+            if hk and hk["overhead"] is not None:
+                checks.append((f"<= 1/3 of Opacus hooks' {hk['overhead']:+.3f}",
+                               o <= hk["overhead"] / 3 if hk["overhead"] > 0 else o <= 0))
+            if gh and gh["overhead"] is not None:
+                checks.append((f"< Opacus ghost's {gh['overhead']:+.3f}", o < gh["overhead"]))
+            if gpu and r.get("mem_ratio") is not None:
+                checks.append((f"peak memory x{r['mem_ratio']:.3f} <= {GPU_MEM_TARGET}", r["mem_ratio"] <= GPU_MEM_TARGET))
+            ok = all(c for _, c in checks)
+            if not ok:
+                missed.append(r)
+            parts = "; ".join(f"{t} {'met' if c else 'MISSED'}" for t, c in checks)
+            lines.append(f"- {config_str(cfg)}, {label(r)}: {parts}")
+    if not lines:
+        lines.append("- no case of this run is at a target configuration (CPU ViT-tiny/small batch 32; "
+                     "GPU ViT-base batch 64-256)")
+    return "\n".join(lines), missed
+
+
+# ------------------------------------------------------------------------------------------------
+# Profile of the deer step (where the time goes)
+# ------------------------------------------------------------------------------------------------
+
+def profile_case(row: dict, steps: int = 5, top: int = 15) -> tuple[dict, str]:
+    """Profiles `steps` steps of the case in `row` (after 2 warm-up steps): ms per stage (forward,
+    backward, step) and the top operators by self time."""
+    import warnings
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench import models
+    from bench.models import Case, build_step
+    fields = {k: row[k] for k in Case.__dataclass_fields__ if k in row}
+    case = Case(**fields)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    models.PROFILE_STAGES = True
+    try:
+        step, _ = build_step(case)
+        step()
+        step()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device != "cpu" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                step()
+            if case.device != "cpu":
+                torch.cuda.synchronize()
+    finally:
+        models.PROFILE_STAGES = False
+    ka = prof.key_averages()
+    stages = {}
+    for ev in ka:
+        if ev.key in ("forward", "backward", "step"):
+            stages[ev.key] = ev.cpu_time_total / 1e3 / steps          # ms per step (wall, CPU side)
+    sort = "self_cpu_time_total" if case.device == "cpu" else "self_cuda_time_total"
+    table = ka.table(sort_by=sort, row_limit=top, max_name_column_width=60)
+    return stages, table
+
+
+def profile_section(missed: list[dict], by_cfg: dict) -> str:
+    if not missed:
+        return ""
+    # One representative per device: the missed deer case with the largest overhead, and the
+    # non-private step of the same configuration for comparison.
+    out = ["## Where the time goes (profile of the deer step)", "",
+           "A target was missed, so the worst missed deer case is profiled with torch.profiler "
+           "(stages timed with record_function; 'backward' includes LoRA captures/hooks, 'step' the "
+           "per-sample norms, clipping, noise and the optimizer update). Profiled in this process "
+           "after the benchmark, on the same machine; absolute numbers differ from the medians above.", ""]
+    seen = set()
+    for r in sorted(missed, key=lambda r: -(r["overhead"] or 0)):
+        if r["device"] in seen:
+            continue
+        seen.add(r["device"])
+        cfg = config_of(r)
+        floor = next(x for x in by_cfg[cfg] if x["method"] == "nonprivate")
+        hooks = next((x for x in by_cfg[cfg] if x["method"] == "opacus_hooks"), None)
+        prof = {}
+        for name, row in (("deer", r), ("non-private", floor), ("Opacus hooks", hooks)):
+            if row is not None:
+                prof[name] = profile_case(row)
+        out.append(f"### {config_str(cfg)}, {label(r)}")
+        out.append("")
+        out.append("| stage (ms / step) | " + " | ".join(prof) + " |")
+        out.append("|---|" + "---:|" * len(prof))
+        for st in ("forward", "backward", "step"):
+            out.append(f"| {st} | " + " | ".join(f"{p[0].get(st, float('nan')):.1f}" for p in prof.values()) + " |")
+        out.append("")
+        out.append("Top operators of the deer step (self time):")
+        out.append("")
+        out.append("```")
+        out.append(prof["deer"][1].rstrip())
+        out.append("```")
+        out.append("")
+        out.append("Top operators of the non-private step:")
+        out.append("")
+        out.append("```")
+        out.append(prof["non-private"][1].rstrip())
+        out.append("```")
+        out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------------
+
+def plots(rows: list[dict], outdir: str) -> list[str]:
+    """Time and peak memory vs batch size per method, for the batch sweep of each device (the
+    configuration that has the most batch sizes; phase B)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for device in sorted({r["device"] for r in rows}):
+        groups = defaultdict(set)
+        for r in rows:
+            if r["device"] == device:
+                key = tuple(r.get(k) for k in CONFIG_KEYS if k != "batch")
+                groups[key].add(r["batch"])
+        key = max(groups, key=lambda k: (len(groups[k]), k[-1] == "B"))
+        if len(groups[key]) < 2:
+            continue
+        sel = [r for r in rows if r["device"] == device and tuple(r.get(k) for k in CONFIG_KEYS if k != "batch") == key]
+        d = dict(zip([k for k in CONFIG_KEYS if k != "batch"], key))
+        title = f"{device}: ViT-{d['model']} img{d['img']} r{d['rank']} {d['targets']} phase {d['phase']}"
+        for what, field, scale, unit in (("time", "median_s", 1e3, "median step time (ms)"),
+                                         ("memory", "peak_mem_bytes", 1 / 2 ** 20, "peak memory (MiB)")):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            series = defaultdict(list)
+            for r in sel:
+                if r.get(field) is not None:
+                    series[label(r)].append((r["batch"], r[field] * scale))
+            if not series:
+                plt.close(fig)
+                continue
+            for name in sorted(series, key=lambda n: (not n.startswith("non"), n)):
+                pts = sorted(series[name])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                        linestyle="--" if name == "non-private" else "-")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(unit)
+            ax.set_title(title, fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = os.path.join(outdir, f"{what}_vs_batch_{device}.png")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()[:40]
+
+
+def header(rows: list[dict], data: dict, note: str | None) -> str:
+    r0 = rows[0]
+    devices = sorted({(r["device"], r.get("device_name", "?")) for r in rows})
+    mem_kinds = sorted({r.get("peak_mem_kind") for r in rows if r.get("peak_mem_kind")})
+    lines = ["# deer vs Opacus vs non-private LoRA: one private training step", "",
+             f"- date: {r0.get('date', data.get('datetime', '?'))}",
+             "- devices: " + "; ".join(f"{d} = {n}" for d, n in devices),
+             f"- versions: torch {r0.get('torch')}, opacus {r0.get('opacus')}, timm {r0.get('timm')}, "
+             f"deer {r0.get('deer')}, python {r0.get('python')}; torch threads {r0.get('torch_threads')}, "
+             f"CPU count {r0.get('cpu_count')}",
+             f"- deer implementation: {', '.join(sorted({r.get('impl', '?') for r in rows if r['method'] == 'deer'}))}",
+             "- step = forward + backward + per-sample clipping + noise (sigma 1, C 1) + SGD update of the LoRA "
+             "factor trained in the phase; fixed batch of random 3-channel images, 10 classes; LoRA alpha = 2r, "
+             "B random (as after training), regulated noise with ridge lambda = 1e-2 and the metric regulator",
+             "- DP overhead = median step time / median non-private step time - 1 (same configuration)",
+             "- peak memory: " + ", ".join(mem_kinds) + " (cpu_peak_rss_delta: process peak RSS while the case "
+             "is built and stepped minus RSS before it; cuda_max_allocated_delta: torch.cuda.max_memory_allocated "
+             "over the same span)",
+             f"- rounds per case: {sorted({r.get('rounds') for r in rows})}"]
+    if note:
+        lines.append(f"- note: {note}")
+    return "\n".join(lines)
+
+
+def readme_section(by_cfg: dict, rows: list[dict]) -> str:
+    """The compact README table: target configurations (else the centre) with every method."""
+    devs = sorted({(r["device"], r.get("device_name", "?")) for r in rows})
+    out = ["Measured on " + "; ".join(f"{n} ({d})" for d, n in devs) + f", {rows[0].get('date', '')[:10]}, "
+           f"torch {rows[0].get('torch')}, opacus {rows[0].get('opacus')}. One private LoRA training step "
+           "(forward, backward, clipping, noise, SGD); overhead = time / non-private time - 1.", "",
+           "| configuration | method | median ms | DP overhead | peak mem / non-private |",
+           "|---|---|---:|---:|---:|"]
+    for cfg in sorted(by_cfg, key=_cfg_sort):
+        d = dict(zip(CONFIG_KEYS, cfg))
+        if d.get("depth") or d["batch"] not in (32, 64) or d["targets"] != "qkv" or d["rank"] != 8:
+            continue
+        if d["device"] == "cpu" and d["img"] != 64:
+            continue
+        for r in sorted(by_cfg[cfg], key=_method_sort):
+            if r.get("backend") == "reference":
+                continue
+            mr = "n/a" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.2f}"
+            out.append(f"| {config_str(cfg)} | {label(r)} | {r['median_s'] * 1e3:.1f} | {_fmt_over(r['overhead'])} "
+                       f"| {mr} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", help="pytest-benchmark JSON written with --benchmark-json")
+    ap.add_argument("--out", help="output folder (default bench/results/<date>-<device>/)")
+    ap.add_argument("--note", help="a line added to the report header (e.g. machine load)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profile of missed targets")
+    a = ap.parse_args(argv)
+
+    rows, data = load_rows(a.json)
+    by_cfg = annotate(rows)
+    if a.out:
+        outdir = a.out
+    else:
+        date = (rows[0].get("date") or data.get("datetime") or "undated")[:10]
+        main_dev = "cuda" if any(r["device"] != "cpu" for r in rows) else "cpu"
+        name = next((r.get("device_name") for r in rows if r["device"].startswith(main_dev)), main_dev)
+        outdir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{date}-{_slug(name)}")
+    os.makedirs(outdir, exist_ok=True)
+
+    tgt, missed = targets(by_cfg)
+    parts = [header(rows, data, a.note), "",
+             "## Targets (issue 6)", "", tgt, "",
+             "## deer against the others", "", ratio_table(by_cfg), "",
+             "## Every case", "", main_table(by_cfg), ""]
+    pngs = plots(rows, outdir)
+    if pngs:
+        parts += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
+    if missed and not a.no_profile:
+        parts.append(profile_section(missed, by_cfg))
+    report = "\n".join(parts)
+    with open(os.path.join(outdir, "report.md"), "w") as f:
+        f.write(report + "\n")
+    with open(os.path.join(outdir, "README_section.md"), "w") as f:
+        f.write(readme_section(by_cfg, rows) + "\n")
+    dst = os.path.join(outdir, "benchmark.json")
+    if os.path.abspath(a.json) != os.path.abspath(dst):
+        shutil.copyfile(a.json, dst)
+    print(f"wrote {outdir}/report.md, README_section.md, benchmark.json" + (f" and {len(pngs)} plots" if pngs else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
