@@ -64,3 +64,39 @@ def test_clipped_gradients_agree_across_methods(phase, gen):
             err = _rel_err(g, w)
             assert err < RTOL, (f"seed {seed}, phase {phase}: {meth} layer {li} clipped gradient is off the "
                                 f"float64 reference by {err:.2e} (tolerance {RTOL})")
+
+
+def _bench_json(tmp_path, times_ms: dict, mem_mib: dict):
+    import json
+    base = dict(device="cpu", model="tiny", depth=None, batch=32, img=64, rank=8, targets="qkv", phase="B",
+                device_name="test cpu", torch="t", opacus="o", timm="m", deer="d", python="p",
+                date="2026-01-01T00:00:00+00:00", peak_mem_kind="cpu_peak_rss_delta", impl="x")
+    rows = []
+    for key, t in times_ms.items():
+        method, _, backend = key.partition(":")
+        extra = dict(base, method=method, backend=backend or "-",
+                     noise="isotropic", peak_mem_bytes=int(mem_mib[key] * 2 ** 20))
+        rows.append({"name": key, "stats": {"median": t / 1e3, "iqr": 0.0, "rounds": 3}, "extra_info": extra})
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps({"benchmarks": rows, "datetime": "2026-01-01"}))
+    return p
+
+
+@pytest.mark.parametrize("deer_ms,verdict", [(110.0, "met"), (130.0, "MISSED")])
+def test_report_overheads_and_targets(tmp_path, deer_ms, verdict):
+    """The report's overheads, ratios and target verdicts on hand-made medians: non-private 100 ms,
+    Opacus hooks 150 ms (overhead 0.5), ghost 120 ms (0.2). deer at 110 ms meets every target
+    (0.1 <= 0.15, <= 0.5/3, < 0.2); at 130 ms it misses all three."""
+    from bench import report
+    times = {"nonprivate": 100.0, "deer:cpu": deer_ms, "opacus_hooks": 150.0, "opacus_ghost": 120.0}
+    mem = {"nonprivate": 100.0, "deer:cpu": 104.0, "opacus_hooks": 160.0, "opacus_ghost": 130.0}
+    p = _bench_json(tmp_path, times, mem)
+    out = tmp_path / "out"
+    assert report.main([str(p), "--out", str(out), "--no-profile"]) == 0
+    md = (out / "report.md").read_text()
+    over = deer_ms / 100.0 - 1
+    assert f"| deer[cpu] isotropic | {deer_ms:.1f} | {over:+.3f} | 104 | 1.04 |" in md
+    assert f"| {deer_ms / 100:.2f} | {deer_ms / 150:.2f} | {deer_ms / 120:.2f} | {over:+.3f} | +0.500 | +0.200 |" in md
+    line = next(l for l in md.splitlines() if l.startswith("- cpu ViT-tiny b32") and "deer[cpu]" in l)
+    assert line.count(verdict) == 3, line
+    assert (out / "benchmark.json").exists() and (out / "README_section.md").exists()
