@@ -1,0 +1,332 @@
+"""clip_reduce_noise (Triton): the noisy clipped mean of per-sample gradients, DP-SGD's release.
+
+    out = (sum_i c_i g_i + noise_std * xi) / expected_batch_size             (p, q) fp32
+
+    xi = Z                  isotropic (chol None)
+    xi = R^{-1} Z           regulated, noise_side 0 (p = r): every column ~ N(0, K^{-1}), K = R^T R
+    xi = Z R^{-T}           regulated, noise_side 1 (q = r): every row    ~ N(0, K^{-1})
+
+with Z (p, q) i.i.d. N(0, 1). `clip_reduce_noise_fused` takes the factors instead of g_i and never
+writes per-sample gradients: sum_i c_i g_i = scale * sum_i c_i L_i^T R_i, one weighted reduction.
+
+Two passes, both deterministic (fixed summation order, no atomics):
+1. reduce: program (tile, split) sums c_i g_i over its split's samples into partial[split, tile]
+   (splits only exist to fill the GPU when the (p, q) tiles alone are too few);
+2. finish: program (tile) sums the splits in order, adds noise_std * xi and divides by the expected
+   batch size. Regulated noise mixes all r rows (or columns), so a finishing tile holds all of r.
+
+Random stream (Triton's Philox4x32-10, counter based): element e = row * q + col of Z uses
+    key     = seed                       (64 bits: seed_lo, seed_hi)
+    counter = (e, step, layer, client)   (4 x 32 bits)
+and Z_e is the Box-Muller normal of the first two 32-bit outputs (tl.random's conversion, as
+tl.randn). For a fixed key Philox is a bijection of the 128-bit counter, so two draws share random
+bits only if (seed, step, layer, client, e) are all equal: streams of different steps, layers or
+clients never overlap, by construction rather than by a hash that could collide. Requires
+0 <= seed < 2^64, 0 <= step, layer, client < 2^32 and p * q <= 2^32. The same key always gives the
+same Z on any GPU (and in the interpreter); a deployment must never reuse a key (secure mode draws
+the seed from OS entropy). Box-Muller clamps u1 >= 1e-7, so |Z| < 5.68: the tail beyond that
+(probability ~1.4e-8) is cut, as in tl.randn.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+from .per_sample_grad_norm import _sample_lt_r, check_pair, compute_dtype
+
+
+@triton.jit
+def _gauss(key, step, layer, client, idx):
+    """N(0, 1) for element `idx` (int64 block, < 2^32) of the stream (key; step, layer, client)."""
+    c0 = idx.to(tl.uint32)
+    zero = c0 * 0  # counters as full blocks: Philox's rounds mix all four lanes elementwise
+    c1 = zero + step.to(tl.uint32)
+    c2 = zero + layer.to(tl.uint32)
+    c3 = zero + client.to(tl.uint32)
+    r0, r1, _, _ = tl.philox(key, c0, c1, c2, c3)
+    z, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    return z
+
+
+@triton.jit
+def _clip_reduce_kernel(Gr, C, Part, B, P, Q, PQ, per_split, n_tiles_q,
+                        s_gb, s_gp, s_gq, s_c,
+                        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Part[split, tile] = sum_{i in split} c_i * g_i[tile], fp32 (16-bit grads are upcast on load)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tp = pid // n_tiles_q
+    tq = pid % n_tiles_q
+    offs_p = tp * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tq * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask = (offs_p < P)[:, None] & (offs_q < Q)[None, :]
+    ptrs = Gr + offs_p[:, None].to(tl.int64) * s_gp + offs_q[None, :] * s_gq
+    i0 = split * per_split
+    n = tl.minimum(i0 + per_split, B) - i0
+    ptrs += i0.to(tl.int64) * s_gb
+    c_ptr = C + i0.to(tl.int64) * s_c
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for _ in range(n):
+        c = tl.load(c_ptr).to(tl.float32)
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += c * g
+        ptrs += s_gb
+        c_ptr += s_c
+    flat = offs_p[:, None].to(tl.int64) * Q + offs_q[None, :]
+    tl.store(Part + split.to(tl.int64) * PQ + flat, acc, mask=mask)
+
+
+@triton.jit
+def _clip_reduce_fused_kernel(L, R, C, Part, B, T, P, Q, PQ, scale, per_split, n_tiles_q,
+                              s_lb, s_lt, s_lp, s_rb, s_rt, s_rq, s_c,
+                              COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Part[split, tile] = scale * sum_{i in split} c_i * (L_i^T R_i)[tile].
+
+    Each sample's product is finished in fp32 before it is weighted: weighting the inputs instead
+    (c_i * L_i, then one long dot over all b*T rows) would round c_i * L_i back to bf16/fp16 and add
+    an error of the inputs' own size; this way the weights cost one fp32 FMA per tile element per
+    sample and no precision."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tp = pid // n_tiles_q
+    tq = pid % n_tiles_q
+    offs_p = tp * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tq * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask = (offs_p < P)[:, None] & (offs_q < Q)[None, :]
+    i0 = split * per_split
+    n = tl.minimum(i0 + per_split, B) - i0
+    l_ptr = L + i0.to(tl.int64) * s_lb
+    r_ptr = R + i0.to(tl.int64) * s_rb
+    c_ptr = C + i0.to(tl.int64) * s_c
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for _ in range(n):
+        c = tl.load(c_ptr).to(tl.float32)
+        acc += c * _sample_lt_r(l_ptr, r_ptr, T, P, Q, offs_p, offs_q, s_lt, s_lp, s_rt, s_rq,
+                                COMPUTE, DOT_PRECISION, BLOCK_T, BLOCK_P, BLOCK_Q)
+        l_ptr += s_lb
+        r_ptr += s_rb
+        c_ptr += s_c
+    flat = offs_p[:, None].to(tl.int64) * Q + offs_q[None, :]
+    tl.store(Part + split.to(tl.int64) * PQ + flat, acc * scale, mask=mask)
+
+
+@triton.jit(do_not_specialize=["key", "step", "layer", "client"])
+def _finish_kernel(Part, Out, Rinv, n_splits, P, Q, PQ, noise_std, expected_batch_size,
+                   key, step, layer, client, s_r0, s_r1, n_tiles_q,
+                   NOISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Out[tile] = (sum_s Part[s, tile] + noise_std * xi[tile]) / expected_batch_size.
+
+    NOISE: 0 none (noise_std == 0: the exact clipped mean), 1 xi = Z, 2 xi = R^{-1} Z (tile holds all
+    P = r rows), 3 xi = Z R^{-T} (tile holds all Q = r columns).
+
+    The triangular solve is a product with R^{-1}, precomputed once in float64 and rounded to fp32
+    (r x r, O(r^3), negligible): a tile's solve becomes one small dot instead of r dependent
+    substitution steps, which Triton cannot express on register tiles. Error: in whitened
+    coordinates R xi = (I + E) Z with |E| ~ cond(R) * r * 2^-24 (the fp32 rounding of R^{-1} and of
+    the product), so the noise covariance is off by ~1e-4 relative even for cond(K) = 1e6. That is
+    why this dot runs in full fp32 ("ieee"): TF32 (2^-11) would make E ~ cond(R) * 5e-4, i.e. a
+    visibly wrong noise covariance for ill-conditioned frozen factors."""
+    pid = tl.program_id(0)
+    tp = pid // n_tiles_q
+    tq = pid % n_tiles_q
+    offs_p = tp * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tq * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    mask = mask_p[:, None] & mask_q[None, :]
+    flat = offs_p[:, None].to(tl.int64) * Q + offs_q[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    ptrs = Part + flat
+    for _ in range(n_splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += PQ
+    if NOISE != 0:
+        z = tl.where(mask, _gauss(key, step, layer, client, flat), 0.0)
+        if NOISE == 2:
+            offs_a = tl.arange(0, BLOCK_P)
+            rinv = tl.load(Rinv + offs_a[:, None] * s_r0 + offs_a[None, :] * s_r1,
+                           mask=mask_p[:, None] & mask_p[None, :], other=0.0)
+            z = tl.dot(rinv, z, input_precision="ieee")
+        elif NOISE == 3:
+            offs_a = tl.arange(0, BLOCK_Q)
+            # rinv_t[a, c] = R^{-1}[c, a]
+            rinv_t = tl.load(Rinv + offs_a[:, None] * s_r1 + offs_a[None, :] * s_r0,
+                             mask=mask_q[:, None] & mask_q[None, :], other=0.0)
+            z = tl.dot(z, rinv_t, input_precision="ieee")
+        acc += noise_std * z
+    tl.store(Out + flat, acc / expected_batch_size, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+_OP = "clip_reduce_noise"
+
+
+def _check_key(seed, step, layer, client) -> tuple[int, int, int, int]:
+    out = []
+    for name, v, hi in (("seed", seed, 2 ** 64), ("step", step, 2 ** 32), ("layer", layer, 2 ** 32),
+                        ("client", client, 2 ** 32)):
+        if isinstance(v, bool):
+            raise TypeError(f"{_OP}: {name} must be an integer, got {v!r}")
+        try:
+            v = operator.index(v)
+        except TypeError:
+            raise TypeError(f"{_OP}: {name} must be an integer, got {type(v).__name__}") from None
+        if not 0 <= v < hi:
+            raise ValueError(f"{_OP}: {name} must be in [0, 2^{hi.bit_length() - 1}) (it is a Philox "
+                             f"{'key' if name == 'seed' else 'counter word'}), got {v}")
+        out.append(v)
+    return tuple(out)
+
+
+def _check_common(p, q, clip, b, noise_std, expected_batch_size, chol, noise_side, device):
+    if clip.shape != (b,):
+        raise ValueError(f"{_OP}: clip must hold one factor per sample, shape ({b},); got {tuple(clip.shape)}")
+    if clip.device != device:
+        raise ValueError(f"{_OP}: clip is on {clip.device} but the gradients are on {device}")
+    if not (float(noise_std) >= 0.0 and float(noise_std) < float("inf")):
+        raise ValueError(f"{_OP}: noise_std must be finite and >= 0, got {noise_std}")
+    if not (float(expected_batch_size) > 0.0 and float(expected_batch_size) < float("inf")):
+        raise ValueError(f"{_OP}: expected_batch_size must be finite and > 0, got {expected_batch_size}")
+    if noise_side not in (0, 1):
+        raise ValueError(f"{_OP}: noise_side must be 0 (xi = R^-1 Z, A phase, p = r) or 1 "
+                         f"(xi = Z R^-T, B phase, q = r), got {noise_side!r}")
+    if p * q > 2 ** 32:
+        raise ValueError(f"{_OP}: {p} x {q} output has more than 2^32 elements, the Philox counter's range")
+    if chol is None:
+        return None
+    r = p if noise_side == 0 else q
+    if chol.dim() != 2 or chol.shape[0] != chol.shape[1] or chol.shape[0] != r:
+        what = "rows p" if noise_side == 0 else "columns q"
+        raise ValueError(f"{_OP}: chol must be the (r, r) upper Cholesky factor with r = the gradient's "
+                         f"{what} = {r} for noise_side={noise_side}; got {tuple(chol.shape)}")
+    if r > _config.MAX_GRAM:
+        raise ValueError(f"{_OP} (triton backend): regulated noise keeps all of r in one tile and supports "
+                         f"r <= {_config.MAX_GRAM}; got r = {r}. Use backend='cuda' or 'reference'.")
+    if chol.device != device:
+        raise ValueError(f"{_OP}: chol is on {chol.device} but the gradients are on {device}")
+    R = chol.to(torch.float64)
+    rinv = torch.linalg.solve_triangular(R, torch.eye(r, dtype=torch.float64, device=device), upper=True)
+    # One host sync, r x r: a non-triangular or singular R would silently give the wrong covariance.
+    code = int(((R.tril(-1) != 0).any().to(torch.int64)
+                + 2 * (R.diagonal() <= 0).any().to(torch.int64)
+                + 4 * (~torch.isfinite(rinv)).any().to(torch.int64)).item())
+    if code & 1:
+        raise ValueError(f"{_OP}: chol must be upper triangular (K = R^T R, e.g. from "
+                         "deer.reference.cholesky_upper); it has entries below the diagonal")
+    if code & 6:
+        raise ValueError(f"{_OP}: chol must have a positive, finite diagonal and a finite inverse (K positive "
+                         "definite); K = frozen^T frozen + lambda I needs a ridge lambda > 0 when the frozen "
+                         "factor is rank deficient")
+    return rinv.to(torch.float32)
+
+
+def _finish(partial, splits, p, q, noise_std, expected_batch_size, rinv, noise_side, key, device, config):
+    seed, step, layer, client = key
+    out = torch.empty((p, q), dtype=torch.float32, device=device)
+    if noise_std == 0.0:
+        noise, side = 0, None
+    elif rinv is None:
+        noise, side = 1, None
+    else:
+        noise, side = 2 + noise_side, noise_side
+    fc = _config.noise_tiles(p, q, side, device)
+    n_tiles_q = triton.cdiv(q, fc["BLOCK_Q"])
+    grid = (triton.cdiv(p, fc["BLOCK_P"]) * n_tiles_q,)
+    r_arg = rinv if rinv is not None else partial  # unused pointer unless NOISE is 2 or 3
+    _finish_kernel[grid](
+        partial, out, r_arg, splits, p, q, p * q, float(noise_std), float(expected_batch_size),
+        seed, step, layer, client, *(rinv.stride() if rinv is not None else (0, 0)), n_tiles_q,
+        NOISE=noise, BLOCK_P=fc["BLOCK_P"], BLOCK_Q=fc["BLOCK_Q"],
+        num_warps=fc["num_warps"], num_stages=fc["num_stages"])
+    config["finish"] = dict(fc, grid=grid, noise=("none", "isotropic", "regulated rows", "regulated cols")[noise])
+    return out
+
+
+def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, noise_side,
+                             seed, step, layer, client):
+    """Run reduce + finish. Returns (out (p, q) fp32, config) with both passes' grids and tiles."""
+    if grads.dim() != 3:
+        raise ValueError(f"{_OP}: grads must be (b, p, q) per-sample gradients, got shape {tuple(grads.shape)}")
+    if grads.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        hint = " For float64 use backend='cpu' or 'reference'." if grads.dtype == torch.float64 else ""
+        raise TypeError(f"{_OP} (triton backend): grads have dtype {grads.dtype}; Triton kernels take "
+                        f"float32, bfloat16 or float16.{hint}")
+    _config.check_runnable(grads.device, _OP)
+    b, p, q = grads.shape
+    dev = grads.device
+    key = _check_key(seed, step, layer, client)
+    rinv = _check_common(p, q, clip, b, noise_std, expected_batch_size, chol, noise_side, dev)
+    rc = _config.reduce_tiles(p, q, dev)
+    n_tiles_q = triton.cdiv(q, rc["BLOCK_Q"])
+    n_tiles = triton.cdiv(p, rc["BLOCK_P"]) * n_tiles_q
+    splits, per_split = _config.batch_splits(n_tiles, b, dev)
+    partial = torch.empty((splits, p, q), dtype=torch.float32, device=dev)
+    config = dict(reduce=dict(rc, grid=(n_tiles, splits), samples_per_split=per_split))
+    if p == 0 or q == 0:
+        return torch.zeros((p, q), dtype=torch.float32, device=dev), config
+    if b == 0:
+        partial.zero_()
+    else:
+        _clip_reduce_kernel[(n_tiles, splits)](
+            grads, clip, partial, b, p, q, p * q, per_split, n_tiles_q, *grads.stride(), clip.stride(0),
+            BLOCK_P=rc["BLOCK_P"], BLOCK_Q=rc["BLOCK_Q"], num_warps=rc["num_warps"], num_stages=rc["num_stages"])
+    out = _finish(partial, splits, p, q, float(noise_std), expected_batch_size, rinv, noise_side, key, dev, config)
+    return out, config
+
+
+def clip_reduce_noise_fused_launch(left, right, scale, clip, noise_std, expected_batch_size, chol,
+                                   noise_side, seed, step, layer, client):
+    """Run fused reduce (from the factors) + finish. Returns (out (p, q) fp32, config)."""
+    left, right = check_pair(left, right, _OP + "_fused")
+    dot_dtype, precision, _ = compute_dtype(left, right, _OP + "_fused")
+    b, T, p = left.shape
+    q = right.shape[2]
+    dev = left.device
+    key = _check_key(seed, step, layer, client)
+    rinv = _check_common(p, q, clip, b, noise_std, expected_batch_size, chol, noise_side, dev)
+    gc = _config.grad_tiles(p, q, T, max(left.element_size(), right.element_size()), None, dev)
+    n_tiles_q = triton.cdiv(q, gc["BLOCK_Q"])
+    n_tiles = triton.cdiv(p, gc["BLOCK_P"]) * n_tiles_q
+    splits, per_split = _config.batch_splits(n_tiles, b, dev)
+    partial = torch.empty((splits, p, q), dtype=torch.float32, device=dev)
+    config = dict(reduce=dict(gc, grid=(n_tiles, splits), samples_per_split=per_split, dot_precision=precision))
+    if p == 0 or q == 0:
+        return torch.zeros((p, q), dtype=torch.float32, device=dev), config
+    if b == 0:
+        partial.zero_()
+    else:
+        _clip_reduce_fused_kernel[(n_tiles, splits)](
+            left, right, clip, partial, b, T, p, q, p * q, float(scale), per_split, n_tiles_q,
+            *left.stride(), *right.stride(), clip.stride(0),
+            COMPUTE=dot_dtype, DOT_PRECISION=precision,
+            BLOCK_T=gc["BLOCK_T"], BLOCK_P=gc["BLOCK_P"], BLOCK_Q=gc["BLOCK_Q"],
+            num_warps=gc["num_warps"], num_stages=gc["num_stages"])
+    out = _finish(partial, splits, p, q, float(noise_std), expected_batch_size, rinv, noise_side, key, dev, config)
+    return out, config
+
+
+def clip_reduce_noise(grads: torch.Tensor, clip: torch.Tensor, noise_std: float, expected_batch_size: float,
+                      chol: torch.Tensor | None, noise_side: int, seed: int, step: int, layer: int,
+                      client: int) -> torch.Tensor:
+    """(sum_i clip_i grads_i + noise_std * xi) / expected_batch_size, (p, q) fp32. See the module docstring."""
+    out, _ = clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, noise_side,
+                                      seed, step, layer, client)
+    return out
+
+
+def clip_reduce_noise_fused(left: torch.Tensor, right: torch.Tensor, scale: float, clip: torch.Tensor,
+                            noise_std: float, expected_batch_size: float, chol: torch.Tensor | None,
+                            noise_side: int, seed: int, step: int, layer: int, client: int) -> torch.Tensor:
+    """As clip_reduce_noise with grads_i = scale * left_i^T right_i, never materialised. The same key
+    gives the same noise as the unfused op."""
+    out, _ = clip_reduce_noise_fused_launch(left, right, scale, clip, noise_std, expected_batch_size, chol,
+                                            noise_side, seed, step, layer, client)
+    return out
