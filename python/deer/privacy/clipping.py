@@ -71,6 +71,23 @@ def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bo
     return torch.cat(gs), torch.cat(ns), K
 
 
+def cholesky_upper(K: torch.Tensor) -> torch.Tensor:
+    """R upper-triangular with K = R^T R, for the small r x r Gram K (as deer.reference.cholesky_upper).
+    Computed by LAPACK through numpy in float64 on the host: K is r x r (r <= a few dozen), and this
+    torch build's CPU linalg.cholesky costs ~10-20 ms per call against ~0.1 ms here."""
+    import numpy as np
+    Kd = K.detach().to(device="cpu", dtype=torch.float64)
+    try:
+        L = np.linalg.cholesky(Kd.numpy())
+    except np.linalg.LinAlgError:
+        L = None
+    if L is None or not np.isfinite(L).all():
+        raise ValueError("regulated metric: K = frozen^T frozen + lambda I is not positive definite "
+                         "(the frozen factor is rank deficient, e.g. B = 0 at initialisation, or not finite). "
+                         "Use a ridge lam > 0.")
+    return torch.from_numpy(L.T.copy()).to(device=K.device, dtype=K.dtype)
+
+
 def drop_nonfinite(tensors: Sequence[TensorGrads]) -> torch.Tensor | None:
     """Mask (b,) of samples whose gradient in any trained tensor is NaN/Inf. Those samples' gradients
     and norms are zeroed in place (their clip factor is then forced to 0 by the caller), so a NaN

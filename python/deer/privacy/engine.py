@@ -126,7 +126,8 @@ def _would_exceed(accountant, target_epsilon: float, delta: float, noise_multipl
 
 def _clip_reduce_noise(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer,
                        client, backend):
-    """The fused kernel from deer.ops when it exists, else the PyTorch path in privacy.noise."""
+    """deer.ops.clip_reduce_noise (C++/CUDA/Triton kernels, Philox noise) when it exists, else the
+    PyTorch path in privacy.noise. Looked up at call time: the kernels may land after this module."""
     op = None
     if backend != "reference":
         try:
@@ -136,7 +137,17 @@ def _clip_reduce_noise(grads, clip, noise_std, expected_batch_size, chol, noise_
     if op is None:
         return _noise.clip_reduce_noise_reference(grads, clip, noise_std, expected_batch_size, chol,
                                                   noise_side, seed, step, layer, client)
-    return op(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client)
+    kwargs = {"backend": backend} if backend is not None and _accepts_backend(op) else {}
+    return op(grads, clip, float(noise_std), float(expected_batch_size), chol, noise_side, seed, step, layer,
+              client, **kwargs)
+
+
+def _accepts_backend(fn) -> bool:
+    import inspect
+    try:
+        return "backend" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,7 +266,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         std = e.noise_multiplier * sens
         for t, c in zip(tensors, cs):
             p = t.param
-            chol = ref.cholesky_upper(t.gram) if e.noise == "regulated" else None
+            chol = _clip.cholesky_upper(t.gram) if e.noise == "regulated" else None
             if t.grads is None:   # no samples reached this layer: the release is pure noise
                 shape = (1,) + tuple(p.shape)
                 g0 = torch.zeros(shape, dtype=torch.float32, device=p.device)
