@@ -124,13 +124,17 @@ def noise_tiles(p: int, q: int, noise_side: int | None, device: torch.device) ->
     return dict(BLOCK_P=bp, BLOCK_Q=bq, num_warps=4 if bp * bq <= 4096 else 8, num_stages=1)
 
 
-def batch_splits(n_tiles: int, b: int, device: torch.device) -> tuple[int, int]:
+def batch_splits(n_tiles: int, b: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
     """(splits, samples per split) for a reduction over b samples on n_tiles output tiles: enough
     programs to cover every SM about four times, but each split keeps >= 4 samples so the partial
-    sums (written once, read once by the finishing pass) stay small next to the inputs."""
-    if interpreted(device) or b <= 1:
-        return 1, max(b, 1)
-    target = 4 * sm_count(device)
-    splits = max(1, min(-(-target // max(n_tiles, 1)), max(1, b // 4)))
-    per = -(-b // splits)
-    return -(-b // per), per
+    sums (written once, read once by the finishing pass) stay small next to the inputs.
+    `splits` forces a count (tests use it to run the multi-split path in the interpreter)."""
+    if splits is None:
+        if interpreted(device) or b <= 1:
+            return 1, max(b, 1)
+        target = 4 * sm_count(device)
+        splits = max(1, min(-(-target // max(n_tiles, 1)), max(1, b // 4)))
+    if splits < 1:
+        raise ValueError(f"batch splits must be >= 1, got {splits}")
+    per = -(-max(b, 1) // splits)
+    return -(-max(b, 1) // per), per

@@ -251,8 +251,9 @@ def _finish(partial, splits, p, q, noise_std, expected_batch_size, rinv, noise_s
 
 
 def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, noise_side,
-                             seed, step, layer, client):
-    """Run reduce + finish. Returns (out (p, q) fp32, config) with both passes' grids and tiles."""
+                             seed, step, layer, client, *, splits: int | None = None):
+    """Run reduce + finish. Returns (out (p, q) fp32, config) with both passes' grids and tiles.
+    `splits` forces the number of batch splits (default: _config.batch_splits decides)."""
     if grads.dim() != 3:
         raise ValueError(f"{_OP}: grads must be (b, p, q) per-sample gradients, got shape {tuple(grads.shape)}")
     if grads.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -267,7 +268,7 @@ def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, 
     rc = _config.reduce_tiles(p, q, dev)
     n_tiles_q = triton.cdiv(q, rc["BLOCK_Q"])
     n_tiles = triton.cdiv(p, rc["BLOCK_P"]) * n_tiles_q
-    splits, per_split = _config.batch_splits(n_tiles, b, dev)
+    splits, per_split = _config.batch_splits(n_tiles, b, dev, splits)
     partial = torch.empty((splits, p, q), dtype=torch.float32, device=dev)
     config = dict(reduce=dict(rc, grid=(n_tiles, splits), samples_per_split=per_split))
     if p == 0 or q == 0:
@@ -283,7 +284,7 @@ def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, 
 
 
 def clip_reduce_noise_fused_launch(left, right, scale, clip, noise_std, expected_batch_size, chol,
-                                   noise_side, seed, step, layer, client):
+                                   noise_side, seed, step, layer, client, *, splits: int | None = None):
     """Run fused reduce (from the factors) + finish. Returns (out (p, q) fp32, config)."""
     left, right = check_pair(left, right, _OP + "_fused")
     dot_dtype, precision, _ = compute_dtype(left, right, _OP + "_fused")
@@ -295,7 +296,7 @@ def clip_reduce_noise_fused_launch(left, right, scale, clip, noise_std, expected
     gc = _config.grad_tiles(p, q, T, max(left.element_size(), right.element_size()), None, dev)
     n_tiles_q = triton.cdiv(q, gc["BLOCK_Q"])
     n_tiles = triton.cdiv(p, gc["BLOCK_P"]) * n_tiles_q
-    splits, per_split = _config.batch_splits(n_tiles, b, dev)
+    splits, per_split = _config.batch_splits(n_tiles, b, dev, splits)
     partial = torch.empty((splits, p, q), dtype=torch.float32, device=dev)
     config = dict(reduce=dict(gc, grid=(n_tiles, splits), samples_per_split=per_split, dot_precision=precision))
     if p == 0 or q == 0:

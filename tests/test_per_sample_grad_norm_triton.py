@@ -1,0 +1,160 @@
+"""Triton per_sample_grad_norm against the float64 reference twin (deer.ops.per_sample_grad_norm).
+
+Runs on a GPU, or on the CPU through TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU):
+shapes stay small there, the interpreter runs each program in Python."""
+import os
+
+import pytest
+import torch
+
+
+def _why_not() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "no CUDA device and TRITON_INTERPRET != 1: Triton kernels cannot run here"
+    return None
+
+
+pytestmark = [pytest.mark.triton, pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))]
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def kern():
+    from deer_kernels import per_sample_grad_norm as k
+    return k
+
+
+def _ref(left, right, scale, gram=None, side=1):
+    from deer.ops.per_sample_grad_norm import per_sample_grad_norm_reference
+    return per_sample_grad_norm_reference(left.double().cpu(), right.double().cpu(), scale,
+                                          None if gram is None else gram.double().cpu(), side)
+
+
+def _spd(k, gen):
+    M = torch.randn(k, k + 2, generator=gen, dtype=torch.float64)
+    return M @ M.T / (k + 2) + 0.1 * torch.eye(k, dtype=torch.float64)
+
+
+def _rel(x, ref):
+    return ((x.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def _max_rel(x, ref):
+    return ((x.double().cpu() - ref).abs() / ref.abs()).max().item()
+
+
+# (b, T, p, q, side): side None = Euclidean; 1 = B phase (p = m, q = r, K (r, r)); 0 = A phase (p = r, q = n).
+CASES = [
+    (1, 1, 13, 6, None),
+    (5, 97, 6, 3, None),
+    (5, 1, 9, 4, 1),      # B phase, r = 4, T = 1
+    (1, 97, 1, 7, 0),     # A phase, r = 1
+    (5, 97, 8, 5, 0),     # A phase, r = 8, T = 97
+    (5, 3, 11, 1, 1),     # B phase, r = 1
+    (2, 3, 300, 5, None),  # p > one interpreter tile: several tiles, summed norm shares
+    (2, 2, 300, 8, 1),     # several row tiles with the regulated metric
+]
+
+
+@pytest.mark.parametrize("b,T,p,q,side", CASES)
+def test_fp32_matches_float64_reference(kern, gen, b, T, p, q, side):
+    seed = gen.initial_seed()
+    left = torch.randn(b, T, p, generator=gen).to(DEV)
+    right = torch.randn(b, T, q, generator=gen).to(DEV)
+    gram = None if side is None else _spd(q if side == 1 else p, gen).float().to(DEV)
+    scale = 0.37
+    g, n = kern.per_sample_grad_norm(left, right, scale, gram, 1 if side is None else side)
+    g_ref, n_ref = _ref(left, right, scale, gram, 1 if side is None else side)
+    assert g.dtype == torch.float32 and n.dtype == torch.float32
+    assert g.shape == (b, p, q) and n.shape == (b,)
+    assert torch.isfinite(g).all() and torch.isfinite(n).all(), f"seed {seed}"
+    assert _rel(g, g_ref) <= 1e-5, f"grads rel err {_rel(g, g_ref):.2e} (seed {seed})"
+    assert _max_rel(n, n_ref) <= 1e-5, f"norms rel err {_max_rel(n, n_ref):.2e} (seed {seed})"
+    if side is not None and p * q > 1:
+        # The bound can fail: ignoring K (Euclidean norm) is far outside it.
+        eucl = g_ref.flatten(1).pow(2).sum(1)
+        assert _max_rel(eucl, n_ref) > 1e-3
+
+
+def _torch_lowp(left, right, scale, gram, side):
+    """The same math done by torch in the inputs' dtype (grads and norms rounded to that dtype)."""
+    dt = left.dtype
+    lc, rc = left.cpu(), right.cpu()
+    g = torch.einsum("btp,btq->bpq", lc, rc) * torch.tensor(scale, dtype=dt)
+    if gram is None:
+        n = (g * g).sum((1, 2))
+    elif side == 1:
+        n = ((g @ gram.cpu().to(dt)) * g).sum((1, 2))
+    else:
+        n = ((gram.cpu().to(dt) @ g) * g).sum((1, 2))
+    return g, n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,T,p,q,side", [(5, 97, 6, 3, None), (5, 1, 9, 4, 1), (1, 97, 8, 5, 0)])
+def test_low_precision_within_twice_torch_error(kern, gen, dtype, b, T, p, q, side):
+    seed = gen.initial_seed()
+    left = torch.randn(b, T, p, generator=gen).to(dtype).to(DEV)
+    right = torch.randn(b, T, q, generator=gen).to(dtype).to(DEV)
+    gram = None if side is None else _spd(q if side == 1 else p, gen).float().to(DEV)
+    scale = 0.37
+    g, n = kern.per_sample_grad_norm(left, right, scale, gram, 1 if side is None else side)
+    g_ref, n_ref = _ref(left, right, scale, gram, 1 if side is None else side)  # exact in the rounded inputs
+    g_t, n_t = _torch_lowp(left, right, scale, gram, 1 if side is None else side)
+    eg, en = _rel(g, g_ref), _max_rel(n, n_ref)
+    tg, tn = _rel(g_t, g_ref), _max_rel(n_t, n_ref)
+    assert eg <= 2 * tg + 1e-6, f"{dtype} grads err {eg:.2e} vs torch {tg:.2e} (seed {seed})"
+    assert en <= 2 * tn + 1e-6, f"{dtype} norms err {en:.2e} vs torch {tn:.2e} (seed {seed})"
+
+
+def test_strided_2d_and_mixed_inputs(kern, gen):
+    seed = gen.initial_seed()
+    b, T, p, q = 3, 5, 7, 10
+    left = torch.randn(b, p, T, generator=gen).to(DEV).transpose(1, 2)   # token stride 1, feature stride T
+    right = torch.randn(b, T, 2 * q, generator=gen).to(DEV)[..., ::2]    # feature stride 2
+    g, n = kern.per_sample_grad_norm(left, right, 1.5)
+    g_ref, n_ref = _ref(left, right, 1.5)
+    assert _rel(g, g_ref) <= 1e-5 and _max_rel(n, n_ref) <= 1e-5, f"seed {seed}"
+    # (b, features) inputs are one token per sample; bf16 with fp32 computes in fp32.
+    l2 = torch.randn(4, 9, generator=gen).to(torch.bfloat16).to(DEV)
+    r2 = torch.randn(4, 3, generator=gen).to(DEV)
+    K = _spd(3, gen).to(DEV)  # float64 K is accepted (rounded once to fp32)
+    g, n = kern.per_sample_grad_norm(l2, r2, 0.5, K, 1)
+    g_ref, n_ref = _ref(l2[:, None], r2[:, None], 0.5, K, 1)
+    assert _rel(g, g_ref) <= 1e-5 and _max_rel(n, n_ref) <= 1e-5, f"seed {seed}"
+
+
+def test_launch_config(kern, gen):
+    b, T, p, q = 2, 3, 300, 8
+    K = _spd(q, gen).float().to(DEV)
+    left = torch.randn(b, T, p, generator=gen).to(DEV)
+    right = torch.randn(b, T, q, generator=gen).to(DEV)
+    _, _, cfg = kern.per_sample_grad_norm_launch(left, right, 1.0, K, 1)
+    for k in ("BLOCK_T", "BLOCK_P", "BLOCK_Q"):
+        assert cfg[k] >= 16 and cfg[k] & (cfg[k] - 1) == 0
+    assert cfg["BLOCK_Q"] >= q  # the regulated metric needs all of r in one tile
+    n_tiles = -(-p // cfg["BLOCK_P"]) * -(-q // cfg["BLOCK_Q"])
+    assert cfg["n_tiles"] == n_tiles and cfg["grid"] == (b * n_tiles,)
+
+
+def test_bad_inputs_say_what_is_wrong(kern, gen):
+    L = torch.randn(2, 3, 4, generator=gen).to(DEV)
+    R = torch.randn(2, 3, 5, generator=gen).to(DEV)
+    with pytest.raises(TypeError, match="float64"):
+        kern.per_sample_grad_norm(L.double(), R.double(), 1.0)
+    with pytest.raises(ValueError, match="share"):
+        kern.per_sample_grad_norm(L, R[:, :2], 1.0)
+    with pytest.raises(ValueError, match="b, T, features"):
+        kern.per_sample_grad_norm(L[None], R, 1.0)
+    with pytest.raises(ValueError, match=r"\(q, q\)"):
+        kern.per_sample_grad_norm(L, R, 1.0, torch.eye(4, device=DEV), 1)
+    with pytest.raises(ValueError, match="gram_side"):
+        kern.per_sample_grad_norm(L, R, 1.0, torch.eye(5, device=DEV), 2)
+    big = torch.randn(1, 1, 200, generator=gen).to(DEV)
+    with pytest.raises(ValueError, match="supports up to"):
+        kern.per_sample_grad_norm(big, big, 1.0, torch.eye(200, device=DEV), 1)
