@@ -1,10 +1,19 @@
+// CPU backend of per_sample_grad_norm (math in per_sample_grad_norm.h).
+//
+// Gradients: the register-tiled GEMM of psgn_tile.h, parallel over (sample, long-dimension block)
+// work items, so a batch of 1 still uses every thread. fp16/bf16 inputs are widened to fp32 once
+// (products summed over T tokens lose digits fast in half precision); fp64 stays fp64 (oracle path).
+// Norms: a second pass over g_i, which is L2-resident per sample and p*q elements (tiny next to
+// the T*(p+q) inputs the first pass streams).
 #include "per_sample_grad_norm/per_sample_grad_norm.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <vector>
 
 #include "common.h"
+#include "per_sample_grad_norm/psgn_tile.h"
 
 namespace deer {
 
@@ -20,6 +29,9 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> per_sample_grad_norm_check(
   DEER_CHECK_ARG(left.scalar_type() == right.scalar_type(),
                  "per_sample_grad_norm: left and right must share a dtype, got ", left.scalar_type(),
                  " and ", right.scalar_type());
+  DEER_CHECK_ARG(at::isFloatingType(left.scalar_type()),
+                 "per_sample_grad_norm: inputs must be floating point (fp16, bf16, fp32, fp64), got ",
+                 left.scalar_type());
   DEER_CHECK_ARG(left.device() == right.device(), "per_sample_grad_norm: left and right on different devices");
   const int64_t p = left.size(2), q = right.size(2);
   if (gram.has_value() && gram->defined()) {
@@ -35,78 +47,138 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> per_sample_grad_norm_check(
 
 namespace {
 
-template <typename scalar_t>
-void psgn_cpu_kernel(const scalar_t* L, const scalar_t* R, int64_t b, int64_t T, int64_t p, int64_t q,
-                     double scale, const typename acc_type<scalar_t>::type* K, int64_t gram_side,
-                     typename acc_type<scalar_t>::type* G, typename acc_type<scalar_t>::type* N) {
-  using acc_t = typename acc_type<scalar_t>::type;
+template <typename acc_t>
+void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64_t p, int64_t q, const acc_t* w,
+             acc_t wconst, acc_t* out, int64_t v0, int64_t v1) {
+  if constexpr (std::is_same_v<acc_t, double>)
+    tile::gemm_tn_f64(L, R, nb, T, p, q, w, wconst, out, v0, v1);
+  else
+    tile::gemm_tn_f32(L, R, nb, T, p, q, w, wconst, out, v0, v1);
+}
+
+// Per-sample g_i = scale * L_i^T R_i for all i, written to G (b, p, q).
+template <typename acc_t>
+void per_sample_gemm(const acc_t* L, const acc_t* R, int64_t b, int64_t T, int64_t p, int64_t q,
+                     double scale, acc_t* G) {
+  const int64_t vdim = tile::vector_dim(p, q);
+  const int64_t vb = std::is_same_v<acc_t, double> ? tile::vector_block_f64() : tile::vector_block_f32();
+  // One work item per sample (whole rows stream through the prefetcher); small batches split the
+  // long dimension so that every thread still gets work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = b >= 2 * threads ? 1 : (2 * threads + b - 1) / b;
+  const int64_t blk = std::max<int64_t>(vb, ((vdim + want - 1) / want + vb - 1) / vb * vb);
+  const int64_t nvb = (vdim + blk - 1) / blk;
+  at::parallel_for(0, b * nvb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t i = w / nvb, v0 = (w % nvb) * blk;
+      const int64_t v1 = std::min(vdim, v0 + blk);
+      gemm_tn<acc_t>(L + i * T * p, R + i * T * q, 1, T, p, q, nullptr, static_cast<acc_t>(scale),
+                     G + i * p * q, v0, v1);
+    }
+  });
+}
+
+template <typename acc_t>
+void sq_norms_kernel(const acc_t* G, int64_t b, int64_t p, int64_t q, const acc_t* K, int64_t side, acc_t* N) {
   at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rrow(q), tmp;
+    std::vector<acc_t> kg;
     for (int64_t i = begin; i < end; ++i) {
-      acc_t* g = G + i * p * q;
-      std::fill(g, g + p * q, acc_t(0));
-      const scalar_t* Li = L + i * T * p;
-      const scalar_t* Ri = R + i * T * q;
-      // Rank-1 updates token by token: the inner loop runs over contiguous q and vectorises.
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t c = 0; c < q; ++c) rrow[c] = static_cast<acc_t>(Ri[t * q + c]);
-        for (int64_t a = 0; a < p; ++a) {
-          const acc_t la = static_cast<acc_t>(Li[t * p + a]);
-          acc_t* ga = g + a * q;
-          for (int64_t c = 0; c < q; ++c) ga[c] += la * rrow[c];
-        }
-      }
-      const acc_t s = static_cast<acc_t>(scale);
-      for (int64_t e = 0; e < p * q; ++e) g[e] *= s;
+      const acc_t* g = G + i * p * q;
       acc_t n = 0;
       if (K == nullptr) {
         for (int64_t e = 0; e < p * q; ++e) n += g[e] * g[e];
-      } else if (gram_side == 1) {  // tr(g K g^T) = sum_a g_a^T K g_a over rows a
-        tmp.assign(q, acc_t(0));
+      } else if (side == 1) {  // tr(g K g^T) = sum_a g_a K g_a^T, g_a a row (length q = k)
+        kg.assign(q, acc_t(0));
         for (int64_t a = 0; a < p; ++a) {
           const acc_t* ga = g + a * q;
-          for (int64_t c = 0; c < q; ++c) {
-            acc_t kc = 0;
-            for (int64_t d = 0; d < q; ++d) kc += K[c * q + d] * ga[d];
-            n += ga[c] * kc;
+          std::fill(kg.begin(), kg.end(), acc_t(0));
+          for (int64_t d = 0; d < q; ++d) {  // kg = K g_a^T, column-wise so the inner loop is contiguous
+            const acc_t gd = ga[d];
+            for (int64_t c = 0; c < q; ++c) kg[c] += K[c * q + d] * gd;
           }
+          for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
         }
-      } else {  // tr(g^T K g) = sum_{a,a'} K[a,a'] <g_a, g_a'>
-        for (int64_t a = 0; a < p; ++a)
-          for (int64_t a2 = 0; a2 < p; ++a2) {
-            const acc_t kaa = K[a * p + a2];
-            if (kaa == acc_t(0)) continue;
-            acc_t dot = 0;
-            for (int64_t c = 0; c < q; ++c) dot += g[a * q + c] * g[a2 * q + c];
-            n += kaa * dot;
+      } else {  // tr(g^T K g) = sum_{a,a'} K[a,a'] <g_a, g_a'>, p = k rows
+        kg.assign(q, acc_t(0));
+        for (int64_t a = 0; a < p; ++a) {
+          std::fill(kg.begin(), kg.end(), acc_t(0));
+          for (int64_t a2 = 0; a2 < p; ++a2) {  // kg = sum_a' K[a,a'] g_a'
+            const acc_t k = K[a * p + a2];
+            const acc_t* g2 = g + a2 * q;
+            for (int64_t c = 0; c < q; ++c) kg[c] += k * g2[c];
           }
+          const acc_t* ga = g + a * q;
+          for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
+        }
       }
       N[i] = n;
     }
   });
 }
 
+at::ScalarType acc_dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 }  // namespace
+
+at::Tensor per_sample_sq_norms_cpu(const at::Tensor& g_in, const at::Tensor& K_in, int64_t gram_side) {
+  auto g = g_in.contiguous();
+  const int64_t b = g.size(0), p = g.size(1), q = g.size(2);
+  auto norms = at::empty({b}, g.options());
+  at::Tensor K;
+  if (K_in.defined()) K = K_in.to(g.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "per_sample_sq_norms_cpu", [&] {
+    sq_norms_kernel<scalar_t>(g.data_ptr<scalar_t>(), b, p, q, K.defined() ? K.data_ptr<scalar_t>() : nullptr,
+                              gram_side, norms.data_ptr<scalar_t>());
+  });
+  return norms;
+}
 
 std::tuple<at::Tensor, at::Tensor> per_sample_grad_norm_cpu(
     const at::Tensor& left_in, const at::Tensor& right_in, double scale,
     const c10::optional<at::Tensor>& gram, int64_t gram_side) {
   auto [b, T, p, q] = per_sample_grad_norm_check(left_in, right_in, gram, gram_side);
-  auto left = left_in.contiguous();
-  auto right = right_in.contiguous();
-  const auto acc_dtype = left.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = left.options().dtype(acc_dtype);
-  auto grads = at::empty({b, p, q}, opts);
-  auto norms = at::empty({b}, opts);
+  const auto acc = acc_dtype_of(left_in);
+  auto left = left_in.to(acc).contiguous();
+  auto right = right_in.to(acc).contiguous();
+  auto grads = at::empty({b, p, q}, left.options());
+  if (T == 0) grads.zero_();
+  else if (b > 0 && p > 0 && q > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "per_sample_grad_norm_cpu", [&] {
+      per_sample_gemm<scalar_t>(left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>(), b, T, p, q, scale,
+                                grads.data_ptr<scalar_t>());
+    });
+  }
   at::Tensor K;
-  if (gram.has_value() && gram->defined()) K = gram->to(acc_dtype).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, left.scalar_type(), "per_sample_grad_norm_cpu", [&] {
-    using acc_t = typename acc_type<scalar_t>::type;
-    psgn_cpu_kernel<scalar_t>(left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>(), b, T, p, q, scale,
-                              K.defined() ? K.data_ptr<acc_t>() : nullptr, gram_side,
-                              grads.data_ptr<acc_t>(), norms.data_ptr<acc_t>());
-  });
-  return {grads, norms};
+  if (gram.has_value() && gram->defined()) K = gram->to(acc);
+  return {grads, per_sample_sq_norms_cpu(grads, K, gram_side)};
+}
+
+bool per_sample_grad_norm_ghost_pays(int64_t T, int64_t p, int64_t q) {
+  // Materialise: T p q multiply-adds (+ the norm pass). Ghost: two Gram matrices, T^2 (p + q).
+  return T * (p + q) < p * q;
+}
+
+// Device-generic (ATen ops): registered for CPU and CUDA. The materialise branch calls the device's
+// fused kernel; the ghost branch is batched GEMMs (MKL / cuBLAS) on token Gram matrices.
+at::Tensor per_sample_grad_norm_only(const at::Tensor& left_in, const at::Tensor& right_in, double scale,
+                                     const c10::optional<at::Tensor>& gram, int64_t gram_side, int64_t method) {
+  auto [b, T, p, q] = per_sample_grad_norm_check(left_in, right_in, gram, gram_side);
+  DEER_CHECK_ARG(method >= 0 && method <= 2, "per_sample_grad_norm_only: method must be 0 (auto), 1 "
+                 "(materialise) or 2 (ghost), got ", method);
+  const bool ghost = method == 2 || (method == 0 && per_sample_grad_norm_ghost_pays(T, p, q));
+  if (!ghost) {
+#ifdef DEER_WITH_CUDA
+    if (left_in.is_cuda()) return std::get<1>(per_sample_grad_norm_cuda(left_in, right_in, scale, gram, gram_side));
+#endif
+    return std::get<1>(per_sample_grad_norm_cpu(left_in, right_in, scale, gram, gram_side));
+  }
+  const auto acc = acc_dtype_of(left_in);
+  auto L = left_in.to(acc), R = right_in.to(acc);
+  const bool has_k = gram.has_value() && gram->defined();
+  at::Tensor K = has_k ? gram->to(acc) : at::Tensor();
+  auto LL = has_k && gram_side == 0 ? at::bmm(at::matmul(L, K), L.transpose(1, 2)) : at::bmm(L, L.transpose(1, 2));
+  auto RR = has_k && gram_side == 1 ? at::bmm(at::matmul(R, K), R.transpose(1, 2)) : at::bmm(R, R.transpose(1, 2));
+  return (LL * RR).sum({1, 2}) * (scale * scale);
 }
 
 }  // namespace deer

@@ -31,16 +31,43 @@ def _triton_reason(device_type: str) -> str | None:
     return None
 
 
-def unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None if `backend` can run on tensors of `device_type`, else a sentence saying why not."""
+def _triton_op_reason(op: str) -> str | None:
+    """None if deer_kernels.<op> defines <op>, else why not (the Triton kernels are written per op)."""
+    import importlib
+    try:
+        mod = importlib.import_module(f"deer_kernels.{op}")
+    except ImportError as e:
+        return (f"the Triton kernel deer_kernels/{op}.py cannot be imported ({e}); run from the repository "
+                "root or install deer with its deer_kernels package")
+    if not hasattr(mod, op):
+        return f"deer_kernels/{op}.py does not define {op}()"
+    return None
+
+
+def _compiled_op_reason(op: str) -> str | None:
+    import torch
+    if not hasattr(torch.ops.deer, op):
+        return (f"this build of deer._C does not register torch.ops.deer.{op} (it predates the op); rebuild "
+                "with `python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
+    return None
+
+
+def unavailable_reason(backend: str, device_type: str, op: str | None = None) -> str | None:
+    """None if `backend` can run on tensors of `device_type` (and, given `op`, has that op), else a
+    sentence saying why not."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {BACKENDS}"
     if backend == "reference":
         return None
     if backend == "triton":
-        return _triton_reason(device_type)
+        return _triton_reason(device_type) or (_triton_op_reason(op) if op else None)
     if not _ext.available():
         return _ext.BUILD_HINT
+    if op is not None:
+        _ext.load()  # registers torch.ops.deer.*
+        why = _compiled_op_reason(op)
+        if why:
+            return why
     if backend == "cpu":
         return None if device_type == "cpu" else f"the 'cpu' backend needs CPU tensors, got {device_type}"
     # cuda
@@ -50,24 +77,33 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     return None if device_type == "cuda" else f"the 'cuda' backend needs CUDA tensors, got {device_type}"
 
 
-def resolve_backend(device, backend: str | None = None) -> str:
-    """The backend an op will use for tensors on `device`."""
+def resolve_backend(device, backend: str | None = None, op: str | None = None) -> str:
+    """The backend `op` will use for tensors on `device` (raises BackendUnavailable, saying why, when
+    the requested backend cannot run)."""
     device_type = device.type if hasattr(device, "type") else str(device).split(":")[0]
     choice = backend or os.environ.get("DEER_BACKEND") or "auto"
     if choice == "auto":
         order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
         for b in order:
-            if unavailable_reason(b, device_type) is None:
+            if unavailable_reason(b, device_type, op) is None:
                 return b
         return "reference"
-    why = unavailable_reason(choice, device_type)
+    why = unavailable_reason(choice, device_type, op)
     if why is not None:
-        raise BackendUnavailable(f"deer backend {choice!r} cannot run here: {why}")
+        src = "backend= argument" if backend else "DEER_BACKEND environment variable"
+        what = f" for {op}" if op else ""
+        raise BackendUnavailable(f"deer backend {choice!r} (from the {src}) cannot run{what} on {device_type} "
+                                 f"tensors: {why}")
     return choice
 
 
-def available_backends(device_type: str = "cpu") -> list[str]:
-    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+def available_backends(device_type: str = "cpu", op: str | None = None) -> list[str]:
+    return [b for b in BACKENDS if unavailable_reason(b, device_type, op) is None]
 
 
-from .per_sample_grad_norm import per_sample_grad_norm, per_sample_grad_norm_reference  # noqa: E402,F401
+from .per_sample_grad_norm import (  # noqa: E402,F401
+    per_sample_grad_norm, per_sample_grad_norm_only, per_sample_grad_norm_reference,
+    per_sample_grad_norm_only_reference)
+from .clip_reduce_noise import (  # noqa: E402,F401
+    clip_reduce_noise, clip_reduce_noise_fused, clip_reduce_noise_reference, clip_reduce_noise_fused_reference,
+    philox_normal_reference)

@@ -5,6 +5,12 @@
     n_i = tr(g_i K g_i^T)              gram_side = 1, K: (q, q)   (B phase: L = G, R = U = X A^T)
     n_i = tr(g_i^T K g_i)              gram_side = 0, K: (p, p)   (A phase: L = V = G B, R = X)
 2-D inputs (b, features) are treated as T = 1. Outputs are fp32 (fp64 for fp64 inputs).
+
+per_sample_grad_norm_only returns the squared norms alone. method 'auto' picks by cost between
+'materialise' (form g_i in cache, reduce, discard) and 'ghost' (never form g_i):
+    ||g_i||^2 = s^2 <L_i L_i^T, R_i R_i^T>,  tr(g K g^T) = s^2 <L L^T, R K R^T>,  tr(g^T K g) = s^2 <L K L^T, R R^T>
+Ghost costs ~T^2 (p + q) against ~T p q, so it pays when T (p + q) < p q: short sequences only, for
+LoRA shapes (one of p, q is the rank).
 """
 from __future__ import annotations
 
@@ -41,10 +47,53 @@ def per_sample_grad_norm(left: torch.Tensor, right: torch.Tensor, scale: float,
     if gram_side not in (0, 1):
         raise ValueError(f"per_sample_grad_norm: gram_side must be 0 (K acts on rows) or 1 (columns), got {gram_side}")
     left, right = _tokens(left, "left"), _tokens(right, "right")
-    b = resolve_backend(left.device, backend)
+    b = resolve_backend(left.device, backend, op="per_sample_grad_norm")
     if b == "reference":
         return per_sample_grad_norm_reference(left, right, scale, gram, gram_side)
     if b == "triton":
         from deer_kernels.per_sample_grad_norm import per_sample_grad_norm as triton_op
         return triton_op(left, right, scale, gram, gram_side)
     return torch.ops.deer.per_sample_grad_norm(left, right, float(scale), gram, int(gram_side))
+
+
+_NORM_METHODS = {"auto": 0, "materialise": 1, "ghost": 2}
+
+
+def ghost_pays(T: int, p: int, q: int) -> bool:
+    """The cost rule of method='auto': ghost norms are cheaper when T (p + q) < p q."""
+    return T * (p + q) < p * q
+
+
+def per_sample_grad_norm_only_reference(left, right, scale, gram=None, gram_side=1, method="auto"):
+    """Ghost-norm formula in PyTorch ops (method 'ghost'), or the materialised reference otherwise."""
+    left, right = _tokens(left, "left"), _tokens(right, "right")
+    if method == "auto":
+        method = "ghost" if ghost_pays(left.shape[1], left.shape[2], right.shape[2]) else "materialise"
+    if method != "ghost":
+        return per_sample_grad_norm_reference(left, right, scale, gram, gram_side)[1]
+    acc = torch.float64 if left.dtype == torch.float64 else torch.float32
+    L, R = left.to(acc), right.to(acc)
+    LL = (L @ gram.to(acc) if gram is not None and gram_side == 0 else L) @ L.mT
+    RR = (R @ gram.to(acc) if gram is not None and gram_side == 1 else R) @ R.mT
+    return (LL * RR).sum((1, 2)) * (scale * scale)
+
+
+def per_sample_grad_norm_only(left: torch.Tensor, right: torch.Tensor, scale: float,
+                              gram: torch.Tensor | None = None, gram_side: int = 1, method: str = "auto",
+                              backend: str | None = None) -> torch.Tensor:
+    """Per-sample squared norms (b,) of g_i = scale * L_i^T R_i without returning g (see module doc)."""
+    if gram_side not in (0, 1):
+        raise ValueError(f"per_sample_grad_norm_only: gram_side must be 0 or 1, got {gram_side}")
+    if method not in _NORM_METHODS:
+        raise ValueError(f"per_sample_grad_norm_only: method must be one of {tuple(_NORM_METHODS)}, got {method!r}")
+    left, right = _tokens(left, "left"), _tokens(right, "right")
+    b = resolve_backend(left.device, backend, op="per_sample_grad_norm")
+    if b == "reference":
+        return per_sample_grad_norm_only_reference(left, right, scale, gram, gram_side, method)
+    if b == "triton":
+        if method == "ghost":
+            return per_sample_grad_norm_only_reference(left, right, scale, gram, gram_side, "ghost")
+        from deer_kernels.per_sample_grad_norm import per_sample_grad_norm as triton_op
+        return triton_op(left, right, scale, gram, gram_side)[1]
+    return torch.ops.deer.per_sample_grad_norm_only(left, right, float(scale), gram, int(gram_side),
+                                                    _NORM_METHODS[method])

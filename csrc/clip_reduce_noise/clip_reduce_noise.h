@@ -1,0 +1,44 @@
+// clip_reduce_noise: the clipped, noised mean gradient of one trained LoRA factor.
+//
+//   out = (sum_i clip_i * g_i + noise_std * xi) / expected_batch_size        g: (b, p, q), out: (p, q)
+//   xi = Z                    chol undefined (isotropic noise)
+//   xi = R^{-1} Z             chol = R (r x r, upper, K = R^T R), noise_side = 0, p = r (A phase)
+//   xi = Z R^{-T}             noise_side = 1, q = r (B phase)
+// Z ~ N(0, I) (p x q) from Philox4x32-10 keyed by (seed, step, layer, client) (see philox.h for the
+// counter layout). Regulated xi has covariance K^{-1} per column (side 0) or per row (side 1).
+// noise_std = 0 skips the noise entirely: the output is exactly the clipped sum / expected_batch_size.
+// Only the upper triangle of chol is read.
+//
+// clip_reduce_noise_fused: same output with g_i = scale * L_i^T R_i never materialised:
+//   sum_i clip_i g_i = scale * sum_i clip_i L_i^T R_i, one weighted GEMM over all b*T tokens.
+// Output dtype: fp32 (fp64 when the gradients / factors are fp64).
+#pragma once
+#include <torch/types.h>
+
+namespace deer {
+
+at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads, const at::Tensor& clip, double noise_std,
+                                 double expected_batch_size, const c10::optional<at::Tensor>& chol,
+                                 int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client);
+at::Tensor clip_reduce_noise_fused_cpu(const at::Tensor& left, const at::Tensor& right, double scale,
+                                       const at::Tensor& clip, double noise_std, double expected_batch_size,
+                                       const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,
+                                       int64_t step, int64_t layer, int64_t client);
+
+#ifdef DEER_WITH_CUDA
+at::Tensor clip_reduce_noise_cuda(const at::Tensor& grads, const at::Tensor& clip, double noise_std,
+                                  double expected_batch_size, const c10::optional<at::Tensor>& chol,
+                                  int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client);
+at::Tensor clip_reduce_noise_fused_cuda(const at::Tensor& left, const at::Tensor& right, double scale,
+                                        const at::Tensor& clip, double noise_std, double expected_batch_size,
+                                        const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,
+                                        int64_t step, int64_t layer, int64_t client);
+#endif
+
+// Shared validation of (p, q, clip, noise arguments); `what` names the op in messages.
+void clip_reduce_noise_check(const char* what, int64_t b, int64_t p, int64_t q, const at::Tensor& clip,
+                             const at::Device& device, double noise_std, double expected_batch_size,
+                             const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t step,
+                             int64_t layer, int64_t client);
+
+}  // namespace deer

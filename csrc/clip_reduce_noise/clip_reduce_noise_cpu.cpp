@@ -1,0 +1,214 @@
+// CPU backend of clip_reduce_noise and clip_reduce_noise_fused (math in clip_reduce_noise.h).
+//
+// Clipped sum: parallel over chunks of the p*q output; each chunk walks the b samples with a
+// contiguous, vectorised axpy (fp32 accumulation for fp16/bf16/fp32 gradients, fp64 for fp64).
+// Fused: the weighted register-tiled GEMM of psgn_tile.h over all b*T tokens, clip_i * scale riding
+// on the broadcast operand, parallel over blocks of the long dimension.
+// Noise: Z from philox.h in double, the triangular solve in double (K may be ill-conditioned:
+// lambda is often small), added once at the end.
+#include "clip_reduce_noise/clip_reduce_noise.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <limits>
+#include <vector>
+
+#include "clip_reduce_noise/philox.h"
+#include "common.h"
+#include "per_sample_grad_norm/psgn_tile.h"
+
+namespace deer {
+
+void clip_reduce_noise_check(const char* what, int64_t b, int64_t p, int64_t q, const at::Tensor& clip,
+                             const at::Device& device, double noise_std, double expected_batch_size,
+                             const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t step,
+                             int64_t layer, int64_t client) {
+  DEER_CHECK_ARG(clip.dim() == 1 && clip.size(0) == b, what, ": clip must be (b,) = (", b,
+                 ",) with one clipping factor per sample, got ", clip.sizes());
+  DEER_CHECK_ARG(at::isFloatingType(clip.scalar_type()), what, ": clip must be floating point, got ", clip.scalar_type());
+  DEER_CHECK_ARG(clip.device() == device, what, ": clip is on ", clip.device(), " but the gradients are on ", device);
+  DEER_CHECK_ARG(noise_std >= 0 && std::isfinite(noise_std), what, ": noise_std must be finite and >= 0, got ", noise_std);
+  DEER_CHECK_ARG(expected_batch_size > 0 && std::isfinite(expected_batch_size), what,
+                 ": expected_batch_size must be > 0, got ", expected_batch_size);
+  constexpr int64_t u32 = int64_t(1) << 32;
+  DEER_CHECK_ARG(step >= 0 && step < u32 && layer >= 0 && layer < u32 && client >= 0 && client < u32, what,
+                 ": step, layer and client must lie in [0, 2^32) (they are 32-bit Philox counter words), got step=",
+                 step, " layer=", layer, " client=", client);
+  DEER_CHECK_ARG(p * q <= (int64_t(1) << 33), what, ": p*q = ", p * q,
+                 " exceeds 2^33 noise elements, the size of one Philox stream");
+  if (chol.has_value() && chol->defined()) {
+    DEER_CHECK_ARG(noise_side == 0 || noise_side == 1, what, ": noise_side must be 0 (xi = R^{-1} Z, A phase, "
+                   "K acts on the p rows) or 1 (xi = Z R^{-T}, B phase, K acts on the q columns), got ", noise_side);
+    const int64_t r = noise_side == 0 ? p : q;
+    DEER_CHECK_ARG(chol->dim() == 2 && chol->size(0) == r && chol->size(1) == r, what, ": chol must be the (", r, ", ",
+                   r, ") upper Cholesky factor R of K = R^T R for noise_side=", noise_side, " and gradients (", p,
+                   ", ", q, "), got ", chol->sizes());
+    DEER_CHECK_ARG(chol->device() == device, what, ": chol is on ", chol->device(), " but the gradients are on ", device);
+    DEER_CHECK_ARG(at::isFloatingType(chol->scalar_type()), what, ": chol must be floating point");
+  }
+}
+
+namespace {
+
+// out (p, q) already holds the clipped sum; add noise_std * xi and divide by the expected batch size.
+template <typename out_t>
+void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, double ebs,
+                         const double* R, int64_t side, uint64_t seed, int64_t step, int64_t layer, int64_t client) {
+  const int64_t P = p * q;
+  const double inv = 1.0 / ebs;
+  if (noise_std == 0.0) {
+    at::parallel_for(0, P, 4096, [&](int64_t b0, int64_t b1) {
+      for (int64_t e = b0; e < b1; ++e) out[e] = static_cast<out_t>(out[e] * inv);
+    });
+    return;
+  }
+  const auto key = philox::make_key(seed, static_cast<uint32_t>(step), static_cast<uint32_t>(layer),
+                                    static_cast<uint32_t>(client));
+  if (R == nullptr) {  // isotropic: each pair of elements from one Philox call
+    const int64_t npairs = (P + 1) / 2;
+    at::parallel_for(0, npairs, 1024, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        double z0, z1;
+        philox::normal_pair(key, static_cast<uint32_t>(j), &z0, &z1);
+        out[2 * j] = static_cast<out_t>((out[2 * j] + noise_std * z0) * inv);
+        if (2 * j + 1 < P) out[2 * j + 1] = static_cast<out_t>((out[2 * j + 1] + noise_std * z1) * inv);
+      }
+    });
+    return;
+  }
+  if (side == 0) {
+    // xi = R^{-1} Z: back substitution on whole rows, xi_a = (Z_a - sum_{k>a} R[a,k] xi_k) / R[a,a].
+    // Parallel over column blocks; each block keeps its (p x width) slice of xi in double.
+    at::parallel_for(0, q, 256, [&](int64_t c0, int64_t c1) {
+      const int64_t w = c1 - c0;
+      std::vector<double> xi(p * w);
+      for (int64_t a = p - 1; a >= 0; --a) {
+        double* xa = xi.data() + a * w;
+        for (int64_t c = 0; c < w; ++c) xa[c] = philox::normal_at(key, static_cast<uint64_t>(a * q + c0 + c));
+        for (int64_t k = a + 1; k < p; ++k) {
+          const double rak = R[a * p + k];
+          const double* xk = xi.data() + k * w;
+          for (int64_t c = 0; c < w; ++c) xa[c] -= rak * xk[c];
+        }
+        const double d = 1.0 / R[a * p + a];
+        for (int64_t c = 0; c < w; ++c) {
+          xa[c] *= d;
+          out_t& o = out[a * q + c0 + c];
+          o = static_cast<out_t>((o + noise_std * xa[c]) * inv);
+        }
+      }
+    });
+  } else {
+    // xi = Z R^{-T}  <=>  R xi_a^T = Z_a^T for every row a: back substitution along the row (q = r).
+    at::parallel_for(0, p, 16, [&](int64_t a0, int64_t a1) {
+      std::vector<double> x(q);
+      for (int64_t a = a0; a < a1; ++a) {
+        for (int64_t c = q - 1; c >= 0; --c) {
+          double s = philox::normal_at(key, static_cast<uint64_t>(a * q + c));
+          for (int64_t k = c + 1; k < q; ++k) s -= R[c * q + k] * x[k];
+          x[c] = s / R[c * q + c];
+        }
+        for (int64_t c = 0; c < q; ++c) {
+          out_t& o = out[a * q + c];
+          o = static_cast<out_t>((o + noise_std * x[c]) * inv);
+        }
+      }
+    });
+  }
+}
+
+at::Tensor chol_as_double(const c10::optional<at::Tensor>& chol) {
+  if (!(chol.has_value() && chol->defined())) return at::Tensor();
+  auto R = chol->to(at::kDouble).contiguous();
+  auto d = R.diagonal();
+  DEER_CHECK_ARG(d.gt(0).all().item<bool>() && R.triu().isfinite().all().item<bool>(),
+                 "clip_reduce_noise: chol must be the upper Cholesky factor of a positive definite K (finite, "
+                 "positive diagonal); got diagonal ", d, ". Use a ridge lambda > 0 when the frozen factor is "
+                 "rank deficient (B = 0 at initialisation).");
+  return R;
+}
+
+}  // namespace
+
+at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads_in, const at::Tensor& clip_in, double noise_std,
+                                 double expected_batch_size, const c10::optional<at::Tensor>& chol,
+                                 int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client) {
+  DEER_CHECK_ARG(grads_in.dim() == 3, "clip_reduce_noise: grads must be (b, p, q) per-sample gradients, got ",
+                 grads_in.sizes());
+  DEER_CHECK_ARG(at::isFloatingType(grads_in.scalar_type()), "clip_reduce_noise: grads must be floating point, got ",
+                 grads_in.scalar_type());
+  const int64_t b = grads_in.size(0), p = grads_in.size(1), q = grads_in.size(2);
+  clip_reduce_noise_check("clip_reduce_noise", b, p, q, clip_in, grads_in.device(), noise_std, expected_batch_size,
+                          chol, noise_side, step, layer, client);
+  auto grads = grads_in.contiguous();
+  const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::zeros({p, q}, grads.options().dtype(acc));
+  auto clip = clip_in.to(acc).contiguous();
+  auto R = chol_as_double(chol);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "clip_reduce_noise_cpu", [&] {
+    using acc_t = typename acc_type<scalar_t>::type;
+    const scalar_t* g = grads.data_ptr<scalar_t>();
+    const acc_t* c = clip.data_ptr<acc_t>();
+    acc_t* o = out.data_ptr<acc_t>();
+    const int64_t P = p * q;
+    at::parallel_for(0, P, 2048, [&](int64_t e0, int64_t e1) {
+      for (int64_t i = 0; i < b; ++i) {
+        const acc_t ci = c[i];
+        const scalar_t* gi = g + i * P;
+        for (int64_t e = e0; e < e1; ++e) o[e] += ci * static_cast<acc_t>(gi[e]);
+      }
+    });
+    add_noise_and_scale<acc_t>(o, p, q, noise_std, expected_batch_size, R.defined() ? R.data_ptr<double>() : nullptr,
+                               noise_side, static_cast<uint64_t>(seed), step, layer, client);
+  });
+  return out;
+}
+
+at::Tensor clip_reduce_noise_fused_cpu(const at::Tensor& left_in, const at::Tensor& right_in, double scale,
+                                       const at::Tensor& clip_in, double noise_std, double expected_batch_size,
+                                       const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,
+                                       int64_t step, int64_t layer, int64_t client) {
+  DEER_CHECK_ARG(left_in.dim() == 3 && right_in.dim() == 3 && left_in.size(0) == right_in.size(0) &&
+                     left_in.size(1) == right_in.size(1),
+                 "clip_reduce_noise_fused: expects left (b, T, p) and right (b, T, q) sharing b and T; got ",
+                 left_in.sizes(), " and ", right_in.sizes());
+  DEER_CHECK_ARG(left_in.scalar_type() == right_in.scalar_type() && at::isFloatingType(left_in.scalar_type()),
+                 "clip_reduce_noise_fused: left and right must share a floating dtype, got ", left_in.scalar_type(),
+                 " and ", right_in.scalar_type());
+  DEER_CHECK_ARG(left_in.device() == right_in.device(), "clip_reduce_noise_fused: left and right on different devices");
+  const int64_t b = left_in.size(0), T = left_in.size(1), p = left_in.size(2), q = right_in.size(2);
+  clip_reduce_noise_check("clip_reduce_noise_fused", b, p, q, clip_in, left_in.device(), noise_std,
+                          expected_batch_size, chol, noise_side, step, layer, client);
+  const auto acc = left_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto L = left_in.to(acc).contiguous();
+  auto Rt = right_in.to(acc).contiguous();
+  auto clip = clip_in.to(acc).contiguous();
+  auto out = at::zeros({p, q}, L.options());
+  auto R = chol_as_double(chol);
+  AT_DISPATCH_FLOATING_TYPES(acc, "clip_reduce_noise_fused_cpu", [&] {
+    const int64_t vdim = tile::vector_dim(p, q);
+    const int64_t vb = std::is_same_v<scalar_t, double> ? tile::vector_block_f64() : tile::vector_block_f32();
+    // One contiguous long-dim range per thread: every thread streams its share of every row.
+    const int64_t threads = at::get_num_threads();
+    const int64_t blk = std::max<int64_t>(vb, ((vdim + threads - 1) / threads + vb - 1) / vb * vb);
+    const int64_t nvb = (vdim + blk - 1) / blk;
+    if (b > 0 && T > 0 && p > 0 && q > 0) {
+      at::parallel_for(0, nvb, 1, [&](int64_t w0, int64_t w1) {
+        const int64_t v0 = w0 * blk, v1 = std::min(vdim, w1 * blk);
+        if constexpr (std::is_same_v<scalar_t, double>)
+          tile::gemm_tn_f64(L.data_ptr<double>(), Rt.data_ptr<double>(), b, T, p, q, clip.data_ptr<double>(), scale,
+                            out.data_ptr<double>(), v0, v1);
+        else
+          tile::gemm_tn_f32(L.data_ptr<float>(), Rt.data_ptr<float>(), b, T, p, q, clip.data_ptr<float>(),
+                            static_cast<float>(scale), out.data_ptr<float>(), v0, v1);
+      });
+    }
+    add_noise_and_scale<scalar_t>(out.data_ptr<scalar_t>(), p, q, noise_std, expected_batch_size,
+                                  R.defined() ? R.data_ptr<double>() : nullptr, noise_side,
+                                  static_cast<uint64_t>(seed), step, layer, client);
+  });
+  return out;
+}
+
+}  // namespace deer
