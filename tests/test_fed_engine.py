@@ -1,0 +1,132 @@
+"""In-process federated engine: deviation (acceptance 1), faults and resume (acceptance 3)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from deer.fed import FedConfig, prepare_job, run_method
+from deer.fed.accounting import ReleaseJournal, epsilon
+
+
+def tiny_cfg(seed, **kw):
+    base = dict(rounds=2, dataset="digits", image_size=8, num_clients=3, clients_per_round=3, partition="iid",
+                public_fraction=0.2, public_classes=None, pretrain_epochs=1, local_steps=3, batch_size=16,
+                lr=0.1, lora_r=2, lora_alpha=4.0, seed=seed, progress=False, privacy="none",
+                model_kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2,
+                              "mlp_ratio": 2.0})
+    base.update(kw)
+    return FedConfig(**base).validate()
+
+
+def _products(state):
+    return {n: d["B"].double() @ d["A"].double() for n, d in state.items()}
+
+
+def _deviation(info):
+    """max over layers of ||B_agg A_agg - sum_k w_k B_k A_k|| / ||sum_k w_k B_k A_k||."""
+    w = torch.tensor(info["weights"], dtype=torch.float64)
+    w = w / w.sum()
+    agg = _products(info["after"])
+    per_client = [_products(c) for c in info["clients"]]
+    worst = 0.0
+    for n in agg:
+        target = sum(wk * pc[n] for wk, pc in zip(w, per_client))
+        worst = max(worst, float((agg[n] - target).norm() / target.norm().clamp(min=1e-30)))
+    return worst
+
+
+@pytest.mark.parametrize("privacy", ["none", "sample"])
+def test_deviation_deer_exact_fedavg_not(gen, privacy):
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, privacy=privacy, noise_multiplier=0.7 if privacy == "sample" else None)
+    job = prepare_job(cfg, log=lambda *a: None)
+    devs = {"deer": [], "fedavg": []}
+    for m in devs:
+        run_method(job, m, log=lambda *a: None, on_aggregate=lambda info, m=m: devs[m].append((info["phase"], _deviation(info))))
+    assert [p for p, _ in devs["deer"]] == ["B", "A"] * cfg.rounds
+    assert len(devs["fedavg"]) == cfg.rounds
+    # DEeR: exact up to fp32 rounding of the stored factors, in every sub-round
+    assert max(d for _, d in devs["deer"]) < 1e-5, (seed, devs["deer"])
+    # FedAvg-LoRA: mean(B_k) mean(A_k) misses mean(B_k A_k) by far more than rounding, every round
+    assert min(d for _, d in devs["fedavg"]) > 1e-3, (seed, devs["fedavg"])
+
+
+def test_faults_raise_nan_timeout_and_min_clients(gen):
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, rounds=2, privacy="client", noise_multiplier=1.0, client_timeout_s=1.0, min_clients=2,
+                   num_clients=4, clients_per_round=4)
+    job = prepare_job(cfg, log=lambda *a: None)
+
+    def hook(cid, rnd, phase, step, model):
+        if rnd == 0 and phase == "B" and cid == 1 and step == 1:
+            raise RuntimeError("disk on fire")
+        if rnd == 0 and phase == "A" and cid == 2 and step == 2:
+            with torch.no_grad():
+                next(m for m in model.modules() if hasattr(m, "lora_A")).lora_A[0, 0] = float("nan")
+        if rnd == 1 and phase == "B" and cid == 3 and step == 0:
+            time.sleep(1.2)
+        if rnd == 1 and phase == "A" and cid != 0 and step == 0:
+            raise ValueError("network down")     # 3 of 4 fail: only 1 valid < min_clients=2
+
+    logs, aggs = [], []
+    res = run_method(job, "deer", log=logs.append, client_hook=hook, on_aggregate=aggs.append)
+    text = "\n".join(logs)
+    assert "client 1 left out: RuntimeError: disk on fire" in text
+    assert "client 2 left out: non-finite" in text
+    assert "client 3 left out: ClientTimeout" in text
+    assert "round 2 A: skipped, 1 valid client updates < min_clients=2" in text
+    assert [(a["round"], a["phase"], a["ids"]) for a in aggs] == [
+        (0, "B", [0, 2, 3]), (0, "A", [0, 1, 3]), (1, "B", [0, 1, 2])]
+    assert res["skipped"] == [{"round": 1, "phase": "A", "valid": 1}]
+    # the skipped sub-round released nothing: 3 server releases, and epsilon is theirs exactly
+    assert res["releases"] == 3
+    assert res["epsilon"] == pytest.approx(epsilon([(1.0, 1.0, 3)], cfg.delta), rel=1e-9)
+    # the run finished: both rounds evaluated, all numbers finite
+    assert len(res["history"]) == 2 and all(torch.isfinite(t).all() for d in res["adapters"].values() for t in d.values())
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, json
+    from deer.fed import FedConfig, prepare_job, run_method
+    cfg = FedConfig(**json.loads(sys.argv[1])).validate()
+    run_dir = sys.argv[2]
+    job = prepare_job(cfg, log=lambda *a: None, backbone_path=os.path.join(run_dir, "backbone.safetensors"))
+    def hook(cid, rnd, phase, step, model):
+        if rnd == 1 and phase == "A" and cid == 1 and step == 1:
+            os.kill(os.getpid(), signal.SIGKILL)      # killed mid-round, after round 2's B release
+    run_method(job, "deer", os.path.join(run_dir, "deer"), log=print, client_hook=hook)
+""")
+
+
+def test_kill_mid_round_and_resume(tmp_path, gen):
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, rounds=3, privacy="client", noise_multiplier=1.3)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    p = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg.to_dict()), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
+    journal = ReleaseJournal(str(tmp_path / "deer" / "releases.jsonl"))
+    assert [(e["round"], e["phase"]) for e in journal.entries] == [(0, "B"), (0, "A"), (1, "B")]
+
+    job = prepare_job(cfg, log=lambda *a: None, backbone_path=str(tmp_path / "backbone.safetensors"))
+    logs = []
+    res = run_method(job, "deer", str(tmp_path / "deer"), log=logs.append)
+    assert any("resuming after round 1" in l for l in logs), logs
+    # every release counts: 3 rounds x 2 sub-rounds + round 2's B released before the kill
+    assert res["releases"] == 7
+    assert res["epsilon"] == pytest.approx(epsilon([(1.3, 1.0, 7)], cfg.delta), rel=1e-9)
+    assert res["epsilon"] > epsilon([(1.3, 1.0, 6)], cfg.delta)
+    assert [h["round"] for h in res["history"]] == [1, 2, 3]
+    # keyed random streams: the resumed run ends where an uninterrupted one does
+    ref = run_method(job, "deer", None, log=lambda *a: None)
+    for n, d in ref["adapters"].items():
+        for f in "AB":
+            torch.testing.assert_close(res["adapters"][n][f], d[f], rtol=1e-5, atol=1e-6)
+    assert ref["epsilon"] < res["epsilon"]
+    # run directory contents
+    assert {"adapter.safetensors", "metrics.json", "releases.jsonl", "state.pt"} <= set(os.listdir(tmp_path / "deer"))
