@@ -188,3 +188,13 @@ def test_prv_heterogeneous_history_agrees_with_pld(gen):
     rdp = _deer(hist, "rdp").get_epsilon(1e-5)
     assert abs(prv - pld) <= PRV_PLD_TOL, f"seed {gen.initial_seed()}: {hist}"
     assert prv < rdp and pld < rdp
+
+
+def test_crosscheck_tolerance_catches_a_slightly_wrong_accountant():
+    """Negative control: an accountant off by 1 % in sigma (or charging one step too few) must fail the
+    integer-order comparison, so the 1e-8 tolerance above is a real check."""
+    q, s, n, d = 0.01, 1.1, 1000, 1e-5
+    theirs = _dpa_rdp_eps([(s, q, n)], d, INT_ORDERS)
+    for wrong in ([(s * 1.01, q, n)], [(s, q, n - 1)]):
+        mine = _deer_eps_at_orders(_deer(wrong, "rdp"), d, INT_ORDERS)
+        assert mine != pytest.approx(theirs, rel=1e-8)

@@ -237,3 +237,34 @@ def test_cli_writes_json(tmp_path, gen):
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
         run_audit(**bad)
+
+
+# --------------------------------------------------------------------------------------------
+# The federated server's client-level aggregation, audited through the same step_fn contract
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fed_server_aggregation_honest(gen, mode):
+    pytest.importorskip("deer.fed.aggregate")
+    from deer.audit import fed_aggregate_step
+    res = run_audit(mode=mode, level="client", phase="A", noise_multiplier=1.0, accountant="prv",
+                    step_fn=fed_aggregate_step, seed=_seed(gen))
+    msg = f"seed {_seed(gen)}: {res}"
+    assert 0.5 < res.epsilon_lower < res.epsilon_claimed, msg
+    expected_charge = 0.5 if mode == "regulated-paper" else 1.0   # sigma / sigma_max(frozen) = 1 / 2
+    assert res.noise_multiplier_charged == pytest.approx(expected_charge)
+
+
+def test_fed_server_aggregation_planted_bugs(gen):
+    pytest.importorskip("deer.fed.aggregate")
+    from deer.audit import fed_aggregate_step
+
+    def same_noise_every_round(**kw):
+        return fed_aggregate_step(**{**kw, "generator": torch.Generator().manual_seed(4321)})
+
+    bug = run_audit(mode="regulated-metric", level="client", noise_multiplier=3.0, sample_rate=0.5, steps=4,
+                    step_fn=same_noise_every_round, seed=_seed(gen))
+    assert bug.epsilon_lower > bug.epsilon_claimed, f"seed {_seed(gen)}: {bug}"
+    paper = run_audit(mode="regulated-paper", level="client", noise_multiplier=4.0, frozen_sigma_max=8.0,
+                      step_fn=fed_aggregate_step, seed=_seed(gen))
+    assert paper.epsilon_nominal < paper.epsilon_lower < paper.epsilon_claimed, f"seed {_seed(gen)}: {paper}"

@@ -37,6 +37,8 @@ called with keyword arguments layers, phase, max_grad_norm, noise_multiplier, ex
 metric, noise, lam, generator (exactly deer.reference.dp_step's), it returns an object with
 `.grads[0][factor]`, the noisy mean gradient (clipped sum + noise) / expected_batch_size, and
 `.noise_multiplier_effective`, the multiplier the implementation charges its accountant.
+`fed_aggregate_step` adapts the federated server's client-level aggregation (deer.fed.aggregate) to that
+contract, so `--level client --step fed` audits the server code itself.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -284,6 +287,39 @@ class _Setup:
 
 
 # --------------------------------------------------------------------------------------------
+# The federated server as a step function
+# --------------------------------------------------------------------------------------------
+
+def fed_aggregate_step(**kw):
+    """step_fn adapter for deer.fed.aggregate.aggregate(privacy='client'): every record of the batch is one
+    sampled client whose update (trained factor minus the global one) is that record's per-sample
+    gradient. The server clips each update, averages over the m clients it received and adds
+    sigma C xi / m; the adapter returns (noisy mean) * m / expected_batch_size so that, as for dp_step,
+    result * expected_batch_size is the noisy sum of clipped updates."""
+    from deer.fed.aggregate import aggregate
+    (lb,) = kw["layers"]
+    phase = kw["phase"]
+    g = ref.per_sample_grads(lb.x, lb.grad_out, lb.A, lb.B, lb.scale, phase)[phase]
+    base = {"A": lb.A, "B": lb.B}
+    m = g.shape[0]
+    if m == 0:                     # no client sampled: the server releases nothing new this round
+        return SimpleNamespace(grads=[{phase: torch.zeros_like(base[phase])}],
+                               noise_multiplier_effective=kw["noise_multiplier"])
+    glob = {"audit": {f: t.clone() for f, t in base.items()}}
+    updates = [{"audit": {**base, phase: base[phase] + g[i]}} for i in range(m)]
+    res = aggregate(glob, updates, [1.0] * m, phase, SimpleNamespace(metric=kw["metric"], noise=kw["noise"]),
+                    privacy="client", noise_multiplier=kw["noise_multiplier"],
+                    max_grad_norm=kw["max_grad_norm"], lam=kw["lam"], generator=kw["generator"])
+    noisy_mean = res.adapters["audit"][phase].to(torch.float64) - base[phase]
+    eff = res.noise_multiplier if res.noise_multiplier is not None else kw["noise_multiplier"]
+    return SimpleNamespace(grads=[{phase: noisy_mean * m / kw["expected_batch_size"]}],
+                           noise_multiplier_effective=eff)
+
+
+STEP_FNS = {"reference": ref.dp_step, "fed": fed_aggregate_step}
+
+
+# --------------------------------------------------------------------------------------------
 # Running the mechanism
 # --------------------------------------------------------------------------------------------
 
@@ -431,6 +467,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=d.confidence)
     p.add_argument("--accountant", default=d.accountant, choices=["rdp", "prv"])
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--step", default="reference", choices=list(STEP_FNS),
+                   help="code path audited: 'reference' (deer.reference.dp_step) or 'fed' (the federated "
+                        "server's client-level aggregation; client level only)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     return p
 
@@ -439,12 +478,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     modes = list(MODES) if args.mode == "all" else [args.mode]
     levels = list(LEVELS) if args.level == "all" else [args.level]
-    base = {k: v for k, v in vars(args).items() if k not in ("mode", "level", "json")}
+    base = {k: v for k, v in vars(args).items() if k not in ("mode", "level", "json", "step")}
+    if args.step == "fed":
+        if args.level == "sample":
+            print("error: --step fed audits the server's client-level aggregation: use --level client",
+                  file=sys.stderr)
+            return 2
+        levels = ["client"]
     results = []
     for level in levels:
         for mode in modes:
             try:
-                results.append(run_audit(AuditConfig(mode=mode, level=level, **base)))
+                results.append(run_audit(AuditConfig(mode=mode, level=level, **base), step_fn=STEP_FNS[args.step]))
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
@@ -460,7 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"{res.epsilon_claimed:.3f}", f"{res.epsilon_nominal:.3f}",
                           f"{res.noise_multiplier_charged:.3f}", res.attack, f"{res.correct}/{res.guesses}",
                           "ok" if res.consistent else "VIOLATION", f"{res.seconds:.1f}")
-        Console().print(table)
+        # wide enough for the table when writing to a file or pipe (rich defaults to 80 columns there)
+        Console(width=None if sys.stdout.isatty() else 160).print(table)
     except ImportError:  # rich is a dependency, but keep the CLI usable without it
         for res in results:
             print(res.config["level"], res.config["mode"], res.epsilon_lower, res.epsilon_claimed,
