@@ -22,9 +22,11 @@ and Z_e is the Box-Muller normal of the first two 32-bit outputs (tl.random's co
 tl.randn). For a fixed key Philox is a bijection of the 128-bit counter, so two draws share random
 bits only if (seed, step, layer, client, e) are all equal: streams of different steps, layers or
 clients never overlap, by construction rather than by a hash that could collide. Requires
-0 <= seed < 2^64, 0 <= step, layer, client < 2^32 and p * q <= 2^32. The same key always gives the
-same Z on any GPU (and in the interpreter); a deployment must never reuse a key (secure mode draws
-the seed from OS entropy). Box-Muller clamps u1 >= 1e-7, so |Z| < 5.68: the tail beyond that
+0 <= seed < 2^64, 0 <= step, layer, client < 2^32 and p * q <= 2^32. The same key gives the same
+Philox bits everywhere (GPU or interpreter) and the same Z on the same device and software (log and
+cos may round differently elsewhere); a deployment must never reuse a key (secure mode draws the
+seed from OS entropy). Philox4x32-10 here is Random123's (same constants), so another backend can
+reproduce the bits from this key/counter map. Box-Muller clamps u1 >= 1e-7, so |Z| < 5.68: the tail beyond that
 (probability ~1.4e-8) is cut, as in tl.randn.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _gauss(key, step, layer, client, idx):
 @triton.jit
 def _clip_reduce_kernel(Gr, C, Part, B, P, Q, PQ, per_split, n_tiles_q,
                         s_gb, s_gp, s_gq, s_c,
-                        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+                        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, STAGES: tl.constexpr):
     """Part[split, tile] = sum_{i in split} c_i * g_i[tile], fp32 (16-bit grads are upcast on load)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -70,7 +72,8 @@ def _clip_reduce_kernel(Gr, C, Part, B, P, Q, PQ, per_split, n_tiles_q,
     ptrs += i0.to(tl.int64) * s_gb
     c_ptr = C + i0.to(tl.int64) * s_c
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for _ in range(n):
+    # A pure stream (no dot), so Triton pipelines it only when asked: STAGES tiles in flight via cp.async.
+    for _ in tl.range(n, num_stages=STAGES):
         c = tl.load(c_ptr).to(tl.float32)
         g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         acc += c * g
@@ -278,7 +281,8 @@ def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, 
     else:
         _clip_reduce_kernel[(n_tiles, splits)](
             grads, clip, partial, b, p, q, p * q, per_split, n_tiles_q, *grads.stride(), clip.stride(0),
-            BLOCK_P=rc["BLOCK_P"], BLOCK_Q=rc["BLOCK_Q"], num_warps=rc["num_warps"], num_stages=rc["num_stages"])
+            BLOCK_P=rc["BLOCK_P"], BLOCK_Q=rc["BLOCK_Q"], STAGES=rc["num_stages"],
+            num_warps=rc["num_warps"], num_stages=rc["num_stages"])
     out = _finish(partial, splits, p, q, float(noise_std), expected_batch_size, rinv, noise_side, key, dev, config)
     return out, config
 

@@ -263,3 +263,4 @@ def test_bad_inputs_say_what_is_wrong(kern, gen):
     L = torch.randn(3, 2, 4, generator=gen).to(DEV)
     with pytest.raises(TypeError, match="float64"):
         kern.clip_reduce_noise_fused(L.double(), L.double(), 1.0, c, **ok)
+
