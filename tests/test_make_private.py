@@ -253,24 +253,34 @@ def test_set_phase_rebuilds_optimizer(gen):
         eng.set_phase("AB")
 
 
-def test_poisson_loader_and_epsilon_target(gen):
-    ds = TensorDataset(torch.randn(60, 3, 7, generator=gen), torch.randint(0, 4, (60,), generator=gen))
-    model = Net(gen, dtype=torch.float32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    eng = PrivacyEngine()
-    model, opt, loader = eng.make_private(module=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=12),
-                                          max_grad_norm=1.0, target_epsilon=3.0, target_delta=1e-5, epochs=2)
+def test_readme_example(gen):
+    """The README's conversion of an existing loop, verbatim apart from the toy model and data: Poisson
+    loader, sigma calibrated to the target, DEeR phase alternation, epsilon read off at the end."""
+    from timm.models.vision_transformer import VisionTransformer
     from opacus.data_loader import DPDataLoader
-    assert isinstance(loader, DPDataLoader) and loader.sample_rate == pytest.approx(1 / 5)
-    assert eng.expected_batch_size == pytest.approx(12.0)
-    for _ in range(2):
-        for xb, yb in loader:
-            opt.zero_grad()
-            if len(yb):
-                F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    eps = eng.get_epsilon(1e-5)
-    assert 2.0 < eps <= 3.0   # the calibrated sigma spends (almost) exactly the target in 2 epochs
+    torch.manual_seed(gen.initial_seed())
+    model = VisionTransformer(img_size=16, patch_size=8, num_classes=5, embed_dim=24, depth=1, num_heads=2)
+    loader = DataLoader(TensorDataset(torch.randn(48, 3, 16, 16, generator=gen),
+                                      torch.randint(0, 5, (48,), generator=gen)), batch_size=8)
+    loss_fn = nn.CrossEntropyLoss()
+
+    inject_lora(model, ["qkv", "head"], r=4, alpha=8)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+        max_grad_norm=1.0, target_epsilon=8.0, target_delta=1e-5, epochs=2, noise="regulated")
+    for epoch in range(2):
+        engine.set_phase("B" if epoch % 2 == 0 else "A")
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    eps = engine.get_epsilon(1e-5)
+
+    assert isinstance(loader, DPDataLoader) and loader.sample_rate == pytest.approx(1 / 6)
+    assert engine.expected_batch_size == pytest.approx(8.0)
+    assert optimizer.steps_taken == 12
+    assert 0.8 * 8.0 < eps <= 8.0   # the calibrated sigma spends (almost) exactly the target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,3 +407,13 @@ def test_private_training_learns(gen, noise, phases):
     after = loss_all()
     assert after < 0.75 * before, (before, after, gen.initial_seed())
     assert 0 < engine.get_epsilon(1e-5) < 30
+
+
+def test_one_call_make_private(gen):
+    from deer.privacy import make_private
+    model = Net(gen, dtype=torch.float32)
+    model, opt, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), sample_rate=0.1,
+                                 expected_batch_size=4, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    _loss(model, torch.randn(4, 2, 7, generator=gen), torch.randint(0, 4, (4,), generator=gen)).backward()
+    opt.step()
+    assert opt.engine.get_epsilon(1e-5) > 0 and opt.engine.module is model

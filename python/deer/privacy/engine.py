@@ -175,6 +175,11 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.steps_taken = 0
         self.last_step: dict = {}
 
+    @property
+    def engine(self) -> "PrivacyEngine":
+        """The PrivacyEngine that made this optimizer (its accountant, get_epsilon, set_phase)."""
+        return self._engine
+
     # --- delegation, so schedulers and checkpoints see the wrapped optimizer ---------------------
     @property
     def param_groups(self):
@@ -530,3 +535,11 @@ class PrivacyEngine:
 def _current_phase(units) -> str:
     phases = {u.phase for _, u in units}
     return phases.pop() if len(phases) == 1 else "AB"
+
+
+def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loader=None, *, accountant: str = "rdp",
+                 secure_mode: bool = False, **kwargs):
+    """One-call form: PrivacyEngine(accountant, secure_mode).make_private(...). Returns (module,
+    optimizer, data_loader); the engine is `optimizer.engine` (get_epsilon, set_phase, accountant)."""
+    return PrivacyEngine(accountant=accountant, secure_mode=secure_mode).make_private(
+        module, optimizer, data_loader, **kwargs)
