@@ -1,21 +1,127 @@
-"""deer command line."""
+"""deer command line.
+
+    deer demo                              the embedded default: DEeR vs FFA-LoRA vs FedAvg-LoRA, one budget
+    deer train --config job.yaml k=v ...   a federated run from a YAML config with key=value overrides
+    deer train --resume runs/X             continue a killed run from its last completed round
+    deer info                              versions and kernel backends
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+
+
+def _log(msg: str) -> None:
+    from tqdm.auto import tqdm
+    tqdm.write(msg)
+
+
+def _run(cfg, run_dir: str, title: str, started: float) -> int:
+    import yaml
+
+    from .fed import engine
+    from .fed.report import print_table, save_report
+    os.makedirs(run_dir, exist_ok=True)
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(cfg_path):
+        with open(cfg_path, "w") as f:
+            yaml.safe_dump({**cfg.to_dict(), "run_dir": None}, f, sort_keys=False)
+    _log(f"[deer] run directory {run_dir}")
+    out = engine.run(cfg, run_dir, log=_log)
+    job = out["job"]
+    for n in job.notes:
+        _log(f"[deer] {n}")
+    print()
+    print_table(out["results"], title)
+    paths = save_report(out["results"], run_dir, title)
+    print(f"[deer] wrote {paths['results']}, {paths['plot']}, and per method: metrics.json, adapter.safetensors, "
+          f"releases.jsonl (privacy journal) under {run_dir}/<method>/ ; {time.time() - started:.0f}s in all")
+    return 0
+
+
+def _describe(cfg, job_note: str = "") -> str:
+    from .data import DEFAULT_DATASET_NOTE
+    lines = [f"[deer] data: {cfg.dataset}" + (f" -- {DEFAULT_DATASET_NOTE}" if cfg.dataset == "digits" else "")]
+    if cfg.privacy == "sample":
+        lines.append(f"[deer] privacy: sample level (record level), DP-SGD in every client, target epsilon "
+                     f"{cfg.target_epsilon} at delta {cfg.delta} for the worst client; each method's noise "
+                     "multiplier spends exactly that budget over its own releases")
+    elif cfg.privacy == "client":
+        lines.append(f"[deer] privacy: client level (user level), the server clips each client's whole update "
+                     f"and noises the mean; target epsilon {cfg.target_epsilon} at delta {cfg.delta}")
+    else:
+        lines.append("[deer] privacy: none")
+    if not cfg.checkpoint:
+        lines.append(f"[deer] no hub access: the small {cfg.model} backbone is first pretrained NON-privately on a "
+                     f"public split ({cfg.public_fraction:.0%} of the training data, classes "
+                     f"{cfg.public_classes if cfg.public_classes is not None else 'all'}), then LoRA adapters "
+                     "are fine-tuned privately on the clients' disjoint split")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="deer", description="Differentially private (federated) LoRA fine-tuning")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="run the embedded default job (CPU, a few minutes)")
+    d = sub.add_parser("demo", help="DEeR vs FFA-LoRA vs FedAvg-LoRA on the bundled data (CPU, a few minutes)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--run-dir", default=None, help="where to write results (default runs/demo-<time>)")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of the embedded config")
+    t = sub.add_parser("train", help="a federated run from a YAML config")
+    t.add_argument("--config", default=None, help="YAML file (default: the embedded deer/configs/default.yaml)")
+    t.add_argument("--run-dir", default=None, help="run directory (default runs/train-<time>)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last completed round (uses RUN_DIR/config.yaml)")
+    t.add_argument("--checkpoint", default=None, help="backbone weights (safetensors or .pth)")
+    t.add_argument("--data", default=None, help="data set: 'digits', an image folder or a MedMNIST .npz")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds=10 methods=[deer] lr=0.05")
     sub.add_parser("info", help="print versions and the backends available here")
     args = p.parse_args(argv)
-    if args.cmd == "demo":
-        from .quickstart import run
-        run(seed=args.seed)
-        return 0
+    started = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    if args.cmd in ("demo", "train"):
+        from .fed.config import load_config
+        try:
+            if args.cmd == "demo":
+                cfg = load_config(None, [f"seed={args.seed}", *args.overrides])
+                run_dir = args.run_dir or os.path.join("runs", f"demo-{stamp}")
+                title = "deer demo"
+            else:
+                if args.resume:
+                    if args.config:
+                        raise ValueError("--resume takes the configuration from RUN_DIR/config.yaml; drop --config")
+                    cfg_file = os.path.join(args.resume, "config.yaml")
+                    if not os.path.exists(cfg_file):
+                        raise ValueError(f"{args.resume!r} is not a deer run directory (no config.yaml)")
+                    cfg = load_config(cfg_file, args.overrides)
+                    run_dir = args.resume
+                else:
+                    ov = list(args.overrides)
+                    if args.checkpoint:
+                        ov.append(f"checkpoint={args.checkpoint}")
+                    if args.data:
+                        ov.append(f"dataset={args.data}")
+                    cfg = load_config(args.config, ov)
+                    run_dir = args.run_dir or os.path.join("runs", f"train-{stamp}")
+                title = f"deer train ({args.config or 'default config'})"
+            if args.no_progress:
+                cfg = cfg.replace(progress=False)
+        except ValueError as e:
+            print(f"deer: error: {e}", file=sys.stderr)
+            return 2
+        methods = ", ".join(cfg.methods)
+        title += f": {methods}; privacy {cfg.privacy}" + (
+            f", target eps {cfg.target_epsilon} (delta {cfg.delta})" if cfg.privacy != "none" else "")
+        print(_describe(cfg))
+        try:
+            return _run(cfg, run_dir, title, started)
+        except ValueError as e:
+            print(f"deer: error: {e}", file=sys.stderr)
+            return 2
     if args.cmd == "info":
         import torch
         from . import __version__, _ext
