@@ -11,7 +11,8 @@ peak memory and a machine-readable row in `extra_info`. Methods and how each is 
 Default CPU sweep (2-core friendly): ViT-tiny, batch 32, image 64 (17 tokens), rank 8, LoRA on qkv as
 the centre, both phases; then one knob at a time: model small, batch 8/16/64, image 32/128, rank 4/32,
 LoRA on every Linear of the blocks. CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
-tiny/small at batch 32, every deer backend available. `--quick` (or DEER_BENCH_QUICK=1): a 2-block
+tiny/small at batch 32, every deer backend available. DEER_BENCH_ROUNDS sets the timed rounds per case
+(default 7 on CPU, 20 on CUDA); each case's 1-minute load average is recorded (shared machines). `--quick` (or DEER_BENCH_QUICK=1): a 2-block
 ViT-tiny at 32 px, batch 8, every method/backend/phase once; it checks every case runs and writes its
 row, and asserts nothing about speed.
 """
@@ -185,8 +186,8 @@ def test_step(benchmark, case: Case, request):
     benchmark.extra_info.update(case.as_row())
     benchmark.extra_info.update(environment_row(case.device))
     benchmark.extra_info.update({"impl": info["impl"], "peak_mem_bytes": pm.bytes, "peak_mem_kind": pm.kind,
-                                 "quick": quick})
-    rounds = 1 if quick else (10 if case.device == "cpu" else 20)
+                                 "quick": quick, "loadavg_1min": os.getloadavg()[0]})
+    rounds = 1 if quick else int(os.environ.get("DEER_BENCH_ROUNDS", 7 if case.device == "cpu" else 20))
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=0 if quick else 1, iterations=1)
     # The step really trained: every trained parameter is finite (a NaN would void the timing).
     for p in info["params"]:

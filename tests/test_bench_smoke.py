@@ -95,7 +95,7 @@ def test_report_overheads_and_targets(tmp_path, deer_ms, verdict):
     assert report.main([str(p), "--out", str(out), "--no-profile"]) == 0
     md = (out / "report.md").read_text()
     over = deer_ms / 100.0 - 1
-    assert f"| deer[cpu] isotropic | {deer_ms:.1f} | {over:+.3f} | 104 | 1.04 |" in md
+    assert f"| deer[cpu] isotropic | {deer_ms:.1f} | {over:+.3f} | {over:+.3f} | 104 | 1.04 | n/a |" in md
     assert f"| {deer_ms / 100:.2f} | {deer_ms / 150:.2f} | {deer_ms / 120:.2f} | {over:+.3f} | +0.500 | +0.200 |" in md
     line = next(l for l in md.splitlines() if l.startswith("- cpu ViT-tiny b32") and "deer[cpu]" in l)
     assert line.count(verdict) == 3, line
