@@ -8,8 +8,8 @@ accountant (Opacus' RDP or PRV analysis); nothing here re-derives the RDP math. 
 * heterogeneous histories at a bounded cost: the paper mode's true multiplier sigma / sigma_max(frozen)
   changes every sub-round, so the RDP curve is kept as a running sum over the orders (one Opacus
   `compute_rdp` call per distinct (sigma, q), cached), and epsilon is one Opacus conversion away;
-* a wider set of RDP orders than Opacus' default (finer near 1 for large epsilon, up to 1024 for tiny
-  epsilon), so the optimum is rarely at the edge of the grid (a bound at the edge is valid, only looser);
+* an RDP order grid reaching 1024 (tiny epsilon) with few costly fractional orders (see RDP_ORDERS), so
+  the optimum is rarely at the edge of the grid (a bound at the edge is valid, only looser);
 * input validation with errors that say what to do, JSON-serialisable state (a resumed run never
   forgets privacy it already spent), and `would_exceed` to refuse a step *before* it is taken.
 
