@@ -38,12 +38,23 @@ def interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def check_runnable(device: torch.device, op: str) -> None:
-    """Clear error when Triton cannot run on tensors of `device`."""
+def check_runnable(device: torch.device, op: str, kernel=None) -> None:
+    """Clear error when Triton cannot run on tensors of `device`. On the CPU the kernels must have
+    been built for the interpreter: triton.jit reads TRITON_INTERPRET when the kernel module is
+    imported, so setting it later changes nothing."""
     if device.type == "cuda":
         return
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return
+    if device.type == "cpu":
+        if kernel is not None:
+            from triton.runtime.interpreter import InterpretedFunction
+            if isinstance(kernel, InterpretedFunction):
+                return
+            raise RuntimeError(
+                f"{op} (triton backend): got CPU tensors but deer_kernels was imported without "
+                "TRITON_INTERPRET=1, so its kernels were built for the GPU. Set TRITON_INTERPRET=1 "
+                "before anything imports triton or deer_kernels (slow, for tests), or use backend='cpu'.")
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return
     raise RuntimeError(
         f"{op} (triton backend): got tensors on {device}; Triton kernels need CUDA tensors, or CPU "
         "tensors with TRITON_INTERPRET=1 set before triton is first imported (slow, for tests). "

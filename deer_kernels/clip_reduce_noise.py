@@ -32,6 +32,7 @@ reproduce the bits from this key/counter map. Box-Muller clamps u1 >= 1e-7, so |
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 import triton
@@ -215,8 +216,24 @@ def _check_common(p, q, clip, b, noise_std, expected_batch_size, chol, noise_sid
                          f"r <= {_config.MAX_GRAM}; got r = {r}. Use backend='cuda' or 'reference'.")
     if chol.device != device:
         raise ValueError(f"{_OP}: chol is on {chol.device} but the gradients are on {device}")
+    return _inverse_of_chol(chol)
+
+
+# R^{-1} per chol tensor. The frozen factor (hence chol) is fixed for a whole sub-round, so this
+# saves the validation's host sync on every later step. Entries are keyed by id() but only used
+# while a weak reference still points at that very tensor and its in-place version is unchanged:
+# a freed tensor whose address or id is reused can never hit a stale inverse.
+_RINV_CACHE: dict[int, tuple] = {}
+_RINV_CACHE_MAX = 256
+
+
+def _inverse_of_chol(chol: torch.Tensor) -> torch.Tensor:
+    hit = _RINV_CACHE.get(id(chol))
+    if hit is not None and hit[0]() is chol and hit[1] == chol._version:
+        return hit[2]
+    r = chol.shape[0]
     R = chol.to(torch.float64)
-    rinv = torch.linalg.solve_triangular(R, torch.eye(r, dtype=torch.float64, device=device), upper=True)
+    rinv = torch.linalg.solve_triangular(R, torch.eye(r, dtype=torch.float64, device=R.device), upper=True)
     # One host sync, r x r: a non-triangular or singular R would silently give the wrong covariance.
     code = int(((R.tril(-1) != 0).any().to(torch.int64)
                 + 2 * (R.diagonal() <= 0).any().to(torch.int64)
@@ -228,7 +245,12 @@ def _check_common(p, q, clip, b, noise_std, expected_batch_size, chol, noise_sid
         raise ValueError(f"{_OP}: chol must have a positive, finite diagonal and a finite inverse (K positive "
                          "definite); K = frozen^T frozen + lambda I needs a ridge lambda > 0 when the frozen "
                          "factor is rank deficient")
-    return rinv.to(torch.float32)
+    rinv = rinv.to(torch.float32)
+    if len(_RINV_CACHE) >= _RINV_CACHE_MAX:
+        for k in [k for k, v in _RINV_CACHE.items() if v[0]() is None] or list(_RINV_CACHE)[:1]:
+            del _RINV_CACHE[k]
+    _RINV_CACHE[id(chol)] = (weakref.ref(chol), chol._version, rinv)
+    return rinv
 
 
 def _finish(partial, splits, p, q, noise_std, expected_batch_size, rinv, noise_side, key, device, config):
@@ -263,7 +285,7 @@ def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, 
         hint = " For float64 use backend='cpu' or 'reference'." if grads.dtype == torch.float64 else ""
         raise TypeError(f"{_OP} (triton backend): grads have dtype {grads.dtype}; Triton kernels take "
                         f"float32, bfloat16 or float16.{hint}")
-    _config.check_runnable(grads.device, _OP)
+    _config.check_runnable(grads.device, _OP, _clip_reduce_kernel)
     b, p, q = grads.shape
     dev = grads.device
     key = _check_key(seed, step, layer, client)

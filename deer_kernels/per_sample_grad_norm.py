@@ -134,7 +134,7 @@ def check_pair(left: torch.Tensor, right: torch.Tensor, op: str) -> tuple[torch.
                          "(batch, tokens)")
     if left.device != right.device:
         raise ValueError(f"{op}: left is on {left.device} but right is on {right.device}")
-    _config.check_runnable(left.device, op)
+    _config.check_runnable(left.device, op, _per_sample_grad_norm_kernel)
     return left, right
 
 

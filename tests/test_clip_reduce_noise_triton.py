@@ -264,3 +264,22 @@ def test_bad_inputs_say_what_is_wrong(kern, gen):
     with pytest.raises(TypeError, match="float64"):
         kern.clip_reduce_noise_fused(L.double(), L.double(), 1.0, c, **ok)
 
+
+
+def test_cached_inverse_follows_in_place_changes(kern, gen):
+    """R^-1 is cached per chol tensor; changing chol in place must not reuse the stale inverse."""
+    seed = gen.initial_seed()
+    p, q = 4, 300
+    g = torch.randn(2, p, q, generator=gen).to(DEV)
+    c = torch.rand(2, generator=gen).to(DEV)
+    chol = _chol(p, gen).float().to(DEV)
+    a = kern.clip_reduce_noise(g, c, 1.0, 1.0, chol, 0, **KEY)
+    assert torch.equal(a, kern.clip_reduce_noise(g, c, 1.0, 1.0, chol, 0, **KEY))
+    chol.mul_(2.0)  # R -> 2R: xi -> xi / 2 for the same Z
+    b = kern.clip_reduce_noise(g, c, 1.0, 1.0, chol, 0, **KEY)
+    S = _clipped_mean64(g, c, 1.0)
+    ratio = (b.double().cpu() - S).norm() / (a.double().cpu() - S).norm()
+    assert abs(ratio.item() - 0.5) < 1e-4, f"stale R^-1 after an in-place change (seed {seed})"
+    chol.copy_(chol.T.clone())  # same tensor, now lower triangular: validated again, not served from cache
+    with pytest.raises(ValueError, match="upper triangular"):
+        kern.clip_reduce_noise(g, c, 1.0, 1.0, chol, 0, **KEY)

@@ -212,7 +212,12 @@ out["fused_bf16"] = aot(crn._clip_reduce_fused_kernel, dict(L="*bf16", R="*bf16"
 fc = C.noise_tiles(16, 768, 0, cuda)
 out["finish"] = aot(crn._finish_kernel, dict(Part="*fp32", Out="*fp32", Rinv="*fp32"),
                     dict(NOISE=2, BLOCK_P=fc["BLOCK_P"], BLOCK_Q=fc["BLOCK_Q"]), fc["num_warps"], fc["num_stages"])
-print(json.dumps(out))
+try:  # kernels built for the GPU (TRITON_INTERPRET unset at import) must refuse CPU tensors clearly
+    psg.per_sample_grad_norm(torch.randn(2, 3, 4), torch.randn(2, 3, 5), 1.0)
+    cpu_error = ""
+except RuntimeError as e:
+    cpu_error = str(e)
+print(json.dumps(dict(out, cpu_error=cpu_error)))
 '''
 
 
@@ -236,6 +241,7 @@ def run_aot(code: str) -> dict:
 def test_kernels_compile_for_hopper_on_tensor_cores():
     """Both ops' kernels (per_sample_grad_norm, clip_reduce_noise: reduce, fused, finish)."""
     res = run_aot(AOT_KERNELS)
+    assert "TRITON_INTERPRET=1" in res.pop("cpu_error"), "CPU tensors without the interpreter: unclear error"
     tc = {k: v["wgmma.mma_async"] + v["mma.sync"] for k, v in res.items()}
     # bf16 with a 64-row tile: Hopper's wgmma; fp32: 3xTF32 on the tensor cores; dot loops pipelined.
     assert res["psg_bf16_B"]["wgmma.mma_async"] > 0, res
