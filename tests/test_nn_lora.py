@@ -176,3 +176,13 @@ def test_qkv_rejects_bad_slices():
         LoRAQKV(nn.Linear(4, 12), r=2, slices=("q", "x"))
     with pytest.raises(ValueError, match="3 \\* dim"):
         LoRAQKV(nn.Linear(4, 10), r=2)
+
+
+@pytest.mark.parametrize("phase,has_x,has_u", [("B", False, True), ("A", True, False), ("AB", True, True)])
+def test_lean_capture_keeps_what_the_phase_needs(gen, phase, has_x, has_u):
+    layer = _lora(gen, 6, 5, 2)
+    layer.set_phase(phase)
+    layer.capture = layer.capture_lean = True
+    layer(torch.randn(3, 4, 6, generator=gen, dtype=D)).sum().backward()
+    (X, U, G), = layer.pop_captured()
+    assert (X is not None, U is not None, G.shape) == (has_x, has_u, (3, 4, 5))

@@ -10,7 +10,8 @@ privacy engine clips, noises and accounts.
 
 While `capture` is True (set by the privacy engine) the custom autograd Function appends, on each
 backward call, X = dropout(x), U = X A^T and G = dL/dy to the unit's capture list: everything the
-per-sample gradient kernels need. Several backward calls before one optimizer step (gradient
+per-sample gradient kernels need (with `capture_lean`, which the engine sets, X is dropped when A is
+frozen and U when B is frozen). Several backward calls before one optimizer step (gradient
 accumulation over physical batches, "virtual steps") simply append more chunks. While capturing,
 the summed .grad of A and B is not computed at all: the DP optimizer writes the private gradient
 itself, and skipping the two (T*b x r x max(m, n)) matmuls halves the backward cost of the branch.
@@ -47,7 +48,12 @@ class _LoRABranch(torch.autograd.Function):
         gx = (v @ A) * s if ctx.needs_input_grad[0] else None
         gA = gB = None
         if capturing:
-            unit._captured.append((x.detach(), u.detach(), gout.detach()))
+            # Keep only what the trained factors need: B needs (U, G), A needs (X, G). Dropping X in
+            # the B phase roughly halves the capture memory (X is n wide, U only r).
+            lean = unit.capture_lean
+            keep_x = not lean or unit.lora_A.requires_grad
+            keep_u = not lean or unit.lora_B.requires_grad
+            unit._captured.append((x.detach() if keep_x else None, u.detach() if keep_u else None, gout.detach()))
         else:
             if ctx.needs_input_grad[1]:
                 gA = s * v.reshape(-1, v.shape[-1]).T @ x.reshape(-1, x.shape[-1])
@@ -85,7 +91,8 @@ class LoRAFactors(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name = name
         self.capture = False
-        self._captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.capture_lean = False   # True: capture only what the trained factors need (X or U may be None)
+        self._captured: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = []
         self.phase = "AB"
 
     def set_phase(self, phase: str):

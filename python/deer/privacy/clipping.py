@@ -54,16 +54,22 @@ def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bo
     gram = K if metric == "regulated" else None
     gs, ns = [], []
     for X, U, G in chunks:
-        X, U, G = _tokens(X), _tokens(U), _tokens(G)
+        G = _tokens(G)
         if loss_reduction == "mean":
             # The loss was a mean over this physical batch: dL/dy_i = (1/b) dL_i/dy_i. Undo it so
             # that g_i is the gradient of sample i's own loss (as Opacus does for 'mean').
             G = G * G.shape[0]
         if factor == "B":
-            g, n = per_sample_grad_norm(G, U, unit.scale, gram, 1, backend=backend)
+            if U is None:
+                raise RuntimeError(f"{unit.name}: B is trained but its capture has no U (the phase changed "
+                                   f"between backward and step?); call optimizer.zero_grad() after set_phase")
+            g, n = per_sample_grad_norm(G, _tokens(U), unit.scale, gram, 1, backend=backend)
         else:
+            if X is None:
+                raise RuntimeError(f"{unit.name}: A is trained but its capture has no X (the phase changed "
+                                   f"between backward and step?); call optimizer.zero_grad() after set_phase")
             V = G @ B.to(G.dtype)
-            g, n = per_sample_grad_norm(V, X, unit.scale, gram, 0, backend=backend)
+            g, n = per_sample_grad_norm(V, _tokens(X), unit.scale, gram, 0, backend=backend)
         gs.append(g)
         ns.append(n)
     if not gs:

@@ -471,6 +471,7 @@ class PrivacyEngine:
         for _, u in units:
             u.clear_captured()
             u.capture = True
+            u.capture_lean = True
         self.optimizer = DPLoRAOptimizer(optimizer, self)
         self._sync_optimizer()
         return module, self.optimizer, data_loader
