@@ -268,3 +268,39 @@ def test_fed_server_aggregation_planted_bugs(gen):
     paper = run_audit(mode="regulated-paper", level="client", noise_multiplier=4.0, frozen_sigma_max=8.0,
                       step_fn=fed_aggregate_step, seed=_seed(gen))
     assert paper.epsilon_nominal < paper.epsilon_lower < paper.epsilon_claimed, f"seed {_seed(gen)}: {paper}"
+
+
+# --------------------------------------------------------------------------------------------
+# deer.privacy's PrivacyEngine (the optimizer users train with), audited the same way
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_privacy_engine_honest(gen, mode):
+    from deer.audit import engine_step
+    res = run_audit(mode=mode, level="sample", noise_multiplier=1.0, accountant="prv", step_fn=engine_step,
+                    seed=_seed(gen))
+    msg = f"seed {_seed(gen)}: {res}"
+    assert 0.5 < res.epsilon_lower < res.epsilon_claimed, msg
+    assert res.attack == "sum", msg
+    assert res.noise_multiplier_charged == pytest.approx(0.5 if mode == "regulated-paper" else 1.0, rel=1e-5)
+
+
+def test_privacy_engine_planted_bugs(gen):
+    from deer.audit import engine_step
+
+    def same_seed_every_step(**kw):
+        return engine_step(**{**kw, "generator": torch.Generator().manual_seed(99)})
+
+    def noise_off(**kw):
+        res = engine_step(**{**kw, "noise_multiplier": 0.0})
+        res.noise_multiplier_effective = kw["noise_multiplier"]
+        return res
+
+    reuse = run_audit(mode="regulated-metric", noise_multiplier=3.0, sample_rate=0.5, steps=4,
+                      step_fn=same_seed_every_step, seed=_seed(gen))
+    assert reuse.attack == "shared-noise" and reuse.epsilon_lower > reuse.epsilon_claimed, f"seed {_seed(gen)}: {reuse}"
+    silent = run_audit(mode="isotropic", noise_multiplier=2.0, step_fn=noise_off, seed=_seed(gen))
+    assert silent.epsilon_lower > silent.epsilon_claimed, f"seed {_seed(gen)}: {silent}"
+    paper = run_audit(mode="regulated-paper", noise_multiplier=4.0, frozen_sigma_max=8.0, step_fn=engine_step,
+                      seed=_seed(gen))
+    assert paper.epsilon_nominal < paper.epsilon_lower < paper.epsilon_claimed, f"seed {_seed(gen)}: {paper}"
