@@ -55,6 +55,7 @@ MODES = [("AB", "isotropic", None, "flat"), ("A", "isotropic", None, "per_layer"
          ("B", "regulated", "paper", "flat"), ("A", "regulated", "paper", "flat")]
 
 
+@pytest.mark.filterwarnings("ignore:noise_multiplier=0")
 @pytest.mark.parametrize("phase,noise,regulator,clipping", MODES)
 def test_step_matches_reference(gen, phase, noise, regulator, clipping):
     model = Net(gen)
@@ -87,6 +88,7 @@ def test_step_matches_reference(gen, phase, noise, regulator, clipping):
     assert 0.2 < opt.last_step["clipped_fraction"] < 0.9
 
 
+@pytest.mark.filterwarnings("ignore:noise_multiplier=0")
 def test_mean_loss_equals_sum_loss(gen):
     model = Net(gen)
     x = torch.randn(6, 3, 7, generator=gen, dtype=D)
