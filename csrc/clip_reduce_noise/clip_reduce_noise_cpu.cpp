@@ -11,6 +11,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -51,6 +53,11 @@ void clip_reduce_noise_check(const char* what, int64_t b, int64_t p, int64_t q, 
 
 namespace {
 
+// Grain sizes: a parallel region costs tens of microseconds, and far more on a loaded machine where
+// the second thread waits for a core, so work below ~0.5 ms per chunk runs on the calling thread.
+constexpr int64_t kPairGrain = 4096;     // Philox + Box-Muller pairs (~0.1-0.2 us each)
+constexpr int64_t kSumWork = 1 << 18;    // multiply-adds per chunk of the clipped sum
+
 // out (p, q) already holds the clipped sum; add noise_std * xi and divide by the expected batch size.
 template <typename out_t>
 void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, double ebs,
@@ -58,7 +65,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
   const int64_t P = p * q;
   const double inv = 1.0 / ebs;
   if (noise_std == 0.0) {
-    at::parallel_for(0, P, 4096, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, P, kSumWork, [&](int64_t b0, int64_t b1) {
       for (int64_t e = b0; e < b1; ++e) out[e] = static_cast<out_t>(out[e] * inv);
     });
     return;
@@ -67,7 +74,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
                                     static_cast<uint32_t>(client));
   if (R == nullptr) {  // isotropic: each pair of elements from one Philox call
     const int64_t npairs = (P + 1) / 2;
-    at::parallel_for(0, npairs, 1024, [&](int64_t j0, int64_t j1) {
+    at::parallel_for(0, npairs, kPairGrain, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         double z0, z1;
         philox::normal_pair(key, static_cast<uint32_t>(j), &z0, &z1);
@@ -80,7 +87,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
   if (side == 0) {
     // xi = R^{-1} Z: back substitution on whole rows, xi_a = (Z_a - sum_{k>a} R[a,k] xi_k) / R[a,a].
     // Parallel over column blocks; each block keeps its (p x width) slice of xi in double.
-    at::parallel_for(0, q, 256, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, q, std::max<int64_t>(64, 2 * kPairGrain / std::max<int64_t>(1, p * p)), [&](int64_t c0, int64_t c1) {
       const int64_t w = c1 - c0;
       std::vector<double> xi(p * w);
       for (int64_t a = p - 1; a >= 0; --a) {
@@ -101,7 +108,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
     });
   } else {
     // xi = Z R^{-T}  <=>  R xi_a^T = Z_a^T for every row a: back substitution along the row (q = r).
-    at::parallel_for(0, p, 16, [&](int64_t a0, int64_t a1) {
+    at::parallel_for(0, p, std::max<int64_t>(16, 2 * kPairGrain / std::max<int64_t>(1, q * q)), [&](int64_t a0, int64_t a1) {
       std::vector<double> x(q);
       for (int64_t a = a0; a < a1; ++a) {
         for (int64_t c = q - 1; c >= 0; --c) {
@@ -121,11 +128,16 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
 at::Tensor chol_as_double(const c10::optional<at::Tensor>& chol) {
   if (!(chol.has_value() && chol->defined())) return at::Tensor();
   auto R = chol->to(at::kDouble).contiguous();
-  auto d = R.diagonal();
-  DEER_CHECK_ARG(d.gt(0).all().item<bool>() && R.triu().isfinite().all().item<bool>(),
-                 "clip_reduce_noise: chol must be the upper Cholesky factor of a positive definite K (finite, "
-                 "positive diagonal); got diagonal ", d, ". Use a ridge lambda > 0 when the frozen factor is "
-                 "rank deficient (B = 0 at initialisation).");
+  const int64_t r = R.size(0);
+  const double* d = R.data_ptr<double>();
+  bool ok = true;  // a plain scan: r x r is tiny, ATen reductions would cost more than the noise
+  for (int64_t a = 0; a < r && ok; ++a) {
+    ok = d[a * r + a] > 0;
+    for (int64_t k = a; k < r && ok; ++k) ok = std::isfinite(d[a * r + k]);
+  }
+  DEER_CHECK_ARG(ok, "clip_reduce_noise: chol must be the upper Cholesky factor of a positive definite K (finite, "
+                 "positive diagonal); got diagonal ", R.diagonal(), ". Use a ridge lambda > 0 when the frozen factor "
+                 "is rank deficient (B = 0 at initialisation).");
   return R;
 }
 
@@ -152,7 +164,7 @@ at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads_in, const at::Tensor& c
     const acc_t* c = clip.data_ptr<acc_t>();
     acc_t* o = out.data_ptr<acc_t>();
     const int64_t P = p * q;
-    at::parallel_for(0, P, 2048, [&](int64_t e0, int64_t e1) {
+    at::parallel_for(0, P, std::max<int64_t>(2048, kSumWork / std::max<int64_t>(1, b)), [&](int64_t e0, int64_t e1) {
       for (int64_t i = 0; i < b; ++i) {
         const acc_t ci = c[i];
         const scalar_t* gi = g + i * P;
