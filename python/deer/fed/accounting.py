@@ -47,19 +47,26 @@ def _takes_num_steps(acc) -> bool:
 def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest noise multiplier whose `steps` releases at `sample_rate` stay within (target_epsilon, delta).
 
-    Calibrated with Opacus' RDP search on its default orders (fast); the reported epsilon comes from
-    DeerAccountant, whose order grid contains Opacus' default grid, so it is never above the target."""
+    Searched with Opacus' RDP accountant (fast), then checked against the accountant that reports
+    epsilon (`epsilon` below) and raised until that one is within the target too."""
     if target_epsilon <= 0:
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
     from opacus.accountants.utils import get_noise_multiplier
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant="rdp",
-                                          epsilon_tolerance=0.01))
+        sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                           sample_rate=sample_rate, steps=steps, accountant="rdp",
+                                           epsilon_tolerance=0.01))
     except ValueError as e:
         raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} with {steps} "
                          f"releases at sample rate {sample_rate:.4g}: raise the budget or run fewer rounds/steps "
                          f"({e})") from None
+    # The accountant that reports epsilon (DeerAccountant when installed) may convert RDP to
+    # (eps, delta) slightly differently: raise sigma in 0.5% steps until it, too, is within budget.
+    for _ in range(200):
+        if epsilon([(sigma, sample_rate, steps)], delta) <= target_epsilon:
+            return sigma
+        sigma *= 1.005
+    raise ValueError(f"could not calibrate a noise multiplier for epsilon {target_epsilon}")
 
 
 class ReleaseJournal:

@@ -1,0 +1,246 @@
+"""DEeR on Flower: a ServerApp driving a phase-aware strategy and a ClientApp running deer's local
+training. Both sides rebuild the same job from a job directory (config.yaml + backbone.safetensors,
+written by `write_job`), so the in-process engine and a Flower deployment with the same seeds give
+the same global adapters.
+
+Run config keys (pyproject `[tool.flwr.app.config]` or `flwr run -c`):
+    job-dir   folder with config.yaml and backbone.safetensors (readable by the server and every client)
+    method    deer | deer_no_nr | deer_no_de | ffa | fedavg
+    out-dir   where the server writes adapter.safetensors, metrics.json and releases.jsonl
+Node config (`flower-supernode --node-config`): partition-id=<k> selects client k's data shard.
+
+Only the trained factor travels back: a client's reply carries the factor(s) of the current phase,
+and the strategy aggregates exactly those (the frozen factor is already identical everywhere).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from logging import INFO, WARNING
+
+import torch
+
+from .accounting import ReleaseJournal
+from .aggregate import aggregate
+from .client import LocalTrainConfig, local_train
+from .config import FedConfig, load_config, method_spec
+from .engine import calibrate_noise, generator, prepare_job, sample_clients
+from .metrics import evaluate
+from .model import AdapterState, flatten_adapters, set_adapters, unflatten_adapters
+
+
+def write_job(cfg: FedConfig, job_dir: str, log=print):
+    """Prepare a job once (pretraining the backbone if needed) and write what every party needs."""
+    import yaml
+    os.makedirs(job_dir, exist_ok=True)
+    with open(os.path.join(job_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump({**cfg.to_dict(), "run_dir": None, "progress": False}, f, sort_keys=False)
+    return prepare_job(cfg, log=log, backbone_path=os.path.join(job_dir, "backbone.safetensors"))
+
+
+_JOBS: dict[str, object] = {}
+
+
+def load_job(job_dir: str):
+    """The job of job_dir, cached per process (a ClientApp process serves many messages)."""
+    if job_dir not in _JOBS:
+        cfg = load_config(os.path.join(job_dir, "config.yaml"), ["progress=false"])
+        backbone = os.path.join(job_dir, "backbone.safetensors")
+        if not os.path.exists(backbone):
+            raise ValueError(f"{job_dir} has no backbone.safetensors: create the job with deer.fed.flower_app.write_job")
+        _JOBS[job_dir] = prepare_job(cfg, log=lambda *a: None, backbone_path=backbone)
+    return _JOBS[job_dir]
+
+
+def _to_record(state: dict[str, torch.Tensor]):
+    from flwr.app import ArrayRecord
+    return ArrayRecord({k: v.detach().contiguous() for k, v in state.items()})
+
+
+def _from_record(rec) -> dict[str, torch.Tensor]:
+    return dict(rec.to_torch_state_dict())
+
+
+class DeerStrategy:
+    """Server side of one method: the schedule of sub-rounds (phase per sub-round), client sampling,
+    noise calibration, aggregation of only the trained factor, client-level DP and the privacy journal.
+    The in-process engine applies the same rules with the same keyed random streams."""
+
+    def __init__(self, job, method: str, journal: ReleaseJournal, log):
+        self.job, self.cfg, self.spec = job, job.cfg, method_spec(method)
+        self.sigma, self.how = calibrate_noise(self.cfg, self.spec, job.data)
+        self.journal, self.log = journal, log
+        self.adapters: AdapterState = {n: {f: t.clone() for f, t in d.items()} for n, d in job.init_adapters.items()}
+        self.history: list[dict] = []
+        self.skipped: list[dict] = []
+
+    def configure(self, rnd: int, si: int, phase: str) -> tuple[list[int], dict, dict]:
+        cfg = self.cfg
+        config = {"round": rnd, "subround": si, "phase": phase, "method": self.spec.name,
+                  "noise-multiplier": float(self.sigma)}
+        return sample_clients(cfg, rnd), flatten_adapters(self.adapters), config
+
+    def aggregate(self, rnd: int, si: int, phase: str, replies: dict[int, dict]) -> None:
+        """replies: client id -> {"factors": flat trained factors, "num_examples", "releases"} or {"error"}."""
+        cfg = self.cfg
+        valid = {}
+        for cid in sorted(replies):
+            r = replies[cid]
+            if "error" in r:
+                self.log(WARNING, f"round {rnd + 1} {phase}: client {cid} left out: {r['error']}")
+                continue
+            if cfg.privacy == "sample":
+                for s, q, k in r["releases"]:
+                    self.journal.record(f"client{cid}", rnd, phase, s, q, k)
+            local = {n: {f: t.clone() for f, t in d.items()} for n, d in self.adapters.items()}
+            for n, d in unflatten_adapters(r["factors"]).items():
+                if n not in local or set(d) != ({"A", "B"} if phase == "AB" else {phase}):
+                    self.log(WARNING, f"round {rnd + 1} {phase}: client {cid} left out: reply has factors "
+                                      f"{sorted(d)} for layer {n}, expected the {phase} factor(s) only")
+                    break
+                local[n].update(d)
+            else:
+                if all(torch.isfinite(t).all() for d in local.values() for t in d.values()):
+                    valid[cid] = (local, float(r["num_examples"]))
+                else:
+                    self.log(WARNING, f"round {rnd + 1} {phase}: client {cid} left out: non-finite (NaN/Inf) factors")
+        if len(valid) < cfg.min_clients:
+            self.log(WARNING, f"round {rnd + 1} {phase}: skipped, {len(valid)} valid client updates < "
+                              f"min_clients={cfg.min_clients}")
+            self.skipped.append({"round": rnd, "phase": phase, "valid": len(valid)})
+            return
+        ids = sorted(valid)
+        weights = [1.0] * len(ids) if (cfg.weighting == "uniform" or cfg.privacy == "client") else \
+            [valid[c][1] for c in ids]
+        agg = aggregate(self.adapters, [valid[c][0] for c in ids], weights, phase, self.spec, privacy=cfg.privacy,
+                        noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm, lam=cfg.lam,
+                        generator=generator(cfg.seed, "server", rnd, si))
+        if cfg.privacy == "client":
+            self.journal.record("server", rnd, phase, agg.noise_multiplier, cfg.clients_per_round / cfg.num_clients, 1)
+        self.adapters = agg.adapters
+
+
+# ----------------------------------------------------------------------------------------------
+# ServerApp
+# ----------------------------------------------------------------------------------------------
+
+def _server_main(grid, context) -> None:
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.logger import log
+
+    rc = context.run_config
+    job_dir, method, out_dir = str(rc["job-dir"]), str(rc.get("method", "deer")), str(rc["out-dir"])
+    os.makedirs(out_dir, exist_ok=True)
+    job = load_job(job_dir)
+    cfg = job.cfg
+    strategy = DeerStrategy(job, method, ReleaseJournal(os.path.join(out_dir, "releases.jsonl")), log)
+    log(INFO, f"[deer] {strategy.spec.label}: phases {list(strategy.spec.phases)}, privacy {cfg.privacy}, "
+              f"sigma {strategy.sigma:.4g}")
+    # Wait for the clients, then learn which node holds which partition.
+    deadline = time.monotonic() + float(rc.get("connect-timeout", 120))
+    while len(list(grid.get_node_ids())) < cfg.num_clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {cfg.num_clients} SuperNodes connected")
+        time.sleep(0.5)
+    nodes = sorted(grid.get_node_ids())
+    ask = [Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), dst_node_id=n, message_type="query")
+           for n in nodes]
+    node_of = {}
+    for rep in grid.send_and_receive(ask, timeout=float(rc.get("connect-timeout", 120))):
+        if rep.has_error():
+            raise RuntimeError(f"node {rep.metadata.src_node_id} failed to report its partition: {rep.error.reason}")
+        node_of[int(rep.content["config"]["partition-id"])] = rep.metadata.src_node_id
+    missing = sorted(set(range(cfg.num_clients)) - set(node_of))
+    if missing:
+        raise RuntimeError(f"no SuperNode serves partition(s) {missing}; start one per partition-id 0..{cfg.num_clients - 1}")
+    timeout = cfg.client_timeout_s
+    model = job.model
+    for rnd in range(cfg.rounds):
+        for si, phase in enumerate(strategy.spec.phases):
+            sampled, flat, config = strategy.configure(rnd, si, phase)
+            msgs = []
+            for cid in sampled:
+                content = RecordDict({"adapters": _to_record(flat), "config": ConfigRecord(config)})
+                msgs.append(Message(content, dst_node_id=node_of[cid], message_type="train", group_id=f"{rnd}.{si}"))
+            cid_of = {v: k for k, v in node_of.items()}
+            replies: dict[int, dict] = {cid: {"error": f"no reply within {timeout}s"} for cid in sampled}
+            for rep in grid.send_and_receive(msgs, timeout=timeout):
+                cid = cid_of[rep.metadata.src_node_id]
+                if rep.has_error():
+                    replies[cid] = {"error": f"client error: {rep.error.reason}"}
+                    continue
+                meta = rep.content["metrics"]
+                releases = json.loads(rep.content["config"]["releases"])
+                replies[cid] = {"factors": _from_record(rep.content["factors"]),
+                                "num_examples": meta["num-examples"], "releases": releases}
+            strategy.aggregate(rnd, si, phase, replies)
+        set_adapters(model, strategy.adapters)
+        row = {"round": rnd + 1, **evaluate(model, job.data.test.x, job.data.test.y, job.data.num_classes),
+               "epsilon": strategy.journal.epsilon(cfg.delta) if cfg.privacy != "none" else 0.0}
+        strategy.history.append(row)
+        log(INFO, f"[deer] round {rnd + 1}/{cfg.rounds}: acc {row['accuracy']:.3f} eps {row['epsilon']:.3f}")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in flatten_adapters(strategy.adapters).items()},
+              os.path.join(out_dir, "adapter.safetensors"))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({"method": strategy.spec.name, "history": strategy.history, "skipped": strategy.skipped,
+                   "noise_multiplier": strategy.sigma, "epsilon": strategy.journal.epsilon(cfg.delta)
+                   if cfg.privacy != "none" else 0.0}, f, indent=1, default=float)
+
+
+# ----------------------------------------------------------------------------------------------
+# ClientApp
+# ----------------------------------------------------------------------------------------------
+
+def _partition_id(context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("start the SuperNode with --node-config 'partition-id=<k>' (k = this site's data shard)")
+    return int(context.node_config["partition-id"])
+
+
+def _client_query(msg, context):
+    from flwr.app import ConfigRecord, Message, RecordDict
+    return Message(RecordDict({"config": ConfigRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
+
+
+def _client_train(msg, context):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    job = load_job(str(context.run_config["job-dir"]))
+    cfg = job.cfg
+    cid = _partition_id(context)
+    conf = msg.content["config"]
+    rnd, si, phase = int(conf["round"]), int(conf["subround"]), str(conf["phase"])
+    spec = method_spec(str(conf["method"]))
+    start = unflatten_adapters(_from_record(msg.content["adapters"]))
+    tcfg = LocalTrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.privacy, float(conf["noise-multiplier"]),
+                            cfg.max_grad_norm, cfg.lam, cfg.local_steps)
+    data = job.data.clients[cid]
+    deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
+    upd = local_train(job.model, start, data.x, data.y, phase, spec, tcfg, generator(cfg.seed, "client", cid, rnd, si),
+                      deadline=deadline)
+    trained = ("A", "B") if phase == "AB" else (phase,)
+    factors = {f"{n}.lora_{f}": d[f] for n, d in upd.adapters.items() for f in trained}
+    content = RecordDict({"factors": _to_record(factors),
+                          "metrics": MetricRecord({"num-examples": upd.num_examples, "steps": upd.steps,
+                                                   "loss": upd.loss if math.isfinite(upd.loss) else -1.0}),
+                          "config": ConfigRecord({"releases": json.dumps(upd.releases)})})
+    return Message(content, reply_to=msg)
+
+
+def _make_apps():
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    server = ServerApp()
+    server.main()(_server_main)
+    client = ClientApp()
+    client.train()(_client_train)
+    client.query()(_client_query)
+    return server, client
+
+
+try:  # importing this module without flwr installed must still work (write_job, DeerStrategy)
+    server_app, client_app = _make_apps()
+except ImportError:  # pragma: no cover
+    server_app = client_app = None

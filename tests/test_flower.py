@@ -1,0 +1,151 @@
+"""Acceptance 2: DEeR on a real Flower deployment (one flower-superlink, two flower-supernode processes
+on 127.0.0.1) gives the same global adapters as the in-process engine with the same seeds."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from deer.fed import FedConfig, run_method  # noqa: E402
+from deer.fed.engine import load_adapters  # noqa: E402
+from deer.fed.flower_app import write_job  # noqa: E402
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tool(name):
+    path = os.path.join(BIN, name)
+    if not os.path.exists(path):
+        path = shutil.which(name)
+    if not path:
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def _start(cmd, log_path, env):
+    f = open(log_path, "w")
+    # own session: the process and the app processes it spawns form one group we can stop by its id
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True), f
+
+
+def _stop(procs):
+    for p, _ in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p, f in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+        f.close()
+
+
+def test_flower_deer_matches_in_process(tmp_path, gen):
+    seed = gen.initial_seed() % 100000
+    cfg = FedConfig(rounds=2, dataset="digits", image_size=8, num_clients=2, clients_per_round=2, partition="iid",
+                    public_fraction=0.2, public_classes=None, pretrain_epochs=1, local_steps=2, batch_size=16,
+                    lr=0.1, lora_r=2, lora_alpha=4.0, seed=seed, progress=False, privacy="sample",
+                    noise_multiplier=0.8, methods=["deer"],
+                    model_kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2,
+                                  "mlp_ratio": 2.0}).validate()
+    job_dir, out_dir, app_dir, home = (tmp_path / d for d in ("job", "out", "app", "flwr_home"))
+    job = write_job(cfg, str(job_dir), log=lambda *a: None)
+    expected = run_method(job, "deer", log=lambda *a: None)["adapters"]
+
+    link_port = _free_port()
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(f"""
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "deerflower"
+version = "1.0.0"
+description = "deer DEeR test app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "deer"
+
+[tool.flwr.app.components]
+serverapp = "deer.fed.flower_app:server_app"
+clientapp = "deer.fed.flower_app:client_app"
+
+[tool.flwr.app.config]
+job-dir = "{job_dir}"
+out-dir = "{out_dir}"
+method = "deer"
+connect-timeout = 60
+""")
+    home.mkdir()
+    (home / "config.toml").write_text(f"""
+[superlink]
+default = "local"
+
+[superlink.local]
+address = "127.0.0.1:{link_port}"
+insecure = true
+""")
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               PYTHONPATH=os.pathsep.join(sys.path), PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    procs = []
+    try:
+        procs.append(_start([_tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
+                             "--disable-runtime-dependency-installation"], tmp_path / "superlink.log", env))
+        for k in range(2):
+            procs.append(_start([_tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                                 "--host", "127.0.0.1", "--port", str(_free_port()),
+                                 "--node-config", f"partition-id={k} num-partitions=2"],
+                                tmp_path / f"supernode{k}.log", env))
+        deadline = time.monotonic() + 60
+        while True:  # the SuperLink takes a few seconds to start answering
+            sub = subprocess.run([_tool("flwr"), "run", str(app_dir), "local"], env=env, capture_output=True,
+                                 text=True, timeout=60, cwd=tmp_path)
+            if sub.returncode == 0 or "unavailable" not in sub.stdout + sub.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert sub.returncode == 0, sub.stdout + sub.stderr + (tmp_path / "superlink.log").read_text()[-3000:]
+        deadline = time.monotonic() + 400  # each message starts a flwr-clientapp process (torch import)
+        result = out_dir / "metrics.json"
+        while not result.exists():
+            dead = [p.args[0] for p, _ in procs if p.poll() is not None]
+            logs = "\n".join(f.read_text()[-3000:] for f in tmp_path.glob("*.log"))
+            assert not dead, f"{dead} exited early:\n{logs}"
+            assert time.monotonic() < deadline, f"Flower run did not finish in time:\n{logs}"
+            time.sleep(1)
+        time.sleep(0.5)
+        got = load_adapters(str(out_dir / "adapter.safetensors"))
+    finally:
+        _stop(procs)
+    assert all(p.poll() is not None for p, _ in procs)
+    assert set(got) == set(expected)
+    for n, d in expected.items():
+        for f in ("A", "B"):
+            torch.testing.assert_close(got[n][f], d[f], rtol=1e-5, atol=1e-6, msg=f"{n}.{f} (seed {seed})")
+        # and training moved both factors away from their initial values
+        assert not torch.equal(d["B"], job.init_adapters[n]["B"])
