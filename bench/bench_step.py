@@ -11,8 +11,9 @@ peak memory and a machine-readable row in `extra_info`. Methods and how each is 
 Default CPU sweep (2-core friendly): ViT-tiny, batch 32, image 64 (17 tokens), rank 8, LoRA on qkv as
 the centre, both phases; then one knob at a time: model small, batch 8/16/64, image 32/128, rank 4/32,
 LoRA on every Linear of the blocks. CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
-tiny/small at batch 32, every deer backend available. DEER_BENCH_ROUNDS sets the timed rounds per case
-(default 7 on CPU, 20 on CUDA); each case's 1-minute load average is recorded (shared machines). `--quick` (or DEER_BENCH_QUICK=1): a 2-block
+tiny/small at batch 32, every deer backend available. DEER_BENCH_ROUNDS sets the timed rounds per
+case (default 7 on CPU, 20 on CUDA), DEER_BENCH_THREADS torch's intra-op threads; each case's 1-minute
+load average is recorded (shared machines). `--quick` (or DEER_BENCH_QUICK=1): a 2-block
 ViT-tiny at 32 px, batch 8, every method/backend/phase once; it checks every case runs and writes its
 row, and asserts nothing about speed.
 """
@@ -172,6 +173,10 @@ def _synced(step, device: str):
 
 def test_step(benchmark, case: Case, request):
     quick = _quick(request.config)
+    if os.environ.get("DEER_BENCH_THREADS"):
+        # On a shared, oversubscribed machine one intra-op thread per process is far more stable than
+        # two threads spinning at OpenMP barriers; the thread count goes into every row.
+        torch.set_num_threads(int(os.environ["DEER_BENCH_THREADS"]))
     warnings.filterwarnings("ignore", category=UserWarning)
     if not quick:
         _warm_up(case.device)

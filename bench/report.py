@@ -180,7 +180,7 @@ def targets(by_cfg: dict) -> tuple[str, list[dict]]:
 # Profile of the deer step (where the time goes)
 # ------------------------------------------------------------------------------------------------
 
-def profile_case(row: dict, steps: int = 5, top: int = 15) -> tuple[dict, str]:
+def profile_case(row: dict, steps: int = 3, top: int = 15) -> tuple[dict, str]:
     """Profiles `steps` steps of the case in `row` (after 2 warm-up steps): ms per stage (forward,
     backward, step) and the top operators by self time."""
     import warnings
@@ -192,6 +192,8 @@ def profile_case(row: dict, steps: int = 5, top: int = 15) -> tuple[dict, str]:
     from bench.models import Case, build_step
     fields = {k: row[k] for k in Case.__dataclass_fields__ if k in row}
     case = Case(**fields)
+    if row.get("torch_threads"):
+        torch.set_num_threads(int(row["torch_threads"]))     # as the benchmark ran
     warnings.filterwarnings("ignore", category=UserWarning)
     models.PROFILE_STAGES = True
     try:
