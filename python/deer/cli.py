@@ -30,9 +30,6 @@ def _run(cfg, run_dir: str, title: str, started: float) -> int:
             yaml.safe_dump({**cfg.to_dict(), "run_dir": None}, f, sort_keys=False)
     _log(f"[deer] run directory {run_dir}")
     out = engine.run(cfg, run_dir, log=_log)
-    job = out["job"]
-    for n in job.notes:
-        _log(f"[deer] {n}")
     print()
     print_table(out["results"], title)
     paths = save_report(out["results"], run_dir, title)

@@ -276,6 +276,8 @@ def run(cfg: FedConfig, run_dir: str | None = None, log=print, **kw) -> dict:
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
     job = prepare_job(cfg, log=log, backbone_path=os.path.join(run_dir, "backbone.safetensors") if run_dir else None)
+    for n in job.notes:
+        log(f"[deer] {n}")
     results = {}
     for m in cfg.methods:
         spec = method_spec(m)
