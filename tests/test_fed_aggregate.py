@@ -1,0 +1,91 @@
+"""Server aggregation against a float64 hand computation: weighted FedAvg of the trained factor only,
+client-level clipping of the whole update (Euclidean and regulated metric), and the noise's law."""
+import math
+
+import pytest
+import torch
+
+from deer.fed.aggregate import aggregate
+from deer.fed.config import method_spec
+
+
+def _state(gen, layers, r):
+    return {n: {"A": torch.randn(r, nn_, generator=gen, dtype=torch.float64),
+                "B": torch.randn(m, r, generator=gen, dtype=torch.float64)} for n, (m, nn_) in layers.items()}
+
+
+LAYERS = {"l0": (7, 5), "l1": (3, 11)}
+
+
+def test_fedavg_weighted_mean_only_trained_factor(gen):
+    g0 = _state(gen, LAYERS, 3)
+    ups = [_state(gen, LAYERS, 3) for _ in range(4)]
+    w = [3.0, 1.0, 5.0, 2.0]
+    res = aggregate(g0, ups, w, "B", method_spec("deer"))
+    for n in LAYERS:
+        exp = sum(wk * u[n]["B"] for wk, u in zip(w, ups)) / sum(w)
+        torch.testing.assert_close(res.adapters[n]["B"], exp)
+        assert torch.equal(res.adapters[n]["A"], g0[n]["A"])       # frozen factor untouched
+
+
+@pytest.mark.parametrize("method,phase", [("fedavg", "AB"), ("deer", "B"), ("deer", "A")])
+def test_client_level_clipping_whole_update(gen, method, phase):
+    spec = method_spec(method)
+    lam, C = 0.3, 1.7
+    g0 = _state(gen, LAYERS, 3)
+    ups = []
+    for k in range(5):  # updates of very different sizes: some clipped, some not
+        u = {n: {f: t + (0.05 * 4 ** k) * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+                 for f, t in d.items()} for n, d in g0.items()}
+        ups.append(u)
+    res = aggregate(g0, ups, [1.0] * 5, phase, spec, privacy="client", noise_multiplier=0.0, max_grad_norm=C, lam=lam)
+    factors = ("A", "B") if phase == "AB" else (phase,)
+    # hand computation: the norm of the whole update in the metric, all layers together
+    norms = []
+    for u in ups:
+        tot = 0.0
+        for n in LAYERS:
+            for f in factors:
+                d = u[n][f] - g0[n][f]
+                if spec.metric == "regulated":
+                    if f == "B":   # ||dB A||^2 + lam ||dB||^2
+                        tot += float((d @ g0[n]["A"]).pow(2).sum() + lam * d.pow(2).sum())
+                    else:          # ||B dA||^2 + lam ||dA||^2
+                        tot += float((g0[n]["B"] @ d).pow(2).sum() + lam * d.pow(2).sum())
+                else:
+                    tot += float(d.pow(2).sum())
+        norms.append(math.sqrt(tot))
+    c = [min(1.0, C / (nk + 1e-6)) for nk in norms]
+    assert min(c) < 1 and max(c) == 1, (gen.initial_seed(), norms)
+    for n in LAYERS:
+        for f in factors:
+            exp = g0[n][f] + sum(ck * (u[n][f] - g0[n][f]) for ck, u in zip(c, ups)) / 5
+            torch.testing.assert_close(res.adapters[n][f], exp, msg=f"seed {gen.initial_seed()}")
+    assert res.noise_multiplier == 0.0
+
+
+@pytest.mark.parametrize("noise_method", ["deer", "deer_no_nr"])
+def test_client_level_noise_law(gen, noise_method):
+    """With all-zero updates the output is global + sigma C xi / m. DEeR's B-phase noise rows have
+    covariance (sigma C / m)^2 K^{-1}, K = A A^T + lam I; isotropic noise has (sigma C / m)^2 I.
+    A 5-sigma bound on every covariance entry; the other law must fail it (the test can fail)."""
+    torch.manual_seed(gen.initial_seed())
+    m_cli, sigma, C, lam, r = 3, 2.0, 0.5, 0.2, 3
+    layers = {"l": (400, 6)}
+    g0 = _state(gen, layers, r)
+    spec = method_spec(noise_method)
+    draws = []
+    for t in range(10):
+        res = aggregate(g0, [g0] * m_cli, [1.0] * m_cli, "B", spec, privacy="client", noise_multiplier=sigma,
+                        max_grad_norm=C, lam=lam, generator=torch.Generator().manual_seed(gen.initial_seed() + t))
+        draws.append((res.adapters["l"]["B"] - g0["l"]["B"]) / (sigma * C / m_cli))   # rows ~ N(0, Sigma)
+    X = torch.cat(draws)                                                              # 4000 x r rows
+    emp = X.T @ X / X.shape[0]
+    A = g0["l"]["A"]
+    K_inv = torch.linalg.inv(A @ A.T + lam * torch.eye(r, dtype=torch.float64))
+    expected, other = (K_inv, torch.eye(r, dtype=torch.float64)) if noise_method == "deer" else \
+        (torch.eye(r, dtype=torch.float64), K_inv)
+    # Var of an entry of the empirical covariance of Gaussian rows: (S_ii S_jj + S_ij^2) / N
+    se = ((torch.diag(expected)[:, None] * torch.diag(expected)[None, :] + expected ** 2) / X.shape[0]).sqrt()
+    assert ((emp - expected).abs() <= 5 * se).all(), (gen.initial_seed(), emp, expected)
+    assert ((emp - other).abs() > 5 * se).any(), "the test cannot tell the two noise laws apart"
