@@ -117,9 +117,10 @@ def reduce_tiles(p: int, q: int, device: torch.device) -> dict:
 
 def noise_tiles(p: int, q: int, noise_side: int | None, device: torch.device) -> dict:
     """Tiles for the finishing pass (sum of batch splits + noise). Regulated noise mixes all r rows
-    (noise_side 0) or all r columns (noise_side 1): that axis is one tile. On the GPU a tile holds
-    2048 elements (16 a thread over 4 warps): Philox keeps ~10 live 32-bit words per element, and
-    larger tiles pushed ptxas to its 255-register ceiling."""
+    (noise_side 0) or all r columns (noise_side 1): that axis is one tile. On the GPU a thread holds
+    about 4 elements: each runs Philox (a dozen live 32-bit words) and a float64 Box-Muller (log,
+    sin/cos in double), and 16 elements a thread spilled ~1.5 KB to local memory at 255 registers.
+    Regulated tiles that must hold all of a large r get more warps instead of more elements."""
     if interpreted(device):
         bp = min(next_pow2(p), _INTERP_CAP)
         bq = min(next_pow2(q), _INTERP_CAP)
@@ -128,7 +129,7 @@ def noise_tiles(p: int, q: int, noise_side: int | None, device: torch.device) ->
         elif noise_side == 1:
             bq = next_pow2(q)
         return dict(BLOCK_P=bp, BLOCK_Q=bq, num_warps=4, num_stages=1)
-    budget = 2048
+    budget = 512
     if noise_side == 0:
         bp = next_pow2(p)
         bq = min(next_pow2(q), max(MIN_DOT, budget // bp))
@@ -136,9 +137,10 @@ def noise_tiles(p: int, q: int, noise_side: int | None, device: torch.device) ->
         bq = next_pow2(q)
         bp = min(next_pow2(p), max(MIN_DOT, budget // bq))
     else:
-        bq = min(128, next_pow2(q))
+        bq = min(32, next_pow2(q))
         bp = min(next_pow2(p), max(MIN_DOT, budget // bq))
-    return dict(BLOCK_P=bp, BLOCK_Q=bq, num_warps=4, num_stages=1)
+    num_warps = min(16, max(4, bp * bq // 128))
+    return dict(BLOCK_P=bp, BLOCK_Q=bq, num_warps=num_warps, num_stages=1)
 
 
 def batch_splits(n_tiles: int, b: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:

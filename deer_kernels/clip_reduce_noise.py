@@ -15,19 +15,22 @@ Two passes, both deterministic (fixed summation order, no atomics):
 2. finish: program (tile) sums the splits in order, adds noise_std * xi and divides by the expected
    batch size. Regulated noise mixes all r rows (or columns), so a finishing tile holds all of r.
 
-Random stream (Triton's Philox4x32-10, counter based): element e = row * q + col of Z uses
-    key     = seed                       (64 bits: seed_lo, seed_hi)
-    counter = (e, step, layer, client)   (4 x 32 bits)
-and Z_e is the Box-Muller normal of the first two 32-bit outputs (tl.random's conversion, as
-tl.randn). For a fixed key Philox is a bijection of the 128-bit counter, so two draws share random
-bits only if (seed, step, layer, client, e) are all equal: streams of different steps, layers or
-clients never overlap, by construction rather than by a hash that could collide. Requires
-0 <= seed < 2^64, 0 <= step, layer, client < 2^32 and p * q <= 2^32. The same key gives the same
-Philox bits everywhere (GPU or interpreter) and the same Z on the same device and software (log and
-cos may round differently elsewhere); a deployment must never reuse a key (secure mode draws the
-seed from OS entropy). Philox4x32-10 here is Random123's (same constants), so another backend can
-reproduce the bits from this key/counter map. Box-Muller clamps u1 >= 1e-7, so |Z| < 5.68: the tail beyond that
-(probability ~1.4e-8) is cut, as in tl.randn.
+Random stream: the one all deer backends share (csrc/clip_reduce_noise/philox.h, and its PyTorch
+twin deer.ops.clip_reduce_noise.philox_normal_reference), drawn here with Triton's Philox4x32-10
+(tl.philox, Random123's constants and round function). Element e = row * q + col of Z uses
+    key     = seed mod 2^64                    (k0 = low 32 bits, k1 = high 32 bits)
+    counter = (e // 2, layer, step, client)    (four 32-bit words)
+One call gives four words = two 64-bit words a, b; their top 53 bits make u1 in (0, 1] and u2 in
+[0, 1), and Box-Muller in float64 gives Z_{2j} = rad cos(theta), Z_{2j+1} = rad sin(theta)
+(rounded once to fp32). float64 keeps the tail honest: no clamp of u1 (tl.randn's 1e-7 clamp cuts
+|Z| at 5.7); here |Z| reaches 8.6. For a fixed key Philox is a bijection of the 128-bit counter,
+so two draws share random bits only if (seed, step, layer, client, e // 2) are all equal: streams
+of different steps, layers or clients never overlap, by construction rather than by a hash that
+could collide. Requires 0 <= step, layer, client < 2^32 and p * q <= 2^33. The same key gives the
+same Z on every backend and device up to an ulp of float64 sin/log before the fp32 rounding; a
+deployment must never reuse a key (secure mode draws the seed from OS entropy). Each element runs
+its pair's Philox call itself (twice the minimal Philox work): the noise pass touches p * q
+elements once per step, next to b * p * q for the reduction, so simplicity wins.
 """
 from __future__ import annotations
 
@@ -44,15 +47,22 @@ from .per_sample_grad_norm import _sample_lt_r, check_pair, compute_dtype
 
 @triton.jit
 def _gauss(key, step, layer, client, idx):
-    """N(0, 1) for element `idx` (int64 block, < 2^32) of the stream (key; step, layer, client)."""
-    c0 = idx.to(tl.uint32)
+    """Z at row-major element `idx` (int64 block, < 2^33) of the stream (key; step, layer, client), fp32."""
+    c0 = (idx // 2).to(tl.uint32)
     zero = c0 * 0  # counters as full blocks: Philox's rounds mix all four lanes elementwise
-    c1 = zero + step.to(tl.uint32)
-    c2 = zero + layer.to(tl.uint32)
+    c1 = zero + layer.to(tl.uint32)
+    c2 = zero + step.to(tl.uint32)
     c3 = zero + client.to(tl.uint32)
-    r0, r1, _, _ = tl.philox(key, c0, c1, c2, c3)
-    z, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
-    return z
+    r0, r1, r2, r3 = tl.philox(key, c0, c1, c2, c3)
+    a = (r1.to(tl.uint64) << 32) | r0.to(tl.uint64)
+    b = (r3.to(tl.uint64) << 32) | r2.to(tl.uint64)
+    # Top 53 bits are exact in float64; +1 keeps u1 off 0 so log is finite.
+    u1 = ((a >> 11).to(tl.float64) + 1.0) * 1.1102230246251565e-16  # 2^-53
+    u2 = (b >> 11).to(tl.float64) * 1.1102230246251565e-16
+    rad = tl.sqrt(-2.0 * tl.log(u1))
+    theta = 6.283185307179586 * u2
+    z = tl.where((idx % 2) == 0, rad * tl.cos(theta), rad * tl.sin(theta))
+    return z.to(tl.float32)
 
 
 @triton.jit
@@ -175,17 +185,17 @@ _OP = "clip_reduce_noise"
 
 def _check_key(seed, step, layer, client) -> tuple[int, int, int, int]:
     out = []
-    for name, v, hi in (("seed", seed, 2 ** 64), ("step", step, 2 ** 32), ("layer", layer, 2 ** 32),
-                        ("client", client, 2 ** 32)):
+    for name, v in (("seed", seed), ("step", step), ("layer", layer), ("client", client)):
         if isinstance(v, bool):
             raise TypeError(f"{_OP}: {name} must be an integer, got {v!r}")
         try:
             v = operator.index(v)
         except TypeError:
             raise TypeError(f"{_OP}: {name} must be an integer, got {type(v).__name__}") from None
-        if not 0 <= v < hi:
-            raise ValueError(f"{_OP}: {name} must be in [0, 2^{hi.bit_length() - 1}) (it is a Philox "
-                             f"{'key' if name == 'seed' else 'counter word'}), got {v}")
+        if name == "seed":
+            v &= (1 << 64) - 1  # the Philox key is the seed's 64-bit pattern, as on every backend
+        elif not 0 <= v < 2 ** 32:
+            raise ValueError(f"{_OP}: {name} must be in [0, 2^32) (it is a Philox counter word), got {v}")
         out.append(v)
     return tuple(out)
 
@@ -202,8 +212,9 @@ def _check_common(p, q, clip, b, noise_std, expected_batch_size, chol, noise_sid
     if noise_side not in (0, 1):
         raise ValueError(f"{_OP}: noise_side must be 0 (xi = R^-1 Z, A phase, p = r) or 1 "
                          f"(xi = Z R^-T, B phase, q = r), got {noise_side!r}")
-    if p * q > 2 ** 32:
-        raise ValueError(f"{_OP}: {p} x {q} output has more than 2^32 elements, the Philox counter's range")
+    if p * q > 2 ** 33:
+        raise ValueError(f"{_OP}: {p} x {q} output has more than 2^33 elements, the Philox counter's range "
+                         "(one 32-bit counter word per pair of elements)")
     if chol is None:
         return None
     r = p if noise_side == 0 else q
