@@ -202,7 +202,8 @@ at::Tensor clip_reduce_noise_fused_cpu(const at::Tensor& left_in, const at::Tens
     const int64_t vdim = tile::vector_dim(p, q);
     const int64_t vb = std::is_same_v<scalar_t, double> ? tile::vector_block_f64() : tile::vector_block_f32();
     // One contiguous long-dim range per thread: every thread streams its share of every row.
-    const int64_t threads = at::get_num_threads();
+    // (Small problems: one chunk, no parallel region.)
+    const int64_t threads = b * T * p * q < 2 * kSumWork ? 1 : at::get_num_threads();
     const int64_t blk = std::max<int64_t>(vb, ((vdim + threads - 1) / threads + vb - 1) / vb * vb);
     const int64_t nvb = (vdim + blk - 1) / blk;
     if (b > 0 && T > 0 && p > 0 && q > 0) {

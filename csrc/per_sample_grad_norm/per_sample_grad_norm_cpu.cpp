@@ -56,10 +56,58 @@ void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64_t p, i
     tile::gemm_tn_f32(L, R, nb, T, p, q, w, wconst, out, v0, v1);
 }
 
-// Per-sample g_i = scale * L_i^T R_i for all i, written to G (b, p, q).
+// Squared norm of one sample's g (p, q) in the op's metric; kg is scratch of length q.
 template <typename acc_t>
-void per_sample_gemm(const acc_t* L, const acc_t* R, int64_t b, int64_t T, int64_t p, int64_t q,
-                     double scale, acc_t* G) {
+acc_t sample_sq_norm(const acc_t* g, int64_t p, int64_t q, const acc_t* K, int64_t side, std::vector<acc_t>& kg) {
+  acc_t n = 0;
+  if (K == nullptr) {
+    for (int64_t e = 0; e < p * q; ++e) n += g[e] * g[e];
+  } else if (side == 1) {  // tr(g K g^T) = sum_a g_a K g_a^T, g_a a row (length q = k)
+    kg.resize(q);
+    for (int64_t a = 0; a < p; ++a) {
+      const acc_t* ga = g + a * q;
+      std::fill(kg.begin(), kg.end(), acc_t(0));
+      for (int64_t d = 0; d < q; ++d) {  // kg = K g_a^T, column-wise so the inner loop is contiguous
+        const acc_t gd = ga[d];
+        for (int64_t c = 0; c < q; ++c) kg[c] += K[c * q + d] * gd;
+      }
+      for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
+    }
+  } else {  // tr(g^T K g) = sum_{a,a'} K[a,a'] <g_a, g_a'>, p = k rows
+    kg.resize(q);
+    for (int64_t a = 0; a < p; ++a) {
+      std::fill(kg.begin(), kg.end(), acc_t(0));
+      for (int64_t a2 = 0; a2 < p; ++a2) {  // kg = sum_a' K[a,a'] g_a'
+        const acc_t k = K[a * p + a2];
+        const acc_t* g2 = g + a2 * q;
+        for (int64_t c = 0; c < q; ++c) kg[c] += k * g2[c];
+      }
+      const acc_t* ga = g + a * q;
+      for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
+    }
+  }
+  return n;
+}
+
+// Multiply-adds below which a chunk runs on the calling thread: a parallel region costs tens of
+// microseconds, and far more on a loaded machine where the other thread must wait for a core.
+constexpr int64_t kMinWork = 1 << 17;
+
+template <typename acc_t>
+void sq_norms_kernel(const acc_t* G, int64_t b, int64_t p, int64_t q, const acc_t* K, int64_t side, acc_t* N) {
+  const int64_t per = std::max<int64_t>(1, p * q * (K ? std::min(p, q) : 1));
+  at::parallel_for(0, b, std::max<int64_t>(1, kMinWork / per), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> kg;
+    for (int64_t i = begin; i < end; ++i) N[i] = sample_sq_norm(G + i * p * q, p, q, K, side, kg);
+  });
+}
+
+// Per-sample g_i = scale * L_i^T R_i for all i, written to G (b, p, q). When every work item is a
+// whole sample, its norm is taken right away (g_i still in cache, one parallel region); returns
+// whether N was filled.
+template <typename acc_t>
+bool per_sample_gemm(const acc_t* L, const acc_t* R, int64_t b, int64_t T, int64_t p, int64_t q,
+                     double scale, acc_t* G, const acc_t* K, int64_t side, acc_t* N) {
   const int64_t vdim = tile::vector_dim(p, q);
   const int64_t vb = std::is_same_v<acc_t, double> ? tile::vector_block_f64() : tile::vector_block_f32();
   // One work item per sample (whole rows stream through the prefetcher); small batches split the
@@ -68,52 +116,19 @@ void per_sample_gemm(const acc_t* L, const acc_t* R, int64_t b, int64_t T, int64
   const int64_t want = b >= 2 * threads ? 1 : (2 * threads + b - 1) / b;
   const int64_t blk = std::max<int64_t>(vb, ((vdim + want - 1) / want + vb - 1) / vb * vb);
   const int64_t nvb = (vdim + blk - 1) / blk;
-  at::parallel_for(0, b * nvb, 1, [&](int64_t begin, int64_t end) {
+  const bool fuse_norm = nvb == 1;
+  const int64_t item_work = std::max<int64_t>(1, T * p * q / nvb);
+  at::parallel_for(0, b * nvb, std::max<int64_t>(1, kMinWork / item_work), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> kg;
     for (int64_t w = begin; w < end; ++w) {
       const int64_t i = w / nvb, v0 = (w % nvb) * blk;
       const int64_t v1 = std::min(vdim, v0 + blk);
       gemm_tn<acc_t>(L + i * T * p, R + i * T * q, 1, T, p, q, nullptr, static_cast<acc_t>(scale),
                      G + i * p * q, v0, v1);
+      if (fuse_norm) N[i] = sample_sq_norm(G + i * p * q, p, q, K, side, kg);
     }
   });
-}
-
-template <typename acc_t>
-void sq_norms_kernel(const acc_t* G, int64_t b, int64_t p, int64_t q, const acc_t* K, int64_t side, acc_t* N) {
-  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kg;
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* g = G + i * p * q;
-      acc_t n = 0;
-      if (K == nullptr) {
-        for (int64_t e = 0; e < p * q; ++e) n += g[e] * g[e];
-      } else if (side == 1) {  // tr(g K g^T) = sum_a g_a K g_a^T, g_a a row (length q = k)
-        kg.assign(q, acc_t(0));
-        for (int64_t a = 0; a < p; ++a) {
-          const acc_t* ga = g + a * q;
-          std::fill(kg.begin(), kg.end(), acc_t(0));
-          for (int64_t d = 0; d < q; ++d) {  // kg = K g_a^T, column-wise so the inner loop is contiguous
-            const acc_t gd = ga[d];
-            for (int64_t c = 0; c < q; ++c) kg[c] += K[c * q + d] * gd;
-          }
-          for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
-        }
-      } else {  // tr(g^T K g) = sum_{a,a'} K[a,a'] <g_a, g_a'>, p = k rows
-        kg.assign(q, acc_t(0));
-        for (int64_t a = 0; a < p; ++a) {
-          std::fill(kg.begin(), kg.end(), acc_t(0));
-          for (int64_t a2 = 0; a2 < p; ++a2) {  // kg = sum_a' K[a,a'] g_a'
-            const acc_t k = K[a * p + a2];
-            const acc_t* g2 = g + a2 * q;
-            for (int64_t c = 0; c < q; ++c) kg[c] += k * g2[c];
-          }
-          const acc_t* ga = g + a * q;
-          for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
-        }
-      }
-      N[i] = n;
-    }
-  });
+  return fuse_norm;
 }
 
 at::ScalarType acc_dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -141,16 +156,20 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_norm_cpu(
   auto left = left_in.to(acc).contiguous();
   auto right = right_in.to(acc).contiguous();
   auto grads = at::empty({b, p, q}, left.options());
+  auto norms = at::empty({b}, left.options());
+  at::Tensor K;
+  if (gram.has_value() && gram->defined()) K = gram->to(acc).contiguous();
+  bool have_norms = false;
   if (T == 0) grads.zero_();
   else if (b > 0 && p > 0 && q > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "per_sample_grad_norm_cpu", [&] {
-      per_sample_gemm<scalar_t>(left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>(), b, T, p, q, scale,
-                                grads.data_ptr<scalar_t>());
+      have_norms = per_sample_gemm<scalar_t>(left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>(), b, T, p, q, scale,
+                                             grads.data_ptr<scalar_t>(), K.defined() ? K.data_ptr<scalar_t>() : nullptr,
+                                             gram_side, norms.data_ptr<scalar_t>());
     });
   }
-  at::Tensor K;
-  if (gram.has_value() && gram->defined()) K = gram->to(acc);
-  return {grads, per_sample_sq_norms_cpu(grads, K, gram_side)};
+  if (!have_norms) norms = per_sample_sq_norms_cpu(grads, K, gram_side);
+  return {grads, norms};
 }
 
 bool per_sample_grad_norm_ghost_pays(int64_t T, int64_t p, int64_t q) {
