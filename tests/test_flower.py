@@ -42,22 +42,31 @@ def _start(cmd, log_path, env):
 
 
 def _stop(procs):
+    """Stop every process we started and every process they spawned (SuperExec, ServerApp, ClientApp;
+    some start in their own session), each by its pid: SIGTERM, then SIGKILL after 10 s."""
+    import psutil
+    victims = []
     for p, _ in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for p, f in procs:
         try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=10)
+            victims += [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for v in victims:
+        try:
+            v.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=10)
+    for v in alive:
+        try:
+            v.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    for p, f in procs:
+        p.wait(timeout=10)
         f.close()
+    return victims
 
 
 def test_flower_deer_matches_in_process(tmp_path, gen):
@@ -141,8 +150,9 @@ insecure = true
         time.sleep(0.5)
         got = load_adapters(str(out_dir / "adapter.safetensors"))
     finally:
-        _stop(procs)
+        stopped = _stop(procs)
     assert all(p.poll() is not None for p, _ in procs)
+    assert not [v.pid for v in stopped if v.is_running() and v.status() != "zombie"]
     assert set(got) == set(expected)
     for n, d in expected.items():
         for f in ("A", "B"):
