@@ -58,6 +58,14 @@ namespace {
 constexpr int64_t kPairGrain = 4096;     // Philox + Box-Muller pairs (~0.1-0.2 us each)
 constexpr int64_t kSumWork = 1 << 18;    // multiply-adds per chunk of the clipped sum
 
+// Z[e] for e in [e0, e1) into dst, one Philox call per aligned pair (both Box-Muller outputs used).
+void fill_normals(const philox::Key& key, int64_t e0, int64_t e1, double* dst) {
+  int64_t e = e0;
+  if (e < e1 && (e & 1)) { dst[0] = philox::normal_at(key, static_cast<uint64_t>(e)); ++e; }
+  for (; e + 1 < e1; e += 2) philox::normal_pair(key, static_cast<uint32_t>(e >> 1), dst + (e - e0), dst + (e - e0 + 1));
+  if (e < e1) dst[e - e0] = philox::normal_at(key, static_cast<uint64_t>(e));
+}
+
 // out (p, q) already holds the clipped sum; add noise_std * xi and divide by the expected batch size.
 template <typename out_t>
 void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, double ebs,
@@ -92,7 +100,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
       std::vector<double> xi(p * w);
       for (int64_t a = p - 1; a >= 0; --a) {
         double* xa = xi.data() + a * w;
-        for (int64_t c = 0; c < w; ++c) xa[c] = philox::normal_at(key, static_cast<uint64_t>(a * q + c0 + c));
+        fill_normals(key, a * q + c0, a * q + c1, xa);
         for (int64_t k = a + 1; k < p; ++k) {
           const double rak = R[a * p + k];
           const double* xk = xi.data() + k * w;
@@ -109,10 +117,11 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
   } else {
     // xi = Z R^{-T}  <=>  R xi_a^T = Z_a^T for every row a: back substitution along the row (q = r).
     at::parallel_for(0, p, std::max<int64_t>(16, 2 * kPairGrain / std::max<int64_t>(1, q * q)), [&](int64_t a0, int64_t a1) {
-      std::vector<double> x(q);
+      std::vector<double> x(q), z(q);
       for (int64_t a = a0; a < a1; ++a) {
+        fill_normals(key, a * q, a * q + q, z.data());
         for (int64_t c = q - 1; c >= 0; --c) {
-          double s = philox::normal_at(key, static_cast<uint64_t>(a * q + c));
+          double s = z[c];
           for (int64_t k = c + 1; k < q; ++k) s -= R[c * q + k] * x[k];
           x[c] = s / R[c * q + c];
         }
