@@ -176,6 +176,11 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
         log(f"[{spec.label}] phases per round {list(spec.phases)}, metric {spec.metric}, noise {spec.noise}, "
             f"privacy {cfg.privacy}" + (f", noise multiplier {sigma:.4g} ({how}), C={cfg.max_grad_norm}, "
                                          f"lambda={cfg.lam}, delta={cfg.delta}" if cfg.privacy != "none" else ""))
+    set_adapters(model, job.init_adapters)  # B = 0: the pretrained backbone's own predictions
+    initial = evaluate(model, data.test.x, data.test.y, data.num_classes)
+    if start == 0 and not history:
+        log(f"[{spec.label}] before fine-tuning: acc {initial['accuracy']:.3f}  F1 {initial['f1']:.3f}  "
+            f"AUC {initial['auc']:.3f}")
     q_server = cfg.clients_per_round / cfg.num_clients
     bar = _progress(cfg, total=cfg.rounds, initial=start, desc=spec.label)
     for rnd in range(start, cfg.rounds):
@@ -239,7 +244,8 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
     eps = journal.epsilon(cfg.delta) if cfg.privacy != "none" else 0.0
     result = {"method": spec.name, "label": spec.label, "privacy": cfg.privacy, "noise_multiplier": sigma,
               "noise_calibration": how, "delta": cfg.delta, "epsilon": eps, "history": history,
-              "skipped": skipped, "releases": len(journal.entries), "final": history[-1] if history else {}}
+              "skipped": skipped, "releases": len(journal.entries), "initial": initial,
+              "final": history[-1] if history else {}}
     if run_dir:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in flatten_adapters(global_state).items()},

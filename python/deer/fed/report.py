@@ -47,10 +47,11 @@ def save_report(results: dict, run_dir: str, title: str) -> dict:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
     for r in results.values():
-        h = r["history"]
+        h = ([{"round": 0, **r["initial"]}] if r.get("initial") else []) + r["history"]
         ax.plot([x["round"] for x in h], [x["accuracy"] for x in h], marker="o",
                 label=f"{r['label']} (eps {r['epsilon']:.2f})" if r["noise_multiplier"] else r["label"])
-    ax.set_xlabel("communication round")
+    ax.set_xlabel("communication round (0 = pretrained backbone, before fine-tuning)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("test accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
