@@ -1,6 +1,10 @@
 """Backend dispatch for deer's ops. One name per op across csrc/, deer_kernels/, python/deer/ops/,
 tests/ and bench/.
 
+Ops: per_sample_grad_norm (+ per_sample_grad_norm_only: norms alone, materialised or ghost by cost),
+clip_reduce_noise (+ clip_reduce_noise_fused: from the factors, no per-sample gradients); each has a
+`<op>_reference` twin in PyTorch ops (float64-capable) that the tests use as the oracle.
+
 Backends: 'cpu' (C++/OpenMP in deer._C), 'cuda' (CUDA C++ in deer._C), 'triton' (deer_kernels/),
 'reference' (pure PyTorch, float64-capable oracle). The choice comes from the call's `backend`
 argument, else the DEER_BACKEND environment variable, else the tensor's device: CPU tensors use
