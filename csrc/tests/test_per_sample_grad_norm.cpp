@@ -42,6 +42,20 @@ int main() {
       expect_close("  metric norm, K on columns", n1, torch::einsum("bpq,qs,bps->b", {g_ref, Kq, g_ref}), tol);
       auto [g0, n0] = deer::per_sample_grad_norm_cpu(L, R, s, Kp.to(dtype), 0);
       expect_close("  metric norm, K on rows", n0, torch::einsum("bpq,ps,bsq->b", {g_ref, Kp, g_ref}), tol);
+      // Norms only: materialised (1) and ghost (2, token Gram matrices; fp32 cancellation over T^2
+      // signed terms gets a looser bound) against the same float64 formulas.
+      const double gtol = dtype == at::kDouble ? 1e-10 : 1e-4;
+      for (int64_t method : {1, 2}) {
+        const double t = method == 1 ? tol : gtol;
+        expect_close(method == 1 ? "  norm only (materialise), euclidean" : "  norm only (ghost), euclidean",
+                     deer::per_sample_grad_norm_only(L, R, s, c10::nullopt, 1, method), g_ref.pow(2).sum({1, 2}), t);
+        expect_close(method == 1 ? "  norm only (materialise), K on columns" : "  norm only (ghost), K on columns",
+                     deer::per_sample_grad_norm_only(L, R, s, Kq.to(dtype), 1, method),
+                     torch::einsum("bpq,qs,bps->b", {g_ref, Kq, g_ref}), t);
+        expect_close(method == 1 ? "  norm only (materialise), K on rows" : "  norm only (ghost), K on rows",
+                     deer::per_sample_grad_norm_only(L, R, s, Kp.to(dtype), 0, method),
+                     torch::einsum("bpq,ps,bsq->b", {g_ref, Kp, g_ref}), t);
+      }
     }
   }
   // Bad input must raise, naming the problem.
@@ -53,6 +67,10 @@ int main() {
   }
   std::printf("%-48s %s\n", "mismatched token dims rejected", raised ? "ok" : "FAIL");
   if (!raised) ++failures;
+  // The cost rule: ghost for one token, materialise for ViT sequences.
+  const bool rule = deer::per_sample_grad_norm_ghost_pays(1, 768, 8) && !deer::per_sample_grad_norm_ghost_pays(197, 2304, 8);
+  std::printf("%-48s %s\n", "ghost cost rule", rule ? "ok" : "FAIL");
+  if (!rule) ++failures;
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }
