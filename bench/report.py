@@ -215,51 +215,83 @@ def profile_case(row: dict, steps: int = 3, top: int = 15) -> tuple[dict, str]:
             stages[ev.key] = ev.cpu_time_total / 1e3 / steps          # ms per step (wall, CPU side)
     sort = "self_cpu_time_total" if case.device == "cpu" else "self_cuda_time_total"
     table = ka.table(sort_by=sort, row_limit=top, max_name_column_width=60)
-    return stages, table
+    return stages, table, _stage_ops(prof, "step", steps, top)
+
+
+def _stage_ops(prof, stage: str, steps: int, top: int) -> str:
+    """Markdown table of the operators run inside `stage` (self CPU time per step, calls per step)."""
+    agg = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        p = ev.cpu_parent
+        while p is not None and p.name != stage:
+            p = p.cpu_parent
+        if p is not None:
+            agg[ev.name][0] += ev.self_cpu_time_total
+            agg[ev.name][1] += 1
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]
+    out = ["| operator inside '" + stage + "' | self ms / step | calls / step |", "|---|---:|---:|"]
+    out += [f"| `{n}` | {t / 1e3 / steps:.2f} | {c / steps:.0f} |" for n, (t, c) in rows]
+    return "\n".join(out)
+
+
+def _is_centre(cfg) -> bool:
+    d = dict(zip(CONFIG_KEYS, cfg))
+    return (not d.get("depth") and d["targets"] == "qkv" and d["rank"] == 8 and
+            ((d["device"] == "cpu" and d["model"] == "tiny" and d["batch"] == 32 and d["img"] == 64) or
+             (d["device"] != "cpu" and d["model"] == "base" and d["batch"] == 64 and d["img"] == 224)))
 
 
 def profile_section(missed: list[dict], by_cfg: dict) -> str:
     if not missed:
         return ""
-    # One representative per device: the missed deer case with the largest overhead, and the
-    # non-private step of the same configuration for comparison.
     out = ["## Where the time goes (profile of the deer step)", "",
-           "A target was missed, so the worst missed deer case is profiled with torch.profiler "
-           "(stages timed with record_function; 'backward' includes LoRA captures/hooks, 'step' the "
-           "per-sample norms, clipping, noise and the optimizer update). Profiled in this process "
-           "after the benchmark, on the same machine; absolute numbers differ from the medians above.", ""]
-    seen = set()
-    for r in sorted(missed, key=lambda r: -(r["overhead"] or 0)):
-        if r["device"] in seen:
-            continue
-        seen.add(r["device"])
-        cfg = config_of(r)
-        floor = next(x for x in by_cfg[cfg] if x["method"] == "nonprivate")
-        hooks = next((x for x in by_cfg[cfg] if x["method"] == "opacus_hooks"), None)
-        prof = {}
-        for name, row in (("deer", r), ("non-private", floor), ("Opacus hooks", hooks)):
-            if row is not None:
-                prof[name] = profile_case(row)
-        out.append(f"### {config_str(cfg)}, {label(r)}")
-        out.append("")
-        out.append("| stage (ms / step) | " + " | ".join(prof) + " |")
-        out.append("|---|" + "---:|" * len(prof))
-        for st in ("forward", "backward", "step"):
-            out.append(f"| {st} | " + " | ".join(f"{p[0].get(st, float('nan')):.1f}" for p in prof.values()) + " |")
-        out.append("")
-        out.append("Top operators of the deer step (self time):")
-        out.append("")
-        out.append("```")
-        out.append(prof["deer"][1].rstrip())
-        out.append("```")
-        out.append("")
-        out.append("Top operators of the non-private step:")
-        out.append("")
-        out.append("```")
-        out.append(prof["non-private"][1].rstrip())
-        out.append("```")
-        out.append("")
+           "A target was missed, so deer's step is profiled with torch.profiler next to the non-private and "
+           "Opacus steps of the same configuration (the centre configuration of the sweep when a target was "
+           "missed there, else the worst missed case). Stages are timed with record_function: 'forward' "
+           "(model + loss), 'backward' (all backward passes, LoRA captures / Opacus hooks included), 'step' "
+           "(per-sample norms, clipping, noise, optimizer update). Every method is profiled back to back in "
+           "one process right after the sweep, so this comparison is less exposed to load changes than the "
+           "medians above; absolute numbers differ from them.", ""]
+    for device in sorted({r["device"] for r in missed}):
+        dm = [r for r in missed if r["device"] == device]
+        centre = [r for r in dm if _is_centre(config_of(r))]
+        groups = defaultdict(list)
+        for r in (centre or [max(dm, key=lambda r: r["overhead"] or 0)]):
+            groups[config_of(r)].append(r)
+        for cfg, chosen in sorted(groups.items(), key=lambda kv: _cfg_sort(kv[0])):
+            out += _profile_config(cfg, chosen, by_cfg)
     return "\n".join(out)
+
+
+def _profile_config(cfg, chosen, by_cfg) -> list[str]:
+    out = []
+    others = {x["method"]: x for x in by_cfg[cfg] if x["method"] != "deer"}
+    runs = [(label(r), r) for r in sorted(chosen, key=_method_sort)]
+    runs += [(label(others[m]), others[m]) for m in ("nonprivate", "opacus_hooks", "opacus_ghost")
+             if m in others]
+    prof = {name: profile_case(row) for name, row in runs}
+    floor = prof.get("non-private")
+    out.append(f"### {config_str(cfg)}")
+    out.append("")
+    out.append("| stage (ms / step) | " + " | ".join(prof) + " |")
+    out.append("|---|" + "---:|" * len(prof))
+    for st in ("forward", "backward", "step"):
+        out.append(f"| {st} | " + " | ".join(f"{p[0].get(st, float('nan')):.1f}" for p in prof.values()) + " |")
+    tot = {n: sum(p[0].get(st, 0.0) for st in ("forward", "backward", "step")) for n, p in prof.items()}
+    out.append("| total | " + " | ".join(f"{t:.1f}" for t in tot.values()) + " |")
+    if floor is not None and tot["non-private"] > 0:
+        out.append("| overhead vs non-private | " +
+                   " | ".join(f"{t / tot['non-private'] - 1:+.3f}" for t in tot.values()) + " |")
+    out.append("")
+    worst = chosen[0] if len(chosen) == 1 else max(chosen, key=lambda r: r["overhead"] or 0)
+    out += [f"Top operators of the {label(worst)} step (self time):", "", "```",
+            prof[label(worst)][1].rstrip(), "```", ""]
+    if floor is not None:
+        out += ["Top operators of the non-private step:", "", "```", floor[1].rstrip(), "```", ""]
+    for name, p in prof.items():
+        if name != "non-private":
+            out += [f"Inside the 'step' stage of {name} (the DP work outside autograd):", "", p[2], ""]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
