@@ -7,6 +7,17 @@ import yaml
 
 from deer.cli import main
 from deer.fed.config import FedConfig, load_config
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test models are tiny: one intra-op thread is several times faster on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 TINY = ["rounds=2", "image_size=8", "num_clients=2", "clients_per_round=2", "partition=iid", "public_fraction=0.2",
         "pretrain_epochs=1", "local_steps=2", "batch_size=16", "lora_r=2", "target_epsilon=6.0",

@@ -13,6 +13,15 @@ from deer.fed import FedConfig, prepare_job, run_method
 from deer.fed.accounting import ReleaseJournal, epsilon
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test models are tiny: one intra-op thread is several times faster on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_cfg(seed, **kw):
     base = dict(rounds=2, dataset="digits", image_size=8, num_clients=3, clients_per_round=3, partition="iid",
                 public_fraction=0.2, public_classes=None, pretrain_epochs=1, local_steps=3, batch_size=16,

@@ -17,6 +17,16 @@ from deer.fed import FedConfig, run_method  # noqa: E402
 from deer.fed.engine import load_adapters  # noqa: E402
 from deer.fed.flower_app import write_job  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test models are tiny: one intra-op thread is several times faster on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 BIN = os.path.dirname(sys.executable)
 
 
@@ -74,7 +84,7 @@ def test_flower_deer_matches_in_process(tmp_path, gen):
     cfg = FedConfig(rounds=2, dataset="digits", image_size=8, num_clients=2, clients_per_round=2, partition="iid",
                     public_fraction=0.2, public_classes=None, pretrain_epochs=1, local_steps=2, batch_size=16,
                     lr=0.1, lora_r=2, lora_alpha=4.0, seed=seed, progress=False, privacy="sample",
-                    noise_multiplier=0.8, methods=["deer"],
+                    noise_multiplier=0.8, methods=["deer"], torch_threads=1,
                     model_kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2,
                                   "mlp_ratio": 2.0}).validate()
     job_dir, out_dir, app_dir, home = (tmp_path / d for d in ("job", "out", "app", "flwr_home"))

@@ -99,6 +99,7 @@ class FedConfig:
     client_timeout_s: float | None = None
     run_dir: str | None = None
     progress: bool = True
+    torch_threads: int | None = None     # intra-op threads; 1 is fastest for the tiny default model
 
     def validate(self) -> "FedConfig":
         for m in self.methods:
@@ -126,7 +127,7 @@ class FedConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not run_dir/progress/methods list)."""
         d = self.to_dict()
-        for k in ("run_dir", "progress", "methods"):
+        for k in ("run_dir", "progress", "methods", "torch_threads"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

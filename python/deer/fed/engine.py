@@ -281,6 +281,9 @@ def run(cfg: FedConfig, run_dir: str | None = None, log=print, **kw) -> dict:
     """Prepare the job once and run every method in cfg.methods (each in run_dir/<method>)."""
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
+    if cfg.torch_threads:
+        # the default model's matrices are tiny: thread hand-offs cost more than they save
+        torch.set_num_threads(int(cfg.torch_threads))
     job = prepare_job(cfg, log=log, backbone_path=os.path.join(run_dir, "backbone.safetensors") if run_dir else None)
     for n in job.notes:
         log(f"[deer] {n}")

@@ -47,6 +47,8 @@ def load_job(job_dir: str):
     """The job of job_dir, cached per process (a ClientApp process serves many messages)."""
     if job_dir not in _JOBS:
         cfg = load_config(os.path.join(job_dir, "config.yaml"), ["progress=false"])
+        if cfg.torch_threads:
+            torch.set_num_threads(int(cfg.torch_threads))
         backbone = os.path.join(job_dir, "backbone.safetensors")
         if not os.path.exists(backbone):
             raise ValueError(f"{job_dir} has no backbone.safetensors: create the job with deer.fed.flower_app.write_job")
