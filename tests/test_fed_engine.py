@@ -52,7 +52,9 @@ def _deviation(info):
 @pytest.mark.parametrize("privacy", ["none", "sample"])
 def test_deviation_deer_exact_fedavg_not(gen, privacy):
     seed = gen.initial_seed() % 100000
-    cfg = tiny_cfg(seed, privacy=privacy, noise_multiplier=0.7 if privacy == "sample" else None)
+    # a larger step makes the clients' factors drift apart, which is what FedAvg-LoRA's error is made of
+    cfg = tiny_cfg(seed, privacy=privacy, noise_multiplier=0.7 if privacy == "sample" else None, lr=0.3,
+                   local_steps=4)
     job = prepare_job(cfg, log=lambda *a: None)
     devs = {"deer": [], "fedavg": []}
     for m in devs:
@@ -61,8 +63,10 @@ def test_deviation_deer_exact_fedavg_not(gen, privacy):
     assert len(devs["fedavg"]) == cfg.rounds
     # DEeR: exact up to fp32 rounding of the stored factors, in every sub-round
     assert max(d for _, d in devs["deer"]) < 1e-5, (seed, devs["deer"])
-    # FedAvg-LoRA: mean(B_k) mean(A_k) misses mean(B_k A_k) by far more than rounding, every round
-    assert min(d for _, d in devs["fedavg"]) > 1e-3, (seed, devs["fedavg"])
+    # FedAvg-LoRA: mean(B_k) mean(A_k) misses mean(B_k A_k) (by -cov_k(B_k, A_k)), far beyond fp32
+    # rounding, every round
+    assert min(d for _, d in devs["fedavg"]) > 1e-4, (seed, devs["fedavg"])
+    assert min(d for _, d in devs["fedavg"]) > 100 * max(d for _, d in devs["deer"]), (seed, devs)
 
 
 def test_faults_raise_nan_timeout_and_min_clients(gen):
