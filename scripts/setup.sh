@@ -28,7 +28,7 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 # Rebuild only when the sources of the extension or the build switches changed.
-src_hash="$( (find csrc -type f | sort | xargs sha256sum; sha256sum setup.py pyproject.toml; \
+src_hash="$( (find csrc -type f | sort | xargs sha256sum; sha256sum setup.py; \
   echo "${DEER_SKIP_CUDA:-}${DEER_FORCE_CUDA:-}${TORCH_CUDA_ARCH_LIST:-}") | sha256sum | cut -c1-16)"
 if [ -f "$VENV/.deer-build-$src_hash" ] && "$VENV/bin/python" -c "import deer._C" 2>/dev/null; then
   echo "[deer setup] deer._C is up to date"

@@ -11,6 +11,22 @@ rc=$?
 set -e
 if [ $rc -eq 5 ]; then echo "[deer test] pytest collected no tests: failing"; exit 1; fi
 if [ $rc -ne 0 ]; then exit $rc; fi
+# Benchmark smoke run: every bench case runs once on tiny shapes and writes its JSON row; it asserts
+# nothing about speed (speed lives in the full `pytest bench/` run, see README.md).
+echo "[deer test] benchmark smoke run (DEER_BENCH_QUICK=1)"
+mkdir -p build
+set +e
+DEER_BENCH_QUICK=1 $PY -m pytest bench -q -p no:cacheprovider --benchmark-json=build/bench_quick.json
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then echo "[deer test] pytest collected no benchmarks: failing"; exit 1; fi
+if [ $rc -ne 0 ]; then exit $rc; fi
+$PY - <<'PY'
+import json
+rows = json.load(open("build/bench_quick.json"))["benchmarks"]
+assert rows, "the benchmark smoke run wrote no rows"
+print(f"[deer test] benchmark smoke: {len(rows)} cases wrote JSON rows")
+PY
 echo "[deer test] C++ tests (CMake + ctest)"
 TORCH_PREFIX="$($PY -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 NV_LIB="$($PY -c 'import glob, os, nvidia; print(next(iter(sorted(glob.glob(os.path.join(nvidia.__path__[0], "cu*", "lib")))), ""))' 2>/dev/null || true)"
