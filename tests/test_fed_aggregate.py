@@ -89,3 +89,34 @@ def test_client_level_noise_law(gen, noise_method):
     se = ((torch.diag(expected)[:, None] * torch.diag(expected)[None, :] + expected ** 2) / X.shape[0]).sqrt()
     assert ((emp - expected).abs() <= 5 * se).all(), (gen.initial_seed(), emp, expected)
     assert ((emp - other).abs() > 5 * se).any(), "the test cannot tell the two noise laws apart"
+
+
+@pytest.mark.parametrize("method", ["deer", "fedavg"])
+def test_client_level_fixed_denominator_and_empty_sum(gen, method):
+    """With a denominator D (the engines pass q N) the release is global + (clipped sum + sigma C xi) / D,
+    whatever the number of updates; no update at all releases global + sigma C xi / D (noise alone)."""
+    spec = method_spec(method)
+    phase = "B"
+    C, sigma, D = 0.7, 1.5, 2.5
+    g0 = _state(gen, LAYERS, 3)
+    ups = [{n: {f: t + torch.randn(t.shape, generator=gen, dtype=torch.float64) for f, t in d.items()}
+            for n, d in g0.items()} for _ in range(4)]
+    seed = gen.initial_seed()
+    got = aggregate(g0, ups, [1.0] * 4, phase, spec, privacy="client", noise_multiplier=sigma, max_grad_norm=C,
+                    lam=0.2, generator=torch.Generator().manual_seed(seed), denominator=D)
+    noise_only = aggregate(g0, [], [], phase, spec, privacy="client", noise_multiplier=sigma, max_grad_norm=C,
+                           lam=0.2, generator=torch.Generator().manual_seed(seed), denominator=D)
+    clean = aggregate(g0, ups, [1.0] * 4, phase, spec, privacy="client", noise_multiplier=0.0, max_grad_norm=C,
+                      lam=0.2, denominator=D)
+    ref_mean = aggregate(g0, ups, [1.0] * 4, phase, spec, privacy="client", noise_multiplier=0.0, max_grad_norm=C,
+                         lam=0.2)                                          # no denominator: the realised 4
+    assert noise_only.noise_multiplier == got.noise_multiplier == sigma and noise_only.clip_fraction is None
+    for n in LAYERS:
+        clipped_sum = (ref_mean.adapters[n][phase] - g0[n][phase]) * 4
+        torch.testing.assert_close(clean.adapters[n][phase], g0[n][phase] + clipped_sum / D)
+        noise = noise_only.adapters[n][phase] - g0[n][phase]
+        assert noise.abs().max() > 0
+        torch.testing.assert_close(got.adapters[n][phase], g0[n][phase] + clipped_sum / D + noise)
+        assert torch.equal(noise_only.adapters[n]["A"], g0[n]["A"])
+    with pytest.raises(ValueError, match="at least one client update"):
+        aggregate(g0, [], [], phase, spec, privacy="client", noise_multiplier=sigma, max_grad_norm=C)

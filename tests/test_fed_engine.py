@@ -92,7 +92,8 @@ def test_faults_raise_nan_timeout_and_min_clients(gen):
     assert "client 1 left out: RuntimeError: disk on fire" in text
     assert "client 2 left out: non-finite" in text
     assert "client 3 left out: ClientTimeout" in text
-    assert "round 2 A: skipped, 1 valid client updates < min_clients=2" in text
+    # q = 1: the rule counts the updates received (crashes and timeouts, not the data, decide it)
+    assert "round 2 A: skipped, 1 client updates received < min_clients=2" in text
     assert [(a["round"], a["phase"], a["ids"]) for a in aggs] == [
         (0, "B", [0, 2, 3]), (0, "A", [0, 1, 3]), (1, "B", [0, 1, 2])]
     assert res["skipped"] == [{"round": 1, "phase": "A", "valid": 1}]
@@ -143,3 +144,75 @@ def test_kill_mid_round_and_resume(tmp_path, gen):
     assert ref["epsilon"] < res["epsilon"]
     # run directory contents
     assert {"adapter.safetensors", "metrics.json", "releases.jsonl", "state.pt"} <= set(os.listdir(tmp_path / "deer"))
+
+
+def test_client_sampling_poisson_at_client_level(gen):
+    """Client level: every client independently with q = clients_per_round / num_clients, a fresh draw per
+    sub-round (the realised count varies and can be 0). Otherwise: exactly clients_per_round per round."""
+    import numpy as np
+    from deer.fed.engine import sample_clients
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, privacy="client", noise_multiplier=1.0, num_clients=10, clients_per_round=3)
+    draws = {(r, s): sample_clients(cfg, r, s) for r in range(300) for s in range(2)}
+    assert draws == {(r, s): sample_clients(cfg, r, s) for r in range(300) for s in range(2)}   # keyed
+    inc = np.zeros(10)
+    for d in draws.values():
+        assert d == sorted(set(d)) and all(0 <= c < 10 for c in d)
+        inc[d] += 1
+    n = len(draws)
+    se = (0.3 * 0.7 / n) ** 0.5
+    assert (abs(inc / n - 0.3) < 5 * se).all(), inc / n                       # each client at rate q
+    sizes = [len(d) for d in draws.values()]
+    assert abs(np.mean(sizes) - 3) < 5 * (10 * 0.3 * 0.7 / n) ** 0.5 and 0 in sizes and max(sizes) > 3
+    assert any(draws[(r, 0)] != draws[(r, 1)] for r in range(300))           # redrawn every sub-round
+    # inclusions are independent across clients: the pair frequency is q^2
+    both = sum(1 for d in draws.values() if 0 in d and 1 in d) / n
+    assert abs(both - 0.09) < 5 * (0.09 * 0.91 / n) ** 0.5
+    fixed = cfg.replace(privacy="sample")
+    for r in range(20):
+        assert len(sample_clients(fixed, r, 0)) == 3 and sample_clients(fixed, r, 0) == sample_clients(fixed, r, 1)
+
+
+def test_client_level_divides_by_expected_count(gen):
+    """sigma = 0, no clipping: each sub-round's aggregate is global + (sum of the valid clients' updates) / (q N),
+    whatever the realised number of clients (including 0), and every sub-round is one release at rate q."""
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, rounds=3, privacy="client", noise_multiplier=0.0, max_grad_norm=1e9, num_clients=4,
+                   clients_per_round=2)
+    job = prepare_job(cfg, log=lambda *a: None)
+    infos = []
+    run_method(job, "deer", log=lambda *a: None, on_aggregate=infos.append)
+    assert [i["phase"] for i in infos] == ["B", "A"] * 3
+    for info in infos:
+        assert info["ids"] == info["sampled"]
+        for n, d in info["after"].items():
+            f = info["phase"]
+            delta = sum((c[n][f].double() - info["before"][n][f].double() for c in info["clients"]),
+                        torch.zeros_like(d[f], dtype=torch.float64))
+            torch.testing.assert_close(d[f].double(), info["before"][n][f].double() + delta / 2.0,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_client_level_poisson_never_skips_after_the_draw(gen):
+    """q < 1: a sub-round whose sampled clients all fail still releases (noise alone) and is charged; the
+    min_clients rule does not look at the realised sample (that would void the amplification)."""
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, rounds=2, privacy="client", noise_multiplier=1.0, num_clients=4, clients_per_round=2,
+                   min_clients=2)
+    job = prepare_job(cfg, log=lambda *a: None)
+
+    def hook(cid, rnd, phase, step, model):
+        if rnd == 1 and phase == "B":
+            raise RuntimeError("everyone is offline")
+
+    logs, infos = [], []
+    res = run_method(job, "deer", log=logs.append, client_hook=hook, on_aggregate=infos.append)
+    assert res["skipped"] == [] and not any("skipped" in l for l in logs)
+    assert [(i["round"], i["phase"]) for i in infos] == [(0, "B"), (0, "A"), (1, "B"), (1, "A")]
+    empty = infos[2]
+    assert empty["ids"] == [] and all(f"client {c} left out" in "\n".join(logs) for c in empty["sampled"])
+    # noise alone moved the trained factor; the frozen one did not move
+    for n, d in empty["after"].items():
+        assert not torch.equal(d["B"], empty["before"][n]["B"]) and torch.equal(d["A"], empty["before"][n]["A"])
+    assert res["releases"] == 4
+    assert res["epsilon"] == pytest.approx(epsilon([(1.0, 0.5, 4)], cfg.delta), rel=1e-9)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from deer.fed import prepare_job, run_method
-from deer.fed.client import LocalTrainConfig, private_step
+from deer.fed.client import LocalTrainConfig, NoiseKey, private_step
 from deer.fed.config import method_spec
 from deer.fed.model import get_adapters, named_lora, set_phase
 
@@ -71,8 +71,12 @@ def test_joint_regulated_step_without_clipping_or_noise_is_the_gradient(gen):
     F.cross_entropy(model(x), y, reduction="sum").backward()
     for l in layers:
         l.capture = False
-    tcfg = LocalTrainConfig(1, 9, 0.1, "sample", noise_multiplier=0.0, max_grad_norm=1e12, lam=0.1)
-    grads, sigma = private_step(layers, "AB", method_spec("deer_no_de"), tcfg, 9.0, frozen, gen)
-    got = [g for d in grads for g in (d["A"], d["B"])]
-    for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e / 9.0, rtol=1e-4, atol=1e-6)
+    captured = [l.pop_captured()[0] for l in layers]
+    for backend in (None, "reference"):   # deer's kernels, and the float64 oracle
+        tcfg = LocalTrainConfig(1, 9, 0.1, "sample", noise_multiplier=0.0, max_grad_norm=1e12, lam=0.1,
+                                backend=backend)
+        grads, sigma = private_step(layers, "AB", method_spec("deer_no_de"), tcfg, 9.0, frozen, NoiseKey(seed, 0),
+                                    captured=captured)
+        got = [g for d in grads for g in (d["A"], d["B"])]
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g.float(), e / 9.0, rtol=1e-4, atol=1e-6)

@@ -169,3 +169,43 @@ insecure = true
             torch.testing.assert_close(got[n][f], d[f], rtol=1e-5, atol=1e-6, msg=f"{n}.{f} (seed {seed})")
         # and training moved both factors away from their initial values
         assert not torch.equal(d["B"], job.init_adapters[n]["B"])
+
+
+def test_strategy_matches_engine_client_level_poisson(gen):
+    """The ServerApp's strategy (DeerStrategy) applies the engine's client-level rules: Poisson client
+    sampling redrawn every sub-round, clipped sum + noise over q N, one release per sub-round, and the
+    min_clients rule only before the draw (on the clients available). Driven in-process here (the real
+    Flower deployment is the test above): same adapters and the same privacy journal as run_method."""
+    from deer.fed import prepare_job
+    from deer.fed.accounting import ReleaseJournal
+    from deer.fed.engine import train_client
+    from deer.fed.flower_app import DeerStrategy
+    from deer.fed.model import unflatten_adapters
+    seed = gen.initial_seed() % 100000
+    cfg = FedConfig(rounds=2, dataset="digits", image_size=8, num_clients=4, clients_per_round=2, partition="iid",
+                    public_fraction=0.2, public_classes=None, pretrain_epochs=1, local_steps=2, batch_size=16,
+                    lr=0.1, lora_r=2, lora_alpha=4.0, seed=seed, progress=False, privacy="client",
+                    noise_multiplier=1.1, min_clients=2, methods=["deer"],
+                    model_kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2,
+                                  "mlp_ratio": 2.0}).validate()
+    job = prepare_job(cfg, log=lambda *a: None)
+    expected = run_method(job, "deer", log=lambda *a: None)
+    strategy = DeerStrategy(job, "deer", ReleaseJournal(None), log=lambda *a: None)
+    for rnd in range(cfg.rounds):
+        for si, phase in enumerate(strategy.spec.phases):
+            sampled, flat, config = strategy.configure(rnd, si, phase, available=cfg.num_clients)
+            replies = {}
+            for cid in sampled:   # what _client_train does on each SuperNode
+                upd = train_client(job, cid, rnd, si, phase, strategy.spec, float(config["noise-multiplier"]),
+                                   unflatten_adapters(flat))
+                replies[cid] = {"factors": {f"{n}.lora_{phase}": d[phase] for n, d in upd.adapters.items()},
+                                "num_examples": upd.num_examples, "releases": upd.releases}
+            strategy.aggregate(rnd, si, phase, replies)
+    for n, d in expected["adapters"].items():
+        for f in "AB":
+            assert torch.equal(strategy.adapters[n][f], d[f]), (n, f, seed)
+    assert strategy.journal.releases("server") == [(1.1, 0.5, 1)] * 4 and strategy.skipped == []
+    assert strategy.journal.epsilon(cfg.delta) == pytest.approx(expected["epsilon"], rel=1e-12)
+    # fewer clients connected than min_clients: skipped before anyone is asked, nothing released
+    assert strategy.configure(2, 0, "B", available=1) is None
+    assert strategy.skipped == [{"round": 2, "phase": "B", "valid": 0}] and len(strategy.journal.entries) == 4

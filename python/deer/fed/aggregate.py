@@ -5,9 +5,17 @@ In a 'B' or 'A' phase every client shares the frozen factor, so the aggregated p
 mean_k(B_k) A = mean_k(B_k A). In 'AB' (FedAvg-LoRA) mean(B_k) mean(A_k) != mean(B_k A_k).
 
 Client-level privacy (user level): each client's whole update Delta_k (all layers and trained
-factors together) is clipped to C in the method's metric, the unweighted mean of the m sampled
-clients gets noise sigma C xi / m, and the result is one Gaussian-mechanism release with
-sensitivity C / m on the mean (accounted with q = m / N).
+factors together) is clipped to C in the method's metric, and the server releases
+
+    global + (sum_k clip(Delta_k) + sigma C xi) / D,
+
+D = `denominator`. The engines pass D = q N, the EXPECTED number of participants under Poisson client
+sampling (rate q), a public constant: adding or removing one client changes the sum by at most C, so
+the release is the Gaussian mechanism with sensitivity C / D and noise sigma C / D, i.e. multiplier
+sigma, composed as a Poisson subsampled Gaussian at rate q. The sum may be empty (nobody sampled, or
+every sampled client failed): the release is then noise alone and is charged the same. Without a
+denominator D is the number of updates given (the realised count; only sound where that count is
+public, e.g. q = 1 without faults).
 """
 from __future__ import annotations
 
@@ -34,9 +42,9 @@ def _copy(state: AdapterState) -> AdapterState:
 def aggregate(global_state: AdapterState, updates: list[AdapterState], weights: list[float], phase: str,
               spec: MethodSpec, *, privacy: str = "none", noise_multiplier: float = 0.0,
               max_grad_norm: float = 1.0, lam: float = 0.1,
-              generator: torch.Generator | None = None) -> AggregateResult:
-    if not updates:
-        raise ValueError("aggregate needs at least one client update")
+              generator: torch.Generator | None = None, denominator: float | None = None) -> AggregateResult:
+    if not updates and (privacy != "client" or denominator is None):
+        raise ValueError("aggregate needs at least one client update (client level: or a denominator)")
     factors = ref.trained_factors(phase)
     out = _copy(global_state)
     if privacy != "client":
@@ -51,7 +59,9 @@ def aggregate(global_state: AdapterState, updates: list[AdapterState], weights: 
         return AggregateResult(out, None)
 
     # client level: deltas in float64, clipped jointly over all layers in the chosen metric
-    m = len(updates)
+    m = float(denominator) if denominator is not None else len(updates)
+    if not m > 0:
+        raise ValueError(f"client-level denominator must be > 0, got {denominator}")
     C = float(max_grad_norm)
     Ks = {}
     if spec.metric == "regulated" or spec.noise == "regulated":
@@ -68,10 +78,11 @@ def aggregate(global_state: AdapterState, updates: list[AdapterState], weights: 
                 tot = tot + ref.sq_norms(dk[n][f].unsqueeze(0), f, K)[0]
         deltas.append(dk)
         sq.append(tot)
-    c = ref.clip_factors(torch.stack(sq), C)
+    c = ref.clip_factors(torch.stack(sq), C) if sq else torch.zeros(0, dtype=torch.float64)
     for n in out:
         for f in factors:
-            mean = sum(ck * dk[n][f] for ck, dk in zip(c, deltas)) / m
+            mean = sum((ck * dk[n][f] for ck, dk in zip(c, deltas)),
+                       torch.zeros_like(global_state[n][f], dtype=torch.float64)) / m
             shape = mean.shape
             if spec.noise == "regulated":
                 other = shape[1] if f == "A" else shape[0]
@@ -86,4 +97,4 @@ def aggregate(global_state: AdapterState, updates: list[AdapterState], weights: 
                                      for d in Ks.values() for K in d.values())
     elif spec.metric == "euclidean" and spec.noise == "regulated":
         eff = noise_multiplier / max(float(torch.linalg.eigvalsh(K).max().sqrt()) for d in Ks.values() for K in d.values())
-    return AggregateResult(out, eff, float((c < 1).double().mean()))
+    return AggregateResult(out, eff, float((c < 1).double().mean()) if len(c) else None)

@@ -2,8 +2,23 @@
 
 The client starts from the global adapters, trains the factors of the current phase with plain SGD
 (no optimizer state survives the round) and returns its new adapters. Under sample-level privacy
-each step is a DP-SGD step: Poisson sampling with rate q = b / n_k, per-sample clipping over all
-LoRA layers in the method's metric, and noise; `private_step` is the one place that performs it.
+each step is a DP-SGD step: Poisson sampling of the client's records with rate q = b / n_k (each
+record independently), per-sample clipping over all LoRA layers in the method's metric, Gaussian
+noise (isotropic, or regulated through the frozen factor), and division by the *expected* batch size
+q n_k. `private_step` is the one place that performs it, through deer's kernels:
+
+    deer.ops.per_sample_grad_norm   per-sample gradients of every trained factor and their squared
+                                    norms in the clipping metric (C++/OpenMP, CUDA or Triton)
+    deer.ops.clip_reduce_noise      clipped sum + noise (Philox stream keyed by (seed, step, layer,
+                                    client)) / expected batch size
+
+The backend comes from LocalTrainConfig.backend (config key `backend`): None picks one for the
+tensors' device (or DEER_BACKEND), 'cpu' | 'cuda' | 'triton' force one, and 'reference' runs the
+float64 oracle instead (deer.reference for the per-sample gradients, norms and clipping, the ops'
+PyTorch reference for the clipped sum and noise). Every backend draws the same noise from the same
+key, so the kernel path and the reference path agree to float32 rounding, noise included.
+Each step releases one subsampled Gaussian with multiplier sigma (as the accountant is charged) and
+rate q; a step whose Poisson batch is empty still releases noise alone and is charged the same.
 """
 from __future__ import annotations
 
@@ -18,6 +33,8 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 from ..nn.lora import LoRALinear
+from ..ops import clip_reduce_noise, clip_reduce_noise_reference, per_sample_grad_norm
+from ..privacy.clipping import cholesky_upper
 from .config import MethodSpec
 from .model import AdapterState, get_adapters, named_lora, set_adapters, set_phase
 
@@ -36,6 +53,7 @@ class LocalTrainConfig:
     max_grad_norm: float = 1.0
     lam: float = 0.1
     local_steps: int | None = None  # fixed number of steps (else local_epochs passes over the data)
+    backend: str | None = None      # DP-step backend: None (auto) | cpu | cuda | triton | reference
 
 
 @dataclass
@@ -48,68 +66,126 @@ class ClientUpdate:
     releases: list[tuple[float, float, int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class NoiseKey:
+    """The Philox key of one DP step's noise: (seed, step, layer, client), layer = 2 * LoRA layer
+    index + (0 for A, 1 for B). The engines use seed = stream_seed(seed, 'noise', client, round,
+    sub-round) and the client's id, so no two releases of a run share noise."""
+    seed: int
+    step: int
+    client: int = 0
+
+
 def local_steps(n: int, batch_size: int, local_epochs: int) -> int:
     return local_epochs * max(1, math.ceil(n / batch_size))
 
 
-def _joint_regulated_step(layers: list[LoRALinear], captured, C: float, sigma: float, b: float, lam: float,
-                          frozen: dict[str, dict[str, torch.Tensor]], gen) -> list[dict[str, torch.Tensor]]:
-    """DP step for an 'AB' sub-round with the regulated metric and noise (DEeR without the deviation
-    eliminator): g_A is measured and noised through K_A = B0^T B0 + lam I and g_B through
-    K_B = A0 A0^T + lam I, where A0, B0 are the sub-round's starting (global, public) factors. The
-    whitening (g_A, g_B) -> (R_A g_A, g_B R_B^T) is a fixed bijection, so joint clipping to C plus
-    noise of covariance K^{-1} is the Gaussian mechanism with sensitivity C."""
-    grads, norms, Ks = [], [], []
-    for lyr, (x, _u, g) in zip(layers, captured):
-        A0, B0 = frozen[lyr.name]["A"], frozen[lyr.name]["B"]
-        pg = ref.per_sample_grads(x, g, lyr.lora_A.detach(), lyr.lora_B.detach(), lyr.scale, "AB")
-        K = {"A": ref.metric_gram(A0, B0, "A", lam), "B": ref.metric_gram(A0, B0, "B", lam)}
-        grads.append(pg)
-        Ks.append(K)
-        norms += [ref.sq_norms(pg[f], f, K[f]) for f in ("A", "B")]
-    c = ref.clip_factors(torch.stack(norms).sum(0), C)
-    out = []
-    for pg, K in zip(grads, Ks):
-        d = {}
-        for f in ("A", "B"):
-            S = torch.einsum("b,b...->...", c.to(pg[f].dtype), pg[f])
-            other = S.shape[1] if f == "A" else S.shape[0]
-            xi = ref.regulated_noise_cholesky(K[f], f, other, gen)
-            d[f] = (S + sigma * C * xi) / b
-        out.append(d)
-    return out
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(1) if t.dim() == 2 else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _effective_multiplier(sigma: float, spec: MethodSpec, grams: list[torch.Tensor]) -> float:
+    """What the accountant must charge (deer.reference.dp_step's rule): sigma when clipping metric and
+    noise match; Euclidean clipping with regulated noise has whitened sensitivity C sigma_max(frozen);
+    metric clipping with isotropic noise has Euclidean sensitivity C / sqrt(lambda_min(K))."""
+    if spec.noise == "regulated" and spec.metric == "euclidean":
+        return ref.paper_effective_multiplier(sigma, grams)
+    if spec.noise == "isotropic" and spec.metric == "regulated":
+        return sigma * min(float(torch.linalg.eigvalsh(K.double()).min().clamp(min=0).sqrt()) for K in grams)
+    return sigma
 
 
 def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: LocalTrainConfig,
-                 expected_batch: float, frozen: AdapterState, gen: torch.Generator):
-    """One DP-SGD step from the captured (X, U, G) of every LoRA layer. Returns (per-layer gradient
-    dicts, noise multiplier the accountant must charge). The deer PrivacyEngine, once it exists,
-    replaces the body of this function and nothing else."""
-    captured = []
-    for lyr in layers:
-        cap = lyr.pop_captured()
-        if len(cap) != 1:
-            raise RuntimeError(f"LoRA layer {lyr.name} captured {len(cap)} batches, expected 1")
-        captured.append(cap[0])
-    if phase == "AB" and spec.metric == "regulated":
-        grads = _joint_regulated_step(layers, captured, cfg.max_grad_norm, cfg.noise_multiplier,
-                                      expected_batch, cfg.lam, frozen, gen)
-        return grads, cfg.noise_multiplier
-    batches = [ref.LayerBatch(x, g, lyr.lora_A.detach(), lyr.lora_B.detach(), lyr.scale)
-               for lyr, (x, _u, g) in zip(layers, captured)]
-    res = ref.dp_step(batches, phase, cfg.max_grad_norm, cfg.noise_multiplier, expected_batch,
-                      metric=spec.metric, noise=spec.noise, lam=cfg.lam, generator=gen)
-    return res.grads, res.noise_multiplier_effective
+                 expected_batch: float, frozen: AdapterState, key: NoiseKey,
+                 captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None):
+    """One DP-SGD step from the captured (X, U, G) of every LoRA layer (G of the summed loss, so G_i
+    is sample i's own output gradient). Returns (per-layer {factor: private gradient}, the noise
+    multiplier the accountant must charge).
+
+    captured: one (X, U, G) per layer (default: popped from the layers' capture lists); an empty list
+    means an empty Poisson batch, which releases noise alone. Clipping is flat over all trained tensors
+    of all layers. The metric gram K of a factor always comes from the *other* factor's value at the
+    start of the sub-round (`frozen`, the global adapters, public): in 'A'/'B' phases that is the frozen
+    factor itself; in an 'AB' sub-round with the regulated metric (DEeR without the deviation
+    eliminator) both factors train and each is measured and noised through the other's starting value.
+    The whitening (g_A, g_B) -> (R_A g_A, g_B R_B^T) is then still a fixed bijection, so joint clipping
+    to C plus noise of covariance K^{-1} is the Gaussian mechanism with sensitivity C."""
+    if captured is None:
+        captured = []
+        for lyr in layers:
+            cap = lyr.pop_captured()
+            if len(cap) != 1:
+                raise RuntimeError(f"LoRA layer {lyr.name} captured {len(cap)} batches, expected 1")
+            captured.append(cap[0])
+    empty = len(captured) == 0
+    if not empty and len(captured) != len(layers):
+        raise ValueError(f"captured holds {len(captured)} batches for {len(layers)} LoRA layers")
+    reference = cfg.backend == "reference"
+    backend = None if reference else cfg.backend
+    need_gram = spec.metric == "regulated" or spec.noise == "regulated"
+    C, sigma = float(cfg.max_grad_norm), float(cfg.noise_multiplier)
+
+    # per trained tensor: (layer index, factor, per-sample grads (b, p, q), squared norms (b,), K)
+    tensors = []
+    for li, lyr in enumerate(layers):
+        A, B = lyr.lora_A.detach(), lyr.lora_B.detach()
+        acc = torch.float64 if (reference or A.dtype == torch.float64) else torch.float32
+        start = frozen[lyr.name]
+        for f in ref.trained_factors(phase):
+            K = ref.metric_gram(start["A"].to(acc), start["B"].to(acc), f, cfg.lam) if need_gram else None
+            gram = K if spec.metric == "regulated" else None
+            if empty:
+                shape = tuple((A if f == "A" else B).shape)
+                tensors.append((li, f, torch.zeros((1,) + shape, dtype=acc, device=A.device), None, K))
+                continue
+            X, U, G = captured[li]
+            if reference:
+                g = ref.per_sample_grads(X.to(acc), G.to(acc), A.to(acc), B.to(acc), lyr.scale, f)[f]
+                n = ref.sq_norms(g, f, gram)
+            else:
+                if f == "B":   # g_i = s G_i^T U_i, norm tr(g K g^T)
+                    g, n = per_sample_grad_norm(_tokens(G), _tokens(U), lyr.scale, gram, 1, backend=backend)
+                else:          # g_i = s V_i^T X_i with V = G B, norm tr(g^T K g)
+                    V = _tokens(G) @ B.to(G.dtype)
+                    g, n = per_sample_grad_norm(V, _tokens(X), lyr.scale, gram, 0, backend=backend)
+            tensors.append((li, f, g, n, K))
+
+    if empty:
+        clip = None
+    else:
+        total = torch.stack([n.to(torch.float64 if reference else n.dtype) for _, _, _, n, _ in tensors]).sum(0)
+        clip = ref.clip_factors(total, C)
+
+    out: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    for li, f, g, _, K in tensors:
+        c = torch.zeros(1, dtype=g.dtype, device=g.device) if clip is None else clip.to(g.dtype)
+        side = 0 if f == "A" else 1
+        layer_id = 2 * li + side
+        if reference:
+            chol = ref.cholesky_upper(K) if spec.noise == "regulated" else None
+            res = clip_reduce_noise_reference(g, c, sigma * C, float(expected_batch), chol, side,
+                                              key.seed, key.step, layer_id, key.client)
+        else:
+            chol = cholesky_upper(K) if spec.noise == "regulated" else None
+            res = clip_reduce_noise(g, c, sigma * C, float(expected_batch), chol, side, key.seed, key.step,
+                                    layer_id, key.client, backend=backend)
+        out[li][f] = res
+    eff = _effective_multiplier(sigma, spec, [K for *_, K in tensors]) if sigma > 0 and need_gram else sigma
+    return out, eff
 
 
 def local_train(model: nn.Module, start: AdapterState, x: torch.Tensor, y: torch.Tensor, phase: str,
                 spec: MethodSpec, cfg: LocalTrainConfig, gen: torch.Generator, *,
                 deadline: float | None = None,
-                hook: Callable[[int, nn.Module], None] | None = None) -> ClientUpdate:
+                hook: Callable[[int, nn.Module], None] | None = None,
+                noise_seed: int | None = None, client: int = 0) -> ClientUpdate:
     """Train from `start` on (x, y) for the given phase; return the client's new adapters.
 
-    deadline: time.monotonic() value after which the client gives up (ClientTimeout, checked
-    between steps). hook(step, model): called before each step (fault injection in tests)."""
+    gen: the client's stream for this sub-round (Poisson sampling of records, shuffles).
+    noise_seed, client: the Philox key of the DP noise, (noise_seed, step, layer, client); by default
+    noise_seed is drawn from `gen`. deadline: time.monotonic() value after which the client gives up
+    (ClientTimeout, checked between steps). hook(step, model): called before each step (fault
+    injection in tests)."""
     set_adapters(model, start)
     set_phase(model, phase)
     named = named_lora(model)
@@ -124,12 +200,16 @@ def local_train(model: nn.Module, start: AdapterState, x: torch.Tensor, y: torch
     last = float("nan")
     if cfg.privacy == "sample":
         q = min(1.0, cfg.batch_size / n)
+        if noise_seed is None:
+            noise_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
         for step in range(steps):
             if deadline is not None and time.monotonic() > deadline:
                 raise ClientTimeout(f"local training passed its deadline after {step}/{steps} steps")
             if hook:
                 hook(step, model)
+            # Poisson sampling: every record independently with probability q (what the accountant assumes)
             idx = (torch.rand(n, generator=gen) < q).nonzero().squeeze(1)
+            key = NoiseKey(noise_seed, step, client)
             if len(idx) > 0:
                 for l in layers:
                     l.capture = True
@@ -139,18 +219,19 @@ def local_train(model: nn.Module, start: AdapterState, x: torch.Tensor, y: torch
                 finally:
                     for l in layers:
                         l.capture = False
-                grads, sigma_eff = private_step(layers, phase, spec, cfg, q * n, start, gen)
+                grads, sigma_eff = private_step(layers, phase, spec, cfg, q * n, start, key)
                 last = float(loss.detach()) / len(idx)
-                with torch.no_grad():
-                    for l, gd in zip(layers, grads):
-                        for f, gf in gd.items():
-                            getattr(l, "lora_" + f).sub_(cfg.lr * gf.to(l.lora_A.dtype))
-                for p in trained:
-                    p.grad = None
             else:
-                # An empty Poisson batch still releases pure noise (the mechanism ran): account it.
-                # Skipping the update is post-processing; sigma is the configured multiplier.
-                sigma_eff = cfg.noise_multiplier
+                # An empty Poisson batch releases noise alone (skipping the step would reveal that the
+                # batch was empty); it is the same subsampled Gaussian release and is charged the same.
+                grads, sigma_eff = private_step(layers, phase, spec, cfg, q * n, start, key, captured=[])
+            with torch.no_grad():
+                for l, gd in zip(layers, grads):
+                    for f, gf in gd.items():
+                        p = getattr(l, "lora_" + f)
+                        p.sub_(cfg.lr * gf.to(p.dtype))
+            for p in trained:
+                p.grad = None
             releases.append((float(sigma_eff), q, 1))
     else:
         for step in range(steps):

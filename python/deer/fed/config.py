@@ -52,6 +52,7 @@ def method_spec(name: str) -> MethodSpec:
 
 
 PRIVACY = ("none", "sample", "client")
+BACKENDS = (None, "cpu", "cuda", "triton", "reference")
 
 
 @dataclass
@@ -65,6 +66,10 @@ class FedConfig:
     image_size: int = 16
     image_mode: str = "L"                # 'L' grayscale or 'RGB' (image folders)
     num_clients: int = 4
+    # none/sample level: exactly this many clients, drawn without replacement once per round;
+    # client level: the EXPECTED number per sub-round, each client taking part independently with
+    # probability q = clients_per_round / num_clients, redrawn every sub-round (Poisson sampling, what
+    # the client-level accountant assumes; docs/privacy.md section 7.1)
     clients_per_round: int = 4
     partition: str = "dirichlet"         # iid | dirichlet
     alpha: float = 0.5                   # Dirichlet concentration (smaller = more non-IID)
@@ -93,9 +98,12 @@ class FedConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     lam: float = 0.1                     # ridge of the regulated metric K = frozen^T frozen + lam I
+    backend: str | None = None           # sample-level DP-SGD kernels: null (auto: DEER_BACKEND or the device's),
+    #                                      cpu | cuda | triton | reference (the float64 oracle, same noise)
     # engineering
     seed: int = 0
-    min_clients: int = 1                 # a sub-round with fewer valid client updates is skipped
+    min_clients: int = 1                 # a sub-round with fewer client updates is skipped (nothing released);
+    #                                      at client level only where that is sound (docs/privacy.md 7.1)
     client_timeout_s: float | None = None
     run_dir: str | None = None
     progress: bool = True
@@ -115,8 +123,11 @@ class FedConfig:
             raise ValueError("a private run needs target_epsilon or noise_multiplier")
         if self.weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {self.weighting!r}")
-        if self.min_clients < 1:
-            raise ValueError("min_clients must be >= 1")
+        if not 1 <= self.min_clients <= self.clients_per_round:
+            raise ValueError(f"min_clients must be in [1, clients_per_round={self.clients_per_round}], "
+                             f"got {self.min_clients}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (None: automatic), got {self.backend!r}")
         if self.lam < 0:
             raise ValueError("lam must be >= 0")
         return self

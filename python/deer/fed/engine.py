@@ -4,10 +4,16 @@
     result = run_method(job, "deer", run_dir) # rounds of sub-rounds, evaluation, checkpoints
 
 Every random stream is keyed by (seed, role, client, round, sub-round), so a client's local training
-and the server's noise are the same whichever engine (in-process or Flower) runs them and whether the
-run was resumed. Faults: a client that raises, passes its deadline, or returns non-finite adapters is
-left out of that sub-round with a logged reason; a sub-round with fewer than min_clients valid
-updates is skipped (nothing released, global adapters unchanged). Resume: the adapters, metrics and
+(record sampling, DP noise) and the server's client sampling and noise are the same whichever engine
+(in-process or Flower) runs them and whether the run was resumed.
+
+Client sampling (`sample_clients`): at client level Poisson sampling, every client independently with
+q = clients_per_round / num_clients, redrawn for every sub-round (each sub-round is one release, and the
+accountant composes one Poisson subsampled Gaussian per release); otherwise a fixed number of clients
+per round. Faults: a client that raises, passes its deadline, or returns non-finite adapters is left
+out of that sub-round with a logged reason. The min_clients rule (`skip_reason`) skips a sub-round
+(nothing released, global adapters unchanged, nothing charged) only on information that reveals
+nothing private: see skip_reason and docs/privacy.md section 7.1. Resume: the adapters, metrics and
 round counter are saved atomically after every completed round; every privacy release is appended
 (and fsynced) to releases.jsonl the moment it happens, so a killed run resumes from its last
 completed round and its epsilon still counts the releases of the round it was killed in.
@@ -35,7 +41,7 @@ from .model import (AdapterState, build_backbone, flatten_adapters, get_adapters
                     set_adapters, unflatten_adapters)
 
 PHASE_CODE = {"A": 1, "B": 2, "AB": 3}
-ROLE_CODE = {"client": 1, "server": 2, "sample": 3, "init": 4, "pretrain": 5}
+ROLE_CODE = {"client": 1, "server": 2, "sample": 3, "init": 4, "pretrain": 5, "noise": 6}
 
 
 def stream_seed(seed: int, role: str, *keys: int) -> int:
@@ -48,11 +54,89 @@ def generator(seed: int, role: str, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(seed, role, *keys))
 
 
-def sample_clients(cfg: FedConfig, rnd: int) -> list[int]:
+def client_rate(cfg: FedConfig) -> float:
+    """q = clients_per_round / num_clients: the client-level sampling rate the accountant is charged."""
+    return cfg.clients_per_round / cfg.num_clients
+
+
+def sample_clients(cfg: FedConfig, rnd: int, si: int = 0) -> list[int]:
+    """The clients that train in sub-round `si` of round `rnd`.
+
+    Client level: Poisson sampling, each client independently with probability q, from a fresh
+    keyed draw for every sub-round (the realised number varies, may be 0, and is never used as a
+    normaliser). Sample level / no privacy: exactly clients_per_round clients without replacement, the
+    same for all sub-rounds of a round (no amplification by client sampling is claimed at sample level:
+    each client is charged for the steps it actually ran)."""
     if cfg.clients_per_round == cfg.num_clients:
         return list(range(cfg.num_clients))
+    if cfg.privacy == "client":
+        rng = np.random.default_rng(stream_seed(cfg.seed, "sample", rnd, si))
+        return [int(c) for c in np.flatnonzero(rng.random(cfg.num_clients) < client_rate(cfg))]
     rng = np.random.default_rng(stream_seed(cfg.seed, "sample", rnd))
     return sorted(int(c) for c in rng.choice(cfg.num_clients, cfg.clients_per_round, replace=False))
+
+
+def skip_reason(cfg: FedConfig, valid: int, received: int, available: int | None = None) -> str | None:
+    """Why a sub-round must be skipped under the min_clients rule (None: aggregate and release).
+
+    A skip releases nothing and is not charged, so the decision itself must reveal nothing private:
+    * none / sample level: skipping is post-processing of the clients' (already private) updates;
+      compared with the number of valid updates.
+    * client level, q = 1: no sampling coins are involved; compared with the number of updates
+      received (non-finite ones included: they may be caused by the data, and are aggregated as a zero
+      contribution), so the decision depends only on crashes and timeouts, assumed independent of the
+      clients' data.
+    * client level, q < 1: any threshold on the realised sample would depend on whether a pivotal
+      client was sampled, voiding the amplification the accountant credits. The rule applies before
+      the draw, to the clients available to sample from (`available`); after the draw every sub-round
+      releases, even with an empty sum (noise alone), and is charged."""
+    if cfg.privacy == "client":
+        if client_rate(cfg) < 1:
+            if available is not None and available < cfg.min_clients:
+                return f"{available} clients available < min_clients={cfg.min_clients}"
+            return None
+        n, what = received, "client updates received"
+    else:
+        n, what = valid, "valid client updates"
+    return f"{n} {what} < min_clients={cfg.min_clients}" if n < cfg.min_clients else None
+
+
+def local_config(cfg: FedConfig, sigma: float) -> LocalTrainConfig:
+    return LocalTrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.privacy, sigma, cfg.max_grad_norm,
+                            cfg.lam, cfg.local_steps, cfg.backend)
+
+
+def train_client(job: "Job", cid: int, rnd: int, si: int, phase: str, spec: MethodSpec, sigma: float,
+                 start: AdapterState, *, deadline: float | None = None, hook=None) -> ClientUpdate:
+    """Client `cid`'s local training in sub-round `si` of round `rnd` with its keyed streams (the
+    in-process engine and the Flower ClientApp both call this)."""
+    cfg = job.cfg
+    cd = job.data.clients[cid]
+    return local_train(job.model, start, cd.x, cd.y, phase, spec, local_config(cfg, sigma),
+                       generator(cfg.seed, "client", cid, rnd, si), deadline=deadline, hook=hook,
+                       noise_seed=stream_seed(cfg.seed, "noise", cid, rnd, si), client=cid)
+
+
+@dataclass
+class ServerRelease:
+    adapters: AdapterState
+    ids: list[int]
+    weights: list[float]
+    noise_multiplier: float | None   # client level: the release's multiplier (charged at rate q)
+
+
+def server_aggregate(cfg: FedConfig, spec: MethodSpec, sigma: float, global_state: AdapterState,
+                     valid: dict[int, tuple[AdapterState, float]], rnd: int, si: int, phase: str) -> ServerRelease:
+    """Aggregate the valid updates {client: (adapters, num_examples)} of one sub-round. Client level:
+    clipped sum + noise over the expected number of participants q N (see aggregate.py)."""
+    ids = sorted(valid)
+    client = cfg.privacy == "client"
+    weights = [1.0] * len(ids) if (cfg.weighting == "uniform" or client) else [float(valid[c][1]) for c in ids]
+    agg = aggregate(global_state, [valid[c][0] for c in ids], weights, phase, spec, privacy=cfg.privacy,
+                    noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, lam=cfg.lam,
+                    generator=generator(cfg.seed, "server", rnd, si),
+                    denominator=client_rate(cfg) * cfg.num_clients if client else None)
+    return ServerRelease(agg.adapters, ids, weights, agg.noise_multiplier)
 
 
 @dataclass
@@ -170,8 +254,6 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
     elif journal.entries:
         log(f"[{spec.label}] killed before its first round completed; restarting at round 1, keeping "
             f"{len(journal.entries)} releases in the privacy journal")
-    tcfg = LocalTrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.privacy, sigma, cfg.max_grad_norm,
-                            cfg.lam, cfg.local_steps)
     if start == 0 and not history:
         log(f"[{spec.label}] phases per round {list(spec.phases)}, metric {spec.metric}, noise {spec.noise}, "
             f"privacy {cfg.privacy}" + (f", noise multiplier {sigma:.4g} ({how}), C={cfg.max_grad_norm}, "
@@ -181,28 +263,27 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
     if start == 0 and not history:
         log(f"[{spec.label}] before fine-tuning: acc {initial['accuracy']:.3f}  F1 {initial['f1']:.3f}  "
             f"AUC {initial['auc']:.3f}")
-    q_server = cfg.clients_per_round / cfg.num_clients
     bar = _progress(cfg, total=cfg.rounds, initial=start, desc=spec.label)
     for rnd in range(start, cfg.rounds):
         t0 = time.time()
-        sampled = sample_clients(cfg, rnd)
         for si, phase in enumerate(spec.phases):
+            sampled = sample_clients(cfg, rnd, si)
             updates: dict[int, ClientUpdate] = {}
+            received = 0
             cbar = _progress(cfg, total=len(sampled), desc=f"  round {rnd + 1} {phase}", leave=False)
             for cid in sampled:
-                cd = data.clients[cid]
-                gen = generator(cfg.seed, "client", cid, rnd, si)
                 hook = (lambda step, m, _c=cid, _p=phase: client_hook(_c, rnd, _p, step, m)) if client_hook else None
                 deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
                 try:
-                    upd = local_train(model, global_state, cd.x, cd.y, phase, spec, tcfg, gen,
-                                      deadline=deadline, hook=hook)
+                    upd = train_client(job, cid, rnd, si, phase, spec, sigma, global_state, deadline=deadline,
+                                       hook=hook)
                 except Exception as e:  # noqa: BLE001  a failing client must not end the run
                     log(f"[{spec.label}] round {rnd + 1} {phase}: client {cid} left out: {type(e).__name__}: {e}")
                     cbar.update()
                     continue
                 finally:
                     set_adapters(model, global_state)
+                received += 1
                 if cfg.privacy == "sample":
                     for s, q, k in upd.releases:  # the client's update left the client: account it
                         journal.record(f"client{cid}", rnd, phase, s, q, k)
@@ -212,23 +293,21 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
                     updates[cid] = upd
                 cbar.update()
             cbar.close()
-            if len(updates) < cfg.min_clients:
-                log(f"[{spec.label}] round {rnd + 1} {phase}: skipped, {len(updates)} valid client updates < "
-                    f"min_clients={cfg.min_clients}; global adapters unchanged, nothing released")
+            why = skip_reason(cfg, len(updates), received, available=cfg.num_clients)
+            if why:
+                log(f"[{spec.label}] round {rnd + 1} {phase}: skipped, {why}; global adapters unchanged, "
+                    f"nothing released")
                 skipped.append({"round": rnd, "phase": phase, "valid": len(updates)})
                 continue
-            ids = sorted(updates)
-            weights = [1.0] * len(ids) if (cfg.weighting == "uniform" or cfg.privacy == "client") else \
-                [float(updates[c].num_examples) for c in ids]
-            agg = aggregate(global_state, [updates[c].adapters for c in ids], weights, phase, spec,
-                            privacy=cfg.privacy, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
-                            lam=cfg.lam, generator=generator(cfg.seed, "server", rnd, si))
+            rel = server_aggregate(cfg, spec, sigma, global_state,
+                                   {c: (u.adapters, u.num_examples) for c, u in updates.items()}, rnd, si, phase)
             if cfg.privacy == "client":
-                journal.record("server", rnd, phase, agg.noise_multiplier, q_server, 1)
+                journal.record("server", rnd, phase, rel.noise_multiplier, client_rate(cfg), 1)
             if on_aggregate:
-                on_aggregate({"round": rnd, "phase": phase, "before": global_state, "after": agg.adapters,
-                              "clients": [updates[c].adapters for c in ids], "weights": weights, "ids": ids})
-            global_state = agg.adapters
+                on_aggregate({"round": rnd, "phase": phase, "before": global_state, "after": rel.adapters,
+                              "clients": [updates[c].adapters for c in rel.ids], "weights": rel.weights,
+                              "ids": rel.ids, "sampled": sampled})
+            global_state = rel.adapters
         set_adapters(model, global_state)
         row = {"round": rnd + 1, **evaluate(model, data.test.x, data.test.y, data.num_classes),
                "epsilon": journal.epsilon(cfg.delta) if cfg.privacy != "none" else 0.0,

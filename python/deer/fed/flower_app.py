@@ -23,10 +23,9 @@ from logging import INFO, WARNING
 import torch
 
 from .accounting import ReleaseJournal
-from .aggregate import aggregate
-from .client import LocalTrainConfig, local_train
 from .config import FedConfig, load_config, method_spec
-from .engine import calibrate_noise, generator, prepare_job, sample_clients
+from .engine import (calibrate_noise, client_rate, prepare_job, sample_clients, server_aggregate, skip_reason,
+                     train_client)
 from .metrics import evaluate
 from .model import AdapterState, flatten_adapters, set_adapters, unflatten_adapters
 
@@ -78,21 +77,32 @@ class DeerStrategy:
         self.history: list[dict] = []
         self.skipped: list[dict] = []
 
-    def configure(self, rnd: int, si: int, phase: str) -> tuple[list[int], dict, dict]:
+    def configure(self, rnd: int, si: int, phase: str, available: int | None = None) -> tuple[list[int], dict, dict] | None:
+        """(sampled clients, flat global adapters, train config) for the sub-round, or None when the
+        min_clients rule skips it before any client is asked (client level with q < 1: fewer than
+        min_clients of the clients are `available`, i.e. connected)."""
         cfg = self.cfg
+        why = skip_reason(cfg, 0, 0, available) if (cfg.privacy == "client" and client_rate(cfg) < 1) else None
+        if why:
+            self.log(WARNING, f"round {rnd + 1} {phase}: skipped, {why}; nothing released")
+            self.skipped.append({"round": rnd, "phase": phase, "valid": 0})
+            return None
         config = {"round": rnd, "subround": si, "phase": phase, "method": self.spec.name,
                   "noise-multiplier": float(self.sigma)}
-        return sample_clients(cfg, rnd), flatten_adapters(self.adapters), config
+        return sample_clients(cfg, rnd, si), flatten_adapters(self.adapters), config
 
     def aggregate(self, rnd: int, si: int, phase: str, replies: dict[int, dict]) -> None:
-        """replies: client id -> {"factors": flat trained factors, "num_examples", "releases"} or {"error"}."""
+        """replies: client id -> {"factors": flat trained factors, "num_examples", "releases"} or {"error"}.
+        The same rules as the in-process engine (engine.skip_reason, engine.server_aggregate)."""
         cfg = self.cfg
         valid = {}
+        received = 0
         for cid in sorted(replies):
             r = replies[cid]
             if "error" in r:
                 self.log(WARNING, f"round {rnd + 1} {phase}: client {cid} left out: {r['error']}")
                 continue
+            received += 1
             if cfg.privacy == "sample":
                 for s, q, k in r["releases"]:
                     self.journal.record(f"client{cid}", rnd, phase, s, q, k)
@@ -108,20 +118,15 @@ class DeerStrategy:
                     valid[cid] = (local, float(r["num_examples"]))
                 else:
                     self.log(WARNING, f"round {rnd + 1} {phase}: client {cid} left out: non-finite (NaN/Inf) factors")
-        if len(valid) < cfg.min_clients:
-            self.log(WARNING, f"round {rnd + 1} {phase}: skipped, {len(valid)} valid client updates < "
-                              f"min_clients={cfg.min_clients}")
+        why = skip_reason(cfg, len(valid), received)
+        if why:
+            self.log(WARNING, f"round {rnd + 1} {phase}: skipped, {why}; nothing released")
             self.skipped.append({"round": rnd, "phase": phase, "valid": len(valid)})
             return
-        ids = sorted(valid)
-        weights = [1.0] * len(ids) if (cfg.weighting == "uniform" or cfg.privacy == "client") else \
-            [valid[c][1] for c in ids]
-        agg = aggregate(self.adapters, [valid[c][0] for c in ids], weights, phase, self.spec, privacy=cfg.privacy,
-                        noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm, lam=cfg.lam,
-                        generator=generator(cfg.seed, "server", rnd, si))
+        rel = server_aggregate(cfg, self.spec, self.sigma, self.adapters, valid, rnd, si, phase)
         if cfg.privacy == "client":
-            self.journal.record("server", rnd, phase, agg.noise_multiplier, cfg.clients_per_round / cfg.num_clients, 1)
-        self.adapters = agg.adapters
+            self.journal.record("server", rnd, phase, rel.noise_multiplier, client_rate(cfg), 1)
+        self.adapters = rel.adapters
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,14 +166,18 @@ def _server_main(grid, context) -> None:
     model = job.model
     for rnd in range(cfg.rounds):
         for si, phase in enumerate(strategy.spec.phases):
-            sampled, flat, config = strategy.configure(rnd, si, phase)
+            available = len(set(grid.get_node_ids()) & set(node_of.values()))
+            plan = strategy.configure(rnd, si, phase, available)
+            if plan is None:
+                continue
+            sampled, flat, config = plan
             msgs = []
             for cid in sampled:
                 content = RecordDict({"adapters": _to_record(flat), "config": ConfigRecord(config)})
                 msgs.append(Message(content, dst_node_id=node_of[cid], message_type="train", group_id=f"{rnd}.{si}"))
             cid_of = {v: k for k, v in node_of.items()}
             replies: dict[int, dict] = {cid: {"error": f"no reply within {timeout}s"} for cid in sampled}
-            for rep in grid.send_and_receive(msgs, timeout=timeout):
+            for rep in (grid.send_and_receive(msgs, timeout=timeout) if msgs else []):
                 cid = cid_of[rep.metadata.src_node_id]
                 if rep.has_error():
                     replies[cid] = {"error": f"client error: {rep.error.reason}"}
@@ -216,12 +225,8 @@ def _client_train(msg, context):
     rnd, si, phase = int(conf["round"]), int(conf["subround"]), str(conf["phase"])
     spec = method_spec(str(conf["method"]))
     start = unflatten_adapters(_from_record(msg.content["adapters"]))
-    tcfg = LocalTrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.privacy, float(conf["noise-multiplier"]),
-                            cfg.max_grad_norm, cfg.lam, cfg.local_steps)
-    data = job.data.clients[cid]
     deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
-    upd = local_train(job.model, start, data.x, data.y, phase, spec, tcfg, generator(cfg.seed, "client", cid, rnd, si),
-                      deadline=deadline)
+    upd = train_client(job, cid, rnd, si, phase, spec, float(conf["noise-multiplier"]), start, deadline=deadline)
     trained = ("A", "B") if phase == "AB" else (phase,)
     factors = {f"{n}.lora_{f}": d[f] for n, d in upd.adapters.items() for f in trained}
     content = RecordDict({"factors": _to_record(factors),

@@ -1,0 +1,174 @@
+"""Sample-level DP inside a client runs through deer's kernels (deer.ops.per_sample_grad_norm and
+clip_reduce_noise) and equals the float64 reference path (backend='reference'): without noise to float32
+rounding, with noise too (both draw the same Philox stream from the same key). The step is the
+subsampled Gaussian the accountant is charged: Poisson sampling at q = b / n, division by the expected
+batch size q n, noise std sigma C, one release (sigma, q) per step."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deer.fed import prepare_job
+from deer.fed.client import LocalTrainConfig, NoiseKey, local_train, private_step
+from deer.fed.config import method_spec
+from deer.fed.model import get_adapters, named_lora, set_adapters, set_phase
+from deer.ops import resolve_backend
+
+from test_fed_engine import tiny_cfg
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def job():
+    return prepare_job(tiny_cfg(1234, num_clients=2, clients_per_round=2), log=lambda *a: None)
+
+
+def _kernel_backend():
+    """The backend `backend=None` resolves to for CPU tensors; the test is about deer's kernels."""
+    b = resolve_backend(torch.device("cpu"), None, op="clip_reduce_noise")
+    if b == "reference":
+        pytest.skip("deer._C (CPU kernels) is not built here")
+    return b
+
+
+def _prepare(job, gen, phase):
+    """Global adapters with a non-zero B (so that A-phase gradients and K = B^T B + lam I are generic),
+    and the captured (X, U, G) of one batch of 13 samples of client 0."""
+    model = job.model
+    start = {n: {"A": d["A"].clone(), "B": 0.3 * torch.randn(d["B"].shape, generator=gen)}
+             for n, d in job.init_adapters.items()}
+    set_adapters(model, start)
+    set_phase(model, phase)
+    layers = list(named_lora(model).values())
+    x, y = job.data.clients[0].x[:13], job.data.clients[0].y[:13]
+    for l in layers:
+        l.capture = True
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    for l in layers:
+        l.capture = False
+    captured = [l.pop_captured()[0] for l in layers]
+    return layers, start, captured
+
+
+CASES = [("deer", "B"), ("deer", "A"), ("deer_no_de", "AB"), ("fedavg", "AB"), ("ffa", "B")]
+
+
+@pytest.mark.parametrize("method,phase", CASES)
+def test_private_step_kernels_equal_reference(job, gen, method, phase):
+    backend = _kernel_backend()
+    seed = gen.initial_seed()
+    spec = method_spec(method)
+    layers, start, captured = _prepare(job, gen, phase)
+    key = NoiseKey(seed % (1 << 62), 5, 3)
+    for sigma, C in ((0.0, 0.05), (0.0, 1e9), (1.3, 0.05)):   # clipping active / inactive; noise on
+        outs = {}
+        for b in (None, backend, "reference"):
+            cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=sigma, max_grad_norm=C, lam=0.1, backend=b)
+            outs[b] = private_step(layers, phase, spec, cfg, 8.0, start, key, captured=captured)
+        (kg, keff), (rg, reff) = outs[backend], outs["reference"]
+        assert keff == reff == sigma
+        for li, (kd, rd, nd) in enumerate(zip(kg, rg, outs[None][0])):
+            assert set(kd) == set(rd) == set(phase)
+            for f in kd:
+                assert kd[f].dtype == torch.float32 and rd[f].dtype == torch.float64
+                assert torch.equal(kd[f], nd[f])             # backend=None resolves to the kernels
+                scale = float(rd[f].abs().max())
+                torch.testing.assert_close(kd[f].double(), rd[f], rtol=1e-4, atol=1e-5 * scale + 1e-12,
+                                           msg=f"{method} {phase} layer {li} {f} sigma={sigma} C={C} seed {seed}")
+    # the noise is really there and keyed: another step number gives other noise
+    cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=1.3, max_grad_norm=0.05, lam=0.1, backend=backend)
+    other, _ = private_step(layers, phase, spec, cfg, 8.0, start, NoiseKey(key.seed, 6, 3), captured=captured)
+    diff = max(float((a[f] - b[f]).abs().max()) for a, b in zip(other, kg) for f in a)
+    assert diff > 1e-3
+
+
+@pytest.mark.parametrize("method,phase", [("deer", "B"), ("deer", "A"), ("fedavg", "AB")])
+def test_noise_law_and_empty_batch(job, gen, method, phase):
+    """With sigma C >> any clipped sum the step is (sigma C xi) / b: xi ~ N(0, I) (isotropic), or
+    whitened xi ~ N(0, I) (regulated: xi R^T in phase B, R xi in phase A, K = R^T R from the start
+    adapters). An empty Poisson batch (captured=[]) releases the same noise alone."""
+    _kernel_backend()
+    spec = method_spec(method)
+    layers, start, captured = _prepare(job, gen, phase)
+    sigma, C, b = 1e6, 1.0, 8.0
+    cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=sigma, max_grad_norm=C, lam=0.1)
+    seed = gen.initial_seed()
+    full, _ = private_step(layers, phase, spec, cfg, b, start, NoiseKey(seed, 0, 0), captured=captured)
+    z = []
+    for step in range(24):   # independent keys: enough entries for a tight test
+        empty, eff = private_step(layers, phase, spec, cfg, b, start, NoiseKey(seed, step, 0), captured=[])
+        assert eff == sigma
+        for l, fd, ed in zip(layers, full, empty):
+            for f in ed:
+                if step == 0:
+                    torch.testing.assert_close(fd[f], ed[f], rtol=1e-5, atol=1e-5 * float(ed[f].abs().max()))
+                xi = ed[f].double() * b / (sigma * C)
+                if spec.noise == "regulated":
+                    A0, B0 = start[l.name]["A"].double(), start[l.name]["B"].double()
+                    K = (A0 @ A0.T if f == "B" else B0.T @ B0) + 0.1 * torch.eye(A0.shape[0], dtype=torch.float64)
+                    R = torch.linalg.cholesky(K).mT
+                    xi = xi @ R.T if f == "B" else R @ xi
+                z.append(xi.flatten())
+    z = torch.cat(z)
+    assert z.numel() > 1000
+    # 5 standard errors: mean se 1/sqrt(N), std se 1/sqrt(2N)
+    assert abs(float(z.mean())) < 5 / z.numel() ** 0.5, float(z.mean())
+    assert abs(float(z.std()) - 1) < 5 / (2 * z.numel()) ** 0.5, float(z.std())
+
+
+def test_local_train_kernels_equal_reference_and_accounting(job, gen):
+    """Whole local training (DEeR's B then A sub-round, 3 DP steps each): the kernel path ends where the
+    reference path does, and both report the releases the accountant is charged: sigma at q = b / n per step."""
+    _kernel_backend()
+    seed = gen.initial_seed()
+    cd = job.data.clients[1]
+    n = len(cd.y)
+    start = {k: {f: t.clone() for f, t in d.items()} for k, d in job.init_adapters.items()}
+    for phase in ("B", "A"):
+        ends = {}
+        for backend in (None, "reference"):
+            cfg = LocalTrainConfig(1, 16, 0.2, "sample", noise_multiplier=0.9, max_grad_norm=0.5, lam=0.1,
+                                   local_steps=3, backend=backend)
+            upd = local_train(job.model, start, cd.x, cd.y, phase, method_spec("deer"), cfg,
+                              torch.Generator().manual_seed(seed), noise_seed=seed + 1, client=1)
+            assert upd.releases == [(0.9, 16 / n, 3)]
+            ends[backend] = upd.adapters
+        for k in start:
+            for f in "AB":
+                torch.testing.assert_close(ends[None][k][f], ends["reference"][k][f], rtol=1e-4, atol=1e-6,
+                                           msg=f"{phase} {k}.{f} seed {seed}")
+        start = ends[None]
+
+
+def test_step_is_poisson_sampled_mean_over_expected_batch(job, gen):
+    """sigma = 0 and no clipping: one local step moves the trained factor by -lr * (sum of the per-sample
+    gradients of the Poisson batch) / (q n) -- the expected batch size the accountant's q refers to, not
+    the realised one. The batch is drawn from the client's stream exactly as q = b / n says."""
+    _kernel_backend()
+    seed = gen.initial_seed()
+    cd = job.data.clients[0]
+    n, bsz, lr = len(cd.y), 16, 0.1
+    q = bsz / n
+    start = {k: {f: t.clone() for f, t in d.items()} for k, d in job.init_adapters.items()}
+    cfg = LocalTrainConfig(1, bsz, lr, "sample", noise_multiplier=0.0, max_grad_norm=1e9, lam=0.1, local_steps=1)
+    upd = local_train(job.model, start, cd.x, cd.y, "B", method_spec("ffa"), cfg, torch.Generator().manual_seed(seed),
+                      noise_seed=1, client=0)
+    assert upd.releases == [(0.0, q, 1)]
+    idx = (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < q).nonzero().squeeze(1)
+    model = job.model
+    set_adapters(model, start)
+    set_phase(model, "B")
+    layers = named_lora(model)
+    params = [l.lora_B for l in layers.values()]
+    grads = torch.autograd.grad(F.cross_entropy(model(cd.x[idx]), cd.y[idx], reduction="sum"), params)
+    for (name, _), g in zip(layers.items(), grads):
+        expected = start[name]["B"] - lr * g / (q * n)
+        torch.testing.assert_close(upd.adapters[name]["B"], expected, rtol=1e-4, atol=1e-6)
+        assert torch.equal(upd.adapters[name]["A"], start[name]["A"])
+    set_adapters(model, job.init_adapters)
