@@ -46,8 +46,9 @@ def _describe(cfg, job_note: str = "") -> str:
                      f"{cfg.target_epsilon} at delta {cfg.delta} for the worst client; each method's noise "
                      "multiplier spends exactly that budget over its own releases")
     elif cfg.privacy == "client":
-        lines.append(f"[deer] privacy: client level (user level), the server clips each client's whole update "
-                     f"and noises the mean; target epsilon {cfg.target_epsilon} at delta {cfg.delta}")
+        lines.append(f"[deer] privacy: client level (user level), the server clips the whole update of each "
+                     "client in a Poisson sample (rate clients_per_round / num_clients), adds noise to the clipped sum and "
+                     f"divides by the expected count; target epsilon {cfg.target_epsilon} at delta {cfg.delta}")
     else:
         lines.append("[deer] privacy: none")
     if not cfg.checkpoint:
