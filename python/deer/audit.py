@@ -292,29 +292,27 @@ class _Setup:
 # --------------------------------------------------------------------------------------------
 
 def fed_aggregate_step(**kw):
-    """step_fn adapter for deer.fed.aggregate.aggregate(privacy='client'): every record of the batch is one
-    sampled client whose update (trained factor minus the global one) is that record's per-sample
-    gradient. The server clips each update, averages over the m clients it received and adds
-    sigma C xi / m; the adapter returns (noisy mean) * m / expected_batch_size so that, as for dp_step,
-    result * expected_batch_size is the noisy sum of clipped updates."""
+    """step_fn adapter for deer.fed.aggregate.aggregate(privacy='client'), called exactly as the fed
+    engine calls it: every record of the batch is one Poisson-sampled client whose update (trained factor
+    minus the global one) is that record's per-sample gradient; the server clips each update, adds
+    sigma C xi to the clipped sum and divides by the expected number of clients (denominator), so
+    result * expected_batch_size is the noisy sum of clipped updates, as for dp_step. An empty sample
+    still releases noise, as in the engine."""
     from deer.fed.aggregate import aggregate
     (lb,) = kw["layers"]
     phase = kw["phase"]
     g = ref.per_sample_grads(lb.x, lb.grad_out, lb.A, lb.B, lb.scale, phase)[phase]
     base = {"A": lb.A, "B": lb.B}
     m = g.shape[0]
-    if m == 0:                     # no client sampled: the server releases nothing new this round
-        return SimpleNamespace(grads=[{phase: torch.zeros_like(base[phase])}],
-                               noise_multiplier_effective=kw["noise_multiplier"])
     glob = {"audit": {f: t.clone() for f, t in base.items()}}
     updates = [{"audit": {**base, phase: base[phase] + g[i]}} for i in range(m)]
     res = aggregate(glob, updates, [1.0] * m, phase, SimpleNamespace(metric=kw["metric"], noise=kw["noise"]),
                     privacy="client", noise_multiplier=kw["noise_multiplier"],
-                    max_grad_norm=kw["max_grad_norm"], lam=kw["lam"], generator=kw["generator"])
+                    max_grad_norm=kw["max_grad_norm"], lam=kw["lam"], generator=kw["generator"],
+                    denominator=kw["expected_batch_size"])
     noisy_mean = res.adapters["audit"][phase].to(torch.float64) - base[phase]
     eff = res.noise_multiplier if res.noise_multiplier is not None else kw["noise_multiplier"]
-    return SimpleNamespace(grads=[{phase: noisy_mean * m / kw["expected_batch_size"]}],
-                           noise_multiplier_effective=eff)
+    return SimpleNamespace(grads=[{phase: noisy_mean}], noise_multiplier_effective=eff)
 
 
 def engine_step(**kw):
