@@ -2,6 +2,9 @@
 float64 reference, on fresh random inputs with odd sizes (seed in every assertion message)."""
 import importlib.util
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -55,7 +58,9 @@ def _spd(k, gen):
 
 
 # (b, T, p, q): T = 1 and 97, ranks 1/4/8/64 on either side (B phase q = r, A phase p = r), batch 1 and 33.
-SHAPES = [(1, 1, 5, 1), (33, 97, 17, 4), (3, 97, 40, 8), (2, 7, 64, 64), (33, 1, 8, 30), (1, 97, 1, 23)]
+SHAPES = [(1, 1, 5, 1), (33, 97, 17, 4), (3, 97, 40, 8), (2, 7, 64, 64), (33, 1, 8, 30), (1, 97, 1, 23),
+          # ranks 2 and 16 (fixed-size Gram loops of the column metric), a ViT-tiny qkv layer (T = 17)
+          (5, 3, 40, 2), (2, 9, 23, 16), (4, 17, 576, 8)]
 BIG = [(2, 3, 2304, 8), (2, 5, 8, 768)]  # ViT-B qkv (m = 2304) B phase, n = 768 A phase
 
 
@@ -175,3 +180,52 @@ def test_bad_input_says_what_is_wrong():
     with pytest.raises(BackendUnavailable, match="cuda"):
         per_sample_grad_norm(torch.randn(2, 3, 4), torch.randn(2, 3, 5), 1.0, backend="cuda") \
             if not torch.cuda.is_available() else (_ for _ in ()).throw(BackendUnavailable("cuda n/a"))
+
+
+_ISA_CHECK = textwrap.dedent("""
+    import sys, torch
+    import deer._C as C
+    from deer.ops import per_sample_grad_norm, per_sample_grad_norm_reference, clip_reduce_noise_fused
+    want, seed = sys.argv[1], int(sys.argv[2])
+    print("isa", C.cpu_isa())
+    if C.cpu_isa() != want:
+        sys.exit(3)                                   # the CPU lacks it: the caller skips
+    gen = torch.Generator().manual_seed(seed)
+    def spd(k):
+        A = torch.randn(k, k, generator=gen, dtype=torch.float64)
+        return A @ A.T + 0.1 * torch.eye(k, dtype=torch.float64)
+    def rel(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+    for b, T, p, q in [(1, 1, 5, 1), (33, 97, 17, 4), (3, 17, 40, 8), (2, 7, 64, 64), (5, 3, 40, 2),
+                       (2, 9, 23, 16), (4, 17, 576, 8), (3, 5, 8, 97), (2, 3, 3, 100)]:
+        L = torch.randn(b, T, p, generator=gen, dtype=torch.float64)
+        R = torch.randn(b, T, q, generator=gen, dtype=torch.float64)
+        metrics = [(None, 1)] + ([(spd(q), 1)] if q <= 128 else []) + ([(spd(p), 0)] if p <= 128 else [])
+        for K, side in metrics:
+            g0, n0 = per_sample_grad_norm_reference(L, R, 0.37, K, side)
+            for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+                g, n = per_sample_grad_norm(L.to(dt), R.to(dt), 0.37, None if K is None else K.to(dt), side,
+                                            backend="cpu")
+                assert rel(g, g0) <= tol and rel(n, n0) <= tol, (want, seed, (b, T, p, q), side, dt)
+        c = torch.rand(b, generator=gen, dtype=torch.float64)
+        want_sum = torch.einsum("b,bpq->pq", c, 0.37 * torch.einsum("btp,btq->bpq", L, R)) / 3.0
+        for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+            got = clip_reduce_noise_fused(L.to(dt), R.to(dt), 0.37, c.to(dt), 0.0, 3.0, backend="cpu")
+            assert rel(got, want_sum) <= tol, ("fused", want, seed, (b, T, p, q), dt)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_every_cpu_instruction_set_matches_reference(isa, gen):
+    """The tile GEMM and norm loops are compiled once per instruction set and one is picked at load
+    time; DEER_CPU_ISA caps the pick, so the narrower builds run here too (in a child process)."""
+    if unavailable_reason("cpu", "cpu", OP) is not None:
+        pytest.skip(unavailable_reason("cpu", "cpu", OP))
+    seed = gen.initial_seed()
+    env = dict(os.environ, DEER_CPU_ISA=isa, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _ISA_CHECK, isa, str(seed)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    if r.returncode == 3:
+        pytest.skip(f"this CPU has no {isa} ({r.stdout.strip()})")
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), f"seed {seed}\n{r.stdout}\n{r.stderr}"

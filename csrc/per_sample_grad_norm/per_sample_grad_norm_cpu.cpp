@@ -4,7 +4,8 @@
 // work items, so a batch of 1 still uses every thread. fp16/bf16 inputs are widened to fp32 once
 // (products summed over T tokens lose digits fast in half precision); fp64 stays fp64 (oracle path).
 // Norms: a second pass over g_i, which is L2-resident per sample and p*q elements (tiny next to
-// the T*(p+q) inputs the first pass streams).
+// the T*(p+q) inputs the first pass streams); regulated metric on the columns (B phase) as
+// <K, g^T g>, rank-1 updates with contiguous inner loops (psgn_tile.h).
 #include "per_sample_grad_norm/per_sample_grad_norm.h"
 
 #include <ATen/ATen.h>
@@ -56,37 +57,16 @@ void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64_t p, i
     tile::gemm_tn_f32(L, R, nb, T, p, q, w, wconst, out, v0, v1);
 }
 
-// Squared norm of one sample's g (p, q) in the op's metric; kg is scratch of length q.
+// Squared norm of one sample's g (p, q) in the op's metric (the ISA-dispatched loops of psgn_tile.h);
+// work is resized to the scratch the metric needs.
 template <typename acc_t>
-acc_t sample_sq_norm(const acc_t* g, int64_t p, int64_t q, const acc_t* K, int64_t side, std::vector<acc_t>& kg) {
-  acc_t n = 0;
-  if (K == nullptr) {
-    for (int64_t e = 0; e < p * q; ++e) n += g[e] * g[e];
-  } else if (side == 1) {  // tr(g K g^T) = sum_a g_a K g_a^T, g_a a row (length q = k)
-    kg.resize(q);
-    for (int64_t a = 0; a < p; ++a) {
-      const acc_t* ga = g + a * q;
-      std::fill(kg.begin(), kg.end(), acc_t(0));
-      for (int64_t d = 0; d < q; ++d) {  // kg = K g_a^T, column-wise so the inner loop is contiguous
-        const acc_t gd = ga[d];
-        for (int64_t c = 0; c < q; ++c) kg[c] += K[c * q + d] * gd;
-      }
-      for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
-    }
-  } else {  // tr(g^T K g) = sum_{a,a'} K[a,a'] <g_a, g_a'>, p = k rows
-    kg.resize(q);
-    for (int64_t a = 0; a < p; ++a) {
-      std::fill(kg.begin(), kg.end(), acc_t(0));
-      for (int64_t a2 = 0; a2 < p; ++a2) {  // kg = sum_a' K[a,a'] g_a'
-        const acc_t k = K[a * p + a2];
-        const acc_t* g2 = g + a2 * q;
-        for (int64_t c = 0; c < q; ++c) kg[c] += k * g2[c];
-      }
-      const acc_t* ga = g + a * q;
-      for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
-    }
-  }
-  return n;
+acc_t sample_sq_norm(const acc_t* g, int64_t p, int64_t q, const acc_t* K, int64_t side, std::vector<acc_t>& work) {
+  const auto need = static_cast<size_t>(tile::sq_norm_work(q, K == nullptr ? -1 : side));
+  if (work.size() < need) work.resize(need);
+  if constexpr (std::is_same_v<acc_t, double>)
+    return tile::sq_norm_f64(g, p, q, K, side, work.data());
+  else
+    return tile::sq_norm_f32(g, p, q, K, side, work.data());
 }
 
 // Multiply-adds below which a chunk runs on the calling thread: a parallel region costs tens of

@@ -22,6 +22,12 @@ void gemm_tn_f32(const float* L, const float* R, int64_t nb, int64_t T, int64_t 
 void gemm_tn_f64(const double* L, const double* R, int64_t nb, int64_t T, int64_t p, int64_t q,
                  const double* weights, double wconst, double* out, int64_t v_begin, int64_t v_end);
 
+// Squared norm of one g (p, q) row-major: ||g||_F^2 (K null), tr(g K g^T) (side 1, K: q x q) or
+// tr(g^T K g) (side 0, K: p x p). `work`: scratch of sq_norm_work(q, side) elements.
+float sq_norm_f32(const float* g, int64_t p, int64_t q, const float* K, int64_t side, float* work);
+double sq_norm_f64(const double* g, int64_t p, int64_t q, const double* K, int64_t side, double* work);
+inline int64_t sq_norm_work(int64_t q, int64_t side) { return side == 1 ? q * q : q; }
+
 // Length of the long ("vector") dimension and the preferred granularity of [v_begin, v_end) ranges.
 inline int64_t vector_dim(int64_t p, int64_t q) { return p >= q ? p : q; }
 int64_t vector_block_f32();

@@ -1,56 +1,94 @@
 // Body of the register-tiled GEMM (see psgn_tile.h). Deliberately without include guard: psgn_tile_cpu.cpp
 // includes it once per instruction set, inside a namespace and under `#pragma GCC target`, with
-// DEER_VW_F32 / DEER_VW_F64 (accumulator width along the long dimension) defined for that ISA.
+// DEER_VBYTES (bytes per SIMD register for that ISA) and DEER_NV (registers per accumulator row along
+// the long dimension) defined. Accumulation width along the long dimension: VW = DEER_NV * lanes.
 
 static constexpr int kNS = 8;  // accumulators along the short dimension (the LoRA rank side)
 
-// One tile over tokens [0, T) of one sample: acc[s][w] (held in registers, loaded from and stored to
-// the contiguous scratch `buf`) += w_i * sum_t V[t, w] * S[t, s]; long-dim entries w < vlen.
-// FULL: vlen == VW, so loads need no bounds and the compiler emits plain vector loads.
-template <typename acc_t, int VW, int NS, bool FULL>
+// GCC vector extensions: locals of these types live in SIMD registers (plain acc_t arrays of the
+// same size were kept on the stack, one load and one store per FMA: 3x slower).
+template <typename acc_t> struct VecOf;
+template <> struct VecOf<float> { typedef float type __attribute__((vector_size(DEER_VBYTES), aligned(4))); };
+template <> struct VecOf<double> { typedef double type __attribute__((vector_size(DEER_VBYTES), aligned(8))); };
+template <typename acc_t>
+using vec_t = typename VecOf<acc_t>::type;
+template <typename acc_t>
+static constexpr int kLanes = DEER_VBYTES / sizeof(acc_t);
+template <typename acc_t>
+static constexpr int kVW = DEER_NV * kLanes<acc_t>;
+
+// x in every lane (a broadcast load when x comes from memory).
+template <typename acc_t, int... I>
+static inline vec_t<acc_t> splat_impl(acc_t x, std::integer_sequence<int, I...>) {
+  return vec_t<acc_t>{((void)I, x)...};
+}
+template <typename acc_t>
+static inline vec_t<acc_t> splat(acc_t x) {
+  return splat_impl<acc_t>(x, std::make_integer_sequence<int, kLanes<acc_t>>{});
+}
+
+// One tile over tokens [0, T) of one sample: buf[s][w] += wi * sum_t V[t, w] * S[t, s], long-dim
+// entries w < vlen. The weight is applied once per call (NS * NV multiply-adds per chunk of tokens)
+// instead of on every token's broadcast operand. FULL: vlen == VW, plain vector loads.
+template <typename acc_t, int NS, bool FULL>
 static inline void tile(const acc_t* __restrict V, int64_t ldv, const acc_t* __restrict S, int64_t lds,
                         acc_t wi, int64_t T, int vlen, acc_t* __restrict buf) {
-  acc_t acc[NS][VW];
+  using vec = vec_t<acc_t>;
+  constexpr int L = kLanes<acc_t>, NV = DEER_NV;
+  vec acc[NS][NV];
+#pragma GCC unroll 8
   for (int s = 0; s < NS; ++s)
-    for (int w = 0; w < VW; ++w) acc[s][w] = buf[s * VW + w];
+#pragma GCC unroll 4
+    for (int k = 0; k < NV; ++k) acc[s][k] = vec{};
   for (int64_t t = 0; t < T; ++t) {
     const acc_t* vr = V + t * ldv;
     const acc_t* sr = S + t * lds;
-    acc_t vv[VW];
+    vec vv[NV];
     if constexpr (FULL) {
-      for (int w = 0; w < VW; ++w) vv[w] = vr[w];
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) __builtin_memcpy(&vv[k], vr + k * L, sizeof(vec));
     } else {
-      for (int w = 0; w < VW; ++w) vv[w] = w < vlen ? vr[w] : acc_t(0);
+      acc_t tmp[NV * L];
+      for (int w = 0; w < NV * L; ++w) tmp[w] = w < vlen ? vr[w] : acc_t(0);
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) __builtin_memcpy(&vv[k], tmp + k * L, sizeof(vec));
     }
-    // The per-sample weight rides on the broadcast operand: NS multiplies per token, not NS*VW.
+#pragma GCC unroll 8
     for (int s = 0; s < NS; ++s) {
-      const acc_t bs = sr[s] * wi;
-      for (int w = 0; w < VW; ++w) acc[s][w] += bs * vv[w];
+      const vec bs = splat<acc_t>(sr[s]);
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) acc[s][k] += bs * vv[k];
     }
   }
+#pragma GCC unroll 8
   for (int s = 0; s < NS; ++s)
-    for (int w = 0; w < VW; ++w) buf[s * VW + w] = acc[s][w];
+#pragma GCC unroll 4
+    for (int k = 0; k < NV; ++k) {
+      vec b;
+      __builtin_memcpy(&b, buf + (s * NV + k) * L, sizeof(vec));
+      b += splat<acc_t>(wi) * acc[s][k];
+      __builtin_memcpy(buf + (s * NV + k) * L, &b, sizeof(vec));
+    }
 }
 
-template <typename acc_t, int VW, int NS>
+template <typename acc_t, int NS>
 static inline void tile_ns(const acc_t* V, int64_t ldv, const acc_t* S, int64_t lds, acc_t wi, int64_t T,
                            int vlen, acc_t* buf) {
-  if (vlen == VW)
-    tile<acc_t, VW, NS, true>(V, ldv, S, lds, wi, T, vlen, buf);
+  if (vlen == kVW<acc_t>)
+    tile<acc_t, NS, true>(V, ldv, S, lds, wi, T, vlen, buf);
   else
-    tile<acc_t, VW, NS, false>(V, ldv, S, lds, wi, T, vlen, buf);
+    tile<acc_t, NS, false>(V, ldv, S, lds, wi, T, vlen, buf);
 }
 
-// Memory order: tokens in chunks of kTC (outer), tiles across [v_begin, v_end) (inner). Each chunk
-// then reads kTC rows of the long operand left to right, kTC long sequential streams the hardware
-// prefetcher follows; walking all T rows per tile instead gives T short strided reads per tile and
-// runs at half the bandwidth. Accumulators live in a per-thread scratch (L1/L2) between chunks.
-static constexpr int64_t kTC = 16;
+#ifndef DEER_TC
+#define DEER_TC 16
+#endif
+static constexpr int64_t kTC = DEER_TC;
 
-template <typename acc_t, int VW>
+template <typename acc_t>
 static void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64_t p, int64_t q,
                     const acc_t* weights, acc_t wconst, acc_t* out, int64_t v_begin, int64_t v_end) {
-  // Long dimension along p (B phase: L = G, p = m) or along q (A phase: R = X, q = n).
+  constexpr int VW = kVW<acc_t>;
   const bool v_is_p = p >= q;
   const acc_t* V = v_is_p ? L : R;
   const acc_t* S = v_is_p ? R : L;
@@ -79,7 +117,7 @@ static void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64
           acc_t* b = buf + (vt * nst + st) * tsz;
           switch (ns) {
 #define DEER_TILE_CASE(n) \
-  case n: tile_ns<acc_t, VW, n>(Vt, ldv, St, lds, wi, tc, vlen, b); break;
+  case n: tile_ns<acc_t, n>(Vt, ldv, St, lds, wi, tc, vlen, b); break;
             DEER_TILE_CASE(1) DEER_TILE_CASE(2) DEER_TILE_CASE(3) DEER_TILE_CASE(4)
             DEER_TILE_CASE(5) DEER_TILE_CASE(6) DEER_TILE_CASE(7) DEER_TILE_CASE(8)
 #undef DEER_TILE_CASE
@@ -89,7 +127,6 @@ static void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64
       }
     }
   }
-  // Scatter the tiles into the row-major (p, q) output (transposing when the long dim is p).
   for (int64_t vt = 0; vt < nvt; ++vt) {
     const int64_t v0 = v_begin + vt * VW;
     const int64_t vlen = v_end - v0 < VW ? v_end - v0 : VW;
@@ -97,17 +134,117 @@ static void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64
       const int64_t s0 = st * kNS;
       const int64_t ns = sdim - s0 < kNS ? sdim - s0 : kNS;
       const acc_t* b = buf + (vt * nst + st) * tsz;
-      for (int64_t s = 0; s < ns; ++s)
-        for (int64_t w = 0; w < vlen; ++w) out[(v0 + w) * o_v + (s0 + s) * o_s] = b[s * VW + w];
+      if (v_is_p) {  // out (p, q) row-major with p the long dim: write each output row contiguously
+        for (int64_t w = 0; w < vlen; ++w)
+          for (int64_t s = 0; s < ns; ++s) out[(v0 + w) * o_v + s0 + s] = b[s * VW + w];
+      } else {
+        for (int64_t s = 0; s < ns; ++s)
+          for (int64_t w = 0; w < vlen; ++w) out[v0 + w + (s0 + s) * o_s] = b[s * VW + w];
+      }
     }
   }
 }
 
 static void gemm_tn_f32(const float* L, const float* R, int64_t nb, int64_t T, int64_t p, int64_t q,
                         const float* weights, float wconst, float* out, int64_t v_begin, int64_t v_end) {
-  gemm_tn<float, DEER_VW_F32>(L, R, nb, T, p, q, weights, wconst, out, v_begin, v_end);
+  gemm_tn<float>(L, R, nb, T, p, q, weights, wconst, out, v_begin, v_end);
 }
 static void gemm_tn_f64(const double* L, const double* R, int64_t nb, int64_t T, int64_t p, int64_t q,
                         const double* weights, double wconst, double* out, int64_t v_begin, int64_t v_end) {
-  gemm_tn<double, DEER_VW_F64>(L, R, nb, T, p, q, weights, wconst, out, v_begin, v_end);
+  gemm_tn<double>(L, R, nb, T, p, q, weights, wconst, out, v_begin, v_end);
+}
+
+// <K, g^T g> for g (p, Q) row-major with Q a compile-time rank: the rows of M = g^T g are Q-lane
+// vectors held in registers, each row of g adds Q broadcast multiply-adds.
+template <typename acc_t, int Q>
+struct RowVec {
+  typedef acc_t type __attribute__((vector_size(Q * sizeof(acc_t)), aligned(sizeof(acc_t))));
+};
+template <typename row, typename acc_t, int... I>
+static inline row splat_row(acc_t x, std::integer_sequence<int, I...>) {
+  return row{((void)I, x)...};
+}
+template <typename acc_t, int Q>
+static acc_t gram_norm_fixed(const acc_t* __restrict g, int64_t p, const acc_t* __restrict K) {
+  using row = typename RowVec<acc_t, Q>::type;
+  row M[Q];
+#pragma GCC unroll 16
+  for (int c = 0; c < Q; ++c) M[c] = row{};
+  for (int64_t a = 0; a < p; ++a) {
+    row ga;
+    __builtin_memcpy(&ga, g + a * Q, sizeof(row));
+#pragma GCC unroll 16
+    for (int c = 0; c < Q; ++c) M[c] += splat_row<row>(g[a * Q + c], std::make_integer_sequence<int, Q>{}) * ga;
+  }
+  acc_t n = 0;
+  for (int c = 0; c < Q; ++c)
+    for (int d = 0; d < Q; ++d) n += K[c * Q + d] * M[c][d];
+  return n;
+}
+
+// Squared norm of one sample's g (p, q) row-major in the op's metric (see psgn_tile.h); `work` is
+// scratch of at least max(p, q) * max(p, q) elements (caller-owned, reused across samples).
+template <typename acc_t>
+static acc_t sq_norm(const acc_t* __restrict g, int64_t p, int64_t q, const acc_t* __restrict K, int64_t side,
+                     acc_t* __restrict work) {
+  if (K == nullptr) {  // ||g||_F^2 with a few independent partial sums (vectorised)
+    constexpr int kAcc = 4 * kLanes<acc_t>;
+    acc_t part[kAcc] = {};
+    const int64_t P = p * q;
+    int64_t e = 0;
+    for (; e + kAcc <= P; e += kAcc)
+      for (int j = 0; j < kAcc; ++j) part[j] += g[e + j] * g[e + j];
+    acc_t n = 0;
+    for (; e < P; ++e) n += g[e] * g[e];
+    for (int j = 0; j < kAcc; ++j) n += part[j];
+    return n;
+  }
+  if (side == 1) {
+    // tr(g K g^T) = <K, g^T g>: the (q x q) Gram of g's columns, one rank-1 update per row, then one
+    // inner product with K. q is the rank (B phase); common ranks get fixed-size register loops.
+    switch (q) {
+      case 1: return gram_norm_fixed<acc_t, 1>(g, p, K);
+      case 2: return gram_norm_fixed<acc_t, 2>(g, p, K);
+      case 4: return gram_norm_fixed<acc_t, 4>(g, p, K);
+      case 8: return gram_norm_fixed<acc_t, 8>(g, p, K);
+      case 16: return gram_norm_fixed<acc_t, 16>(g, p, K);
+      default: break;
+    }
+    acc_t* M = work;
+    for (int64_t e = 0; e < q * q; ++e) M[e] = 0;
+    for (int64_t a = 0; a < p; ++a) {
+      const acc_t* ga = g + a * q;
+      for (int64_t c = 0; c < q; ++c) {
+        const acc_t gc = ga[c];
+        acc_t* Mc = M + c * q;
+#pragma GCC ivdep
+        for (int64_t d = 0; d < q; ++d) Mc[d] += gc * ga[d];
+      }
+    }
+    acc_t n = 0;
+    for (int64_t e = 0; e < q * q; ++e) n += K[e] * M[e];
+    return n;
+  }
+  // side 0: tr(g^T K g) = sum_a <g_a, (K g)_a>, p = k rows (the rank, A phase): rows of length q.
+  acc_t* kg = work;
+  acc_t n = 0;
+  for (int64_t a = 0; a < p; ++a) {
+    for (int64_t c = 0; c < q; ++c) kg[c] = 0;
+    for (int64_t a2 = 0; a2 < p; ++a2) {
+      const acc_t k = K[a * p + a2];
+      const acc_t* g2 = g + a2 * q;
+#pragma GCC ivdep
+      for (int64_t c = 0; c < q; ++c) kg[c] += k * g2[c];
+    }
+    const acc_t* ga = g + a * q;
+    for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
+  }
+  return n;
+}
+
+static float sq_norm_f32(const float* g, int64_t p, int64_t q, const float* K, int64_t side, float* work) {
+  return sq_norm<float>(g, p, q, K, side, work);
+}
+static double sq_norm_f64(const double* g, int64_t p, int64_t q, const double* K, int64_t side, double* work) {
+  return sq_norm<double>(g, p, q, K, side, work);
 }

@@ -3,7 +3,9 @@
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <random>
+#include <string>
 
 #include "per_sample_grad_norm/per_sample_grad_norm.h"
 
@@ -17,10 +19,25 @@ static void expect_close(const char* what, const at::Tensor& got, const at::Tens
   if (!ok) ++failures;
 }
 
-int main() {
+int main(int argc, char** argv) {
+  // Every instruction set the tile GEMM and norms were instantiated for: the dispatched one here, the
+  // narrower ones in child runs capped by DEER_CPU_ISA (never above what the CPU supports).
+  if (std::getenv("DEER_CPU_ISA") == nullptr && argc > 0) {
+    for (const char* isa : {"avx2", "generic"}) {
+      const std::string cmd = std::string("DEER_CPU_ISA=") + isa + " '" + argv[0] + "'";
+      std::printf("--- child run: %s\n", cmd.c_str());
+      std::fflush(stdout);
+      if (std::system(cmd.c_str()) != 0) { std::printf("child run with DEER_CPU_ISA=%s FAILED\n", isa); ++failures; }
+    }
+  }
+  std::printf("--- instruction set: %s\n", std::getenv("DEER_CPU_ISA") ? std::getenv("DEER_CPU_ISA") : "dispatched");
   std::random_device rd;
   torch::manual_seed(rd());  // fresh inputs every run
-  struct Case { int64_t b, T, p, q; } cases[] = {{1, 1, 3, 1}, {33, 97, 17, 4}, {5, 7, 64, 8}, {3, 2, 8, 129}};
+  // Ranks 1, 2, 4, 8, 16 take the fixed-size Gram loops of the column metric; 3 and 129 the generic ones;
+  // (17, 576, 8) is a ViT-tiny qkv layer; long dims that are not multiples of the tile width.
+  struct Case { int64_t b, T, p, q; } cases[] = {{1, 1, 3, 1}, {33, 97, 17, 4}, {5, 7, 64, 8}, {3, 2, 8, 129},
+                                                 {2, 9, 23, 16}, {4, 1, 40, 2}, {3, 17, 576, 8}, {2, 33, 3, 100},
+                                                 {1, 5, 64, 64}};
   for (auto c : cases) {
     for (auto dtype : {at::kFloat, at::kDouble}) {
       auto L = torch::randn({c.b, c.T, c.p}, torch::dtype(dtype));
