@@ -9,8 +9,9 @@ DEeR paper does for q, k and v. Every pair of factors is a `LoRAFactors` module:
 privacy engine clips, noises and accounts.
 
 While `capture` is True (set by the privacy engine) the custom autograd Function appends, on each
-backward call, X = dropout(x), U = X A^T and G = dL/dy to the unit's capture list: everything the
-per-sample gradient kernels need (with `capture_lean`, which the engine sets, X is dropped when A is
+backward call, X = dropout(x), U = X A^T and G = dL/dy to the unit's capture list (a `Captured`
+triple, which also carries V = G B when A is trained): everything the per-sample gradient kernels
+need (with `capture_lean`, which the engine sets, X is dropped when A is
 frozen and U when B is frozen). Several backward calls before one optimizer step (gradient
 accumulation over physical batches, "virtual steps") simply append more chunks. While capturing,
 the summed .grad of A and B is not computed at all: the DP optimizer writes the private gradient
@@ -25,6 +26,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..reference import check_phase, trained_factors
+
+
+class Captured(tuple):
+    """One backward call's capture: the triple (X, U, G) (X = dropout(x) or None, U = X A^T or None,
+    G = dL/dy), plus `V` = G B (or None) when A is trained, computed by the backward anyway."""
+
+    def __new__(cls, X, U, G, V=None):
+        self = super().__new__(cls, (X, U, G))
+        self.V = V
+        return self
 
 
 class _LoRABranch(torch.autograd.Function):
@@ -51,9 +62,13 @@ class _LoRABranch(torch.autograd.Function):
             # Keep only what the trained factors need: B needs (U, G), A needs (X, G). Dropping X in
             # the B phase roughly halves the capture memory (X is n wide, U only r).
             lean = unit.capture_lean
-            keep_x = not lean or unit.lora_A.requires_grad
+            train_a = unit.lora_A.requires_grad
+            keep_x = not lean or train_a
             keep_u = not lean or unit.lora_B.requires_grad
-            unit._captured.append((x.detach() if keep_x else None, u.detach() if keep_u else None, gout.detach()))
+            # A's per-sample gradients need V = G B, which this backward has just computed for the
+            # input gradient: hand it over instead of making the DP step recompute it.
+            unit._captured.append(Captured(x.detach() if keep_x else None, u.detach() if keep_u else None,
+                                           gout.detach(), v.detach() if train_a else None))
         else:
             if ctx.needs_input_grad[1]:
                 gA = s * v.reshape(-1, v.shape[-1]).T @ x.reshape(-1, x.shape[-1])
@@ -92,7 +107,7 @@ class LoRAFactors(nn.Module):
         self.name = name
         self.capture = False
         self.capture_lean = False   # True: capture only what the trained factors need (X or U may be None)
-        self._captured: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = []
+        self._captured: list[Captured] = []
         self.phase = "AB"
 
     def set_phase(self, phase: str):

@@ -53,27 +53,34 @@ def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bo
     K = ref.metric_gram(A.to(acc), B.to(acc), factor, lam) if need_gram else None
     gram = K if metric == "regulated" else None
     gs, ns = [], []
-    for X, U, G in chunks:
+    for chunk in chunks:
+        X, U, G = chunk
         G = _tokens(G)
+        scale = unit.scale
         if loss_reduction == "mean":
             # The loss was a mean over this physical batch: dL/dy_i = (1/b) dL_i/dy_i. Undo it so
-            # that g_i is the gradient of sample i's own loss (as Opacus does for 'mean').
-            G = G * G.shape[0]
+            # that g_i is the gradient of sample i's own loss (as Opacus does for 'mean'); the factor
+            # rides on the kernel's scale instead of a pass over G.
+            scale = scale * G.shape[0]
         if factor == "B":
             if U is None:
                 raise RuntimeError(f"{unit.name}: B is trained but its capture has no U (the phase changed "
                                    f"between backward and step?); call optimizer.zero_grad() after set_phase")
-            g, n = per_sample_grad_norm(G, _tokens(U), unit.scale, gram, 1, backend=backend)
+            g, n = per_sample_grad_norm(G, _tokens(U), scale, gram, 1, backend=backend)
         else:
             if X is None:
                 raise RuntimeError(f"{unit.name}: A is trained but its capture has no X (the phase changed "
                                    f"between backward and step?); call optimizer.zero_grad() after set_phase")
-            V = G @ B.to(G.dtype)
-            g, n = per_sample_grad_norm(V, _tokens(X), unit.scale, gram, 0, backend=backend)
+            # V = G B: the LoRA backward hands it over when A is trained (B is unchanged until the step).
+            V = getattr(chunk, "V", None)
+            V = _tokens(V) if V is not None else G @ B.to(G.dtype)
+            g, n = per_sample_grad_norm(V, _tokens(X), scale, gram, 0, backend=backend)
         gs.append(g)
         ns.append(n)
     if not gs:
         return None, None, K
+    if len(gs) == 1:
+        return gs[0], ns[0], K
     return torch.cat(gs), torch.cat(ns), K
 
 
