@@ -10,7 +10,9 @@ peak memory and a machine-readable row in `extra_info`. Methods and how each is 
 
 Default CPU sweep (2-core friendly): ViT-tiny, batch 32, image 64 (17 tokens), rank 8, LoRA on qkv as
 the centre, both phases; then one knob at a time: model small, batch 8/16/64, image 32/128, rank 4/32,
-LoRA on every Linear of the blocks. CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
+LoRA on every Linear of the blocks. After its own rounds every case runs as many rounds again
+interleaved with the non-private step of its configuration (`paired_overhead` in its row: the
+median per-pair time ratio - 1, which a shared machine's drifting load barely moves). CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
 tiny/small at batch 32, every deer backend available. DEER_BENCH_ROUNDS sets the timed rounds per
 case (default 7 on CPU, 20 on CUDA), DEER_BENCH_THREADS torch's intra-op threads; each case's 1-minute
 load average is recorded (shared machines). `--quick` (or DEER_BENCH_QUICK=1): a 2-block
@@ -24,6 +26,8 @@ import os
 import platform
 import sys
 import warnings
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -149,6 +153,42 @@ def environment_row(device: str) -> dict:
 
 _WARMED: set[str] = set()
 
+# The non-private step of the configuration being measured (built once per configuration, outside
+# every case's memory measurement): each case's rounds are interleaved with rounds of it, so the
+# overhead compares the two under the same load (a shared machine's load drifts between cases).
+_FLOOR: dict = {}
+
+
+def _floor_step(case: Case):
+    key = replace(case, method="nonprivate", noise="none", backend="-")
+    if case.method == "nonprivate":
+        return None
+    if _FLOOR.get("key") != key:
+        _FLOOR.clear()
+        step, _ = build_step(key)
+        run = _synced(step, case.device)
+        run()
+        run()
+        _FLOOR.update(key=key, run=run)
+    return _FLOOR["run"]
+
+
+def paired_overhead(run, floor, rounds: int) -> dict:
+    """Alternates `rounds` steps of the case and of the non-private floor (order flipped every round)
+    and returns the median and min of the per-pair ratio case / floor, minus 1."""
+    import statistics
+    import time
+    ratios = []
+    for k in range(rounds):
+        t = {}
+        for name, fn in ((("case", run), ("floor", floor)) if k % 2 == 0 else (("floor", floor), ("case", run))):
+            t0 = time.perf_counter()
+            fn()
+            t[name] = time.perf_counter() - t0
+        ratios.append(t["case"] / t["floor"])
+    return {"paired_overhead": statistics.median(ratios) - 1, "paired_overhead_min": min(ratios) - 1,
+            "paired_rounds": rounds}
+
 
 def _warm_up(device: str) -> None:
     """Run every method once on a tiny case before the first measurement in this process: lazy
@@ -180,6 +220,7 @@ def test_step(benchmark, case: Case, request):
     warnings.filterwarnings("ignore", category=UserWarning)
     if not quick:
         _warm_up(case.device)
+    floor = _floor_step(case)
     with peak_memory(case.device) as pm:
         step, info = build_step(case)
         run = _synced(step, case.device)
@@ -194,6 +235,8 @@ def test_step(benchmark, case: Case, request):
                                  "quick": quick, "loadavg_1min": os.getloadavg()[0]})
     rounds = 1 if quick else int(os.environ.get("DEER_BENCH_ROUNDS", 7 if case.device == "cpu" else 20))
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=0 if quick else 1, iterations=1)
+    if floor is not None:
+        benchmark.extra_info.update(paired_overhead(run, floor, rounds))
     # The step really trained: every trained parameter is finite (a NaN would void the timing).
     for p in info["params"]:
         assert torch.isfinite(p).all(), f"{case.id()}: non-finite parameter after the step"

@@ -95,8 +95,29 @@ def test_report_overheads_and_targets(tmp_path, deer_ms, verdict):
     assert report.main([str(p), "--out", str(out), "--no-profile"]) == 0
     md = (out / "report.md").read_text()
     over = deer_ms / 100.0 - 1
-    assert f"| deer[cpu] isotropic | {deer_ms:.1f} | {over:+.3f} | {over:+.3f} | 104 | 1.04 | n/a |" in md
+    # paired overhead (here: none recorded, so the separate medians), separate medians, separate mins
+    assert f"| deer[cpu] isotropic | {deer_ms:.1f} | {over:+.3f} | {over:+.3f} | {over:+.3f} | 104 | 1.04 | n/a |" in md
     assert f"| {deer_ms / 100:.2f} | {deer_ms / 150:.2f} | {deer_ms / 120:.2f} | {over:+.3f} | +0.500 | +0.200 |" in md
     line = next(l for l in md.splitlines() if l.startswith("- cpu ViT-tiny b32") and "deer[cpu]" in l)
     assert line.count(verdict) == 3, line
     assert (out / "benchmark.json").exists() and (out / "README_section.md").exists()
+
+
+def test_report_overhead_is_paired_when_recorded():
+    """bench.report takes the overhead from the interleaved (paired) rounds a case recorded, and falls
+    back to the ratio of separate medians for rows without them (older JSON files)."""
+    from bench.bench_step import paired_overhead
+    from bench.report import annotate
+
+    calls = []
+    out = paired_overhead(lambda: calls.append("case"), lambda: calls.append("floor"), 4)
+    assert calls.count("case") == 4 and calls.count("floor") == 4 and out["paired_rounds"] == 4
+    assert calls[:2] == ["case", "floor"] and calls[2:4] == ["floor", "case"]   # order alternates
+    base = dict(device="cpu", model="tiny", depth=None, batch=32, img=64, rank=8, targets="qkv", phase="A")
+    rows = [dict(base, method="nonprivate", median_s=1.0, min_s=0.9),
+            dict(base, method="deer", median_s=1.5, min_s=1.0, paired_overhead=0.04),
+            dict(base, method="opacus_hooks", median_s=1.2, min_s=1.1)]
+    annotate(rows)
+    assert rows[0]["overhead"] == 0.0
+    assert rows[1]["overhead"] == 0.04 and abs(rows[1]["overhead_separate"] - 0.5) < 1e-12
+    assert abs(rows[2]["overhead"] - 0.2) < 1e-12
