@@ -11,6 +11,7 @@ kernels, or the PyTorch reference on any device).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -50,7 +51,7 @@ def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bo
     A = unit.lora_A.detach()
     B = unit.lora_B.detach()
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
-    K = ref.metric_gram(A.to(acc), B.to(acc), factor, lam) if need_gram else None
+    K = frozen_gram(unit, factor, lam, acc) if need_gram else None
     gram = K if metric == "regulated" else None
     gs, ns = [], []
     for chunk in chunks:
@@ -84,10 +85,34 @@ def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bo
     return torch.cat(gs), torch.cat(ns), K
 
 
+def frozen_gram(unit, factor: str, lam: float, acc: torch.dtype) -> torch.Tensor:
+    """K = A A^T + lam I (B trained) or B^T B + lam I (A trained), as deer.reference.metric_gram,
+    remembered on the unit while the factor it is built from is unchanged: within a DEeR phase that
+    factor is frozen, so K (and its Cholesky factor, see cholesky_upper) is computed once per phase
+    instead of once per layer and step. Any in-place change of the factor (an optimizer step in phase
+    'AB', load_state_dict, aggregation) bumps its version counter and the next call recomputes."""
+    src = unit.lora_A if factor == "B" else unit.lora_B
+    key = (factor, float(lam), acc, src._version, src.data_ptr(), tuple(src.shape), src.dtype, src.device)
+    hit = getattr(unit, "_deer_frozen_gram", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    A, B = unit.lora_A.detach(), unit.lora_B.detach()
+    K = ref.metric_gram(A.to(acc), B.to(acc), factor, lam)
+    unit._deer_frozen_gram = (key, K)
+    return K
+
+
+# id(K) -> (weak reference to K, its upper Cholesky factor); K tensors are never modified in place.
+_CHOL: dict = {}
+
+
 def cholesky_upper(K: torch.Tensor) -> torch.Tensor:
     """R upper-triangular with K = R^T R, for the small r x r Gram K (as deer.reference.cholesky_upper).
     Computed by LAPACK through numpy in float64 on the host: K is r x r (r <= a few dozen), and this
     torch build's CPU linalg.cholesky costs ~10-20 ms per call against ~0.1 ms here."""
+    hit = _CHOL.get(id(K))
+    if hit is not None and hit[0]() is K:
+        return hit[1]
     import numpy as np
     Kd = K.detach().to(device="cpu", dtype=torch.float64)
     try:
@@ -98,7 +123,11 @@ def cholesky_upper(K: torch.Tensor) -> torch.Tensor:
         raise ValueError("regulated metric: K = frozen^T frozen + lambda I is not positive definite "
                          "(the frozen factor is rank deficient, e.g. B = 0 at initialisation, or not finite). "
                          "Use a ridge lam > 0.")
-    return torch.from_numpy(L.T.copy()).to(device=K.device, dtype=K.dtype)
+    R = torch.from_numpy(L.T.copy()).to(device=K.device, dtype=K.dtype)
+    if len(_CHOL) > 4096:
+        _CHOL.clear()
+    _CHOL[id(K)] = (weakref.ref(K), R)
+    return R
 
 
 def drop_nonfinite(tensors: Sequence[TensorGrads]) -> torch.Tensor | None:
