@@ -45,37 +45,41 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"a LoRA layer's input must have a batch dimension, got shape {tuple(t.shape)}")
 
 
+def chunk_grads(unit, factor: str, chunk, gram, loss_reduction: str = "mean", backend: str | None = None):
+    """(g (b, p, q), sq_norms (b,)) of `factor` from one captured chunk (X, U, G [, V]); `gram` is K
+    for the regulated metric or None (Euclidean)."""
+    X, U, G = chunk
+    G = _tokens(G)
+    scale = unit.scale
+    if loss_reduction == "mean":
+        # The loss was a mean over this physical batch: dL/dy_i = (1/b) dL_i/dy_i. Undo it so
+        # that g_i is the gradient of sample i's own loss (as Opacus does for 'mean'); the factor
+        # rides on the kernel's scale instead of a pass over G.
+        scale = scale * G.shape[0]
+    if factor == "B":
+        if U is None:
+            raise RuntimeError(f"{unit.name}: B is trained but its capture has no U (the phase changed "
+                               f"between backward and step?); call optimizer.zero_grad() after set_phase")
+        return per_sample_grad_norm(G, _tokens(U), scale, gram, 1, backend=backend)
+    if X is None:
+        raise RuntimeError(f"{unit.name}: A is trained but its capture has no X (the phase changed "
+                           f"between backward and step?); call optimizer.zero_grad() after set_phase")
+    # V = G B: the LoRA backward hands it over when A is trained (B is unchanged until the step).
+    V = getattr(chunk, "V", None)
+    V = _tokens(V) if V is not None else G @ unit.lora_B.detach().to(G.dtype)
+    return per_sample_grad_norm(V, _tokens(X), scale, gram, 0, backend=backend)
+
+
 def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bool,
                loss_reduction: str = "mean", backend: str | None = None):
     """(grads (b, p, q), sq_norms (b,), gram K or None) for `factor` of `unit` over all chunks."""
     A = unit.lora_A.detach()
-    B = unit.lora_B.detach()
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
     K = frozen_gram(unit, factor, lam, acc) if need_gram else None
     gram = K if metric == "regulated" else None
     gs, ns = [], []
     for chunk in chunks:
-        X, U, G = chunk
-        G = _tokens(G)
-        scale = unit.scale
-        if loss_reduction == "mean":
-            # The loss was a mean over this physical batch: dL/dy_i = (1/b) dL_i/dy_i. Undo it so
-            # that g_i is the gradient of sample i's own loss (as Opacus does for 'mean'); the factor
-            # rides on the kernel's scale instead of a pass over G.
-            scale = scale * G.shape[0]
-        if factor == "B":
-            if U is None:
-                raise RuntimeError(f"{unit.name}: B is trained but its capture has no U (the phase changed "
-                                   f"between backward and step?); call optimizer.zero_grad() after set_phase")
-            g, n = per_sample_grad_norm(G, _tokens(U), scale, gram, 1, backend=backend)
-        else:
-            if X is None:
-                raise RuntimeError(f"{unit.name}: A is trained but its capture has no X (the phase changed "
-                                   f"between backward and step?); call optimizer.zero_grad() after set_phase")
-            # V = G B: the LoRA backward hands it over when A is trained (B is unchanged until the step).
-            V = getattr(chunk, "V", None)
-            V = _tokens(V) if V is not None else G @ B.to(G.dtype)
-            g, n = per_sample_grad_norm(V, _tokens(X), scale, gram, 0, backend=backend)
+        g, n = chunk_grads(unit, factor, chunk, gram, loss_reduction, backend)
         gs.append(g)
         ns.append(n)
     if not gs:
