@@ -10,7 +10,7 @@ peak memory and a machine-readable row in `extra_info`. Methods and how each is 
 
 Default CPU sweep (2-core friendly): ViT-tiny, batch 32, image 64 (17 tokens), rank 8, LoRA on qkv as
 the centre, both phases; then one knob at a time: model small, batch 8/16/64, image 32/128, rank 4/32,
-LoRA on every Linear of the blocks. After its own rounds every case runs as many rounds again
+LoRA on every Linear of the blocks. After its own rounds every case runs up to 5 more,
 interleaved with the non-private step of its configuration (`paired_overhead` in its row: the
 median per-pair time ratio - 1, which a shared machine's drifting load barely moves). CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
 tiny/small at batch 32, every deer backend available. DEER_BENCH_ROUNDS sets the timed rounds per
@@ -236,7 +236,8 @@ def test_step(benchmark, case: Case, request):
     rounds = 1 if quick else int(os.environ.get("DEER_BENCH_ROUNDS", 7 if case.device == "cpu" else 20))
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=0 if quick else 1, iterations=1)
     if floor is not None:
-        benchmark.extra_info.update(paired_overhead(run, floor, rounds))
+        # 5 pairs at most: the default sweep stays under 15 minutes on 2 shared cores
+        benchmark.extra_info.update(paired_overhead(run, floor, min(rounds, 5)))
     # The step really trained: every trained parameter is finite (a NaN would void the timing).
     for p in info["params"]:
         assert torch.isfinite(p).all(), f"{case.id()}: non-finite parameter after the step"
