@@ -381,8 +381,8 @@ def header(rows: list[dict], data: dict, note: str | None) -> str:
              "- step = forward + backward + per-sample clipping + noise (sigma 1, C 1) + SGD update of the LoRA "
              "factor trained in the phase; fixed batch of random 3-channel images, 10 classes; LoRA alpha = 2r, "
              "B random (as after training), regulated noise with ridge lambda = 1e-2 and the metric regulator",
-             "- DP overhead (used for the targets and ratios) = paired: after its own rounds every case runs as "
-             "many rounds again interleaved with the non-private step of its configuration, and the overhead "
+             "- DP overhead (used for the targets and ratios) = paired: after its own rounds every case runs up to 5 "
+             "more rounds interleaved with the non-private step of its configuration, and the overhead "
              "is the median per-pair time ratio - 1 (both sides under the same load). 'separate medians' = "
              "median step time / median of the non-private case run minutes apart, 'separate mins' the same "
              "from the fastest rounds (the earlier reports' columns); 'load' is the machine's 1-minute load "
