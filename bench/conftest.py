@@ -27,6 +27,14 @@ def is_quick(config) -> bool:
     return bool(config.getoption("--quick", default=False)) or os.environ.get("DEER_BENCH_QUICK", "0") == "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bench_threads():
+    """DEER_BENCH_THREADS sets torch's intra-op threads for every suite (rows record the count)."""
+    if os.environ.get("DEER_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["DEER_BENCH_THREADS"]))
+    yield
+
+
 @pytest.fixture(scope="session")
 def quick(request) -> bool:
     return is_quick(request.config)
