@@ -10,6 +10,11 @@
 
 namespace deer::tile {
 
+// The fixed-rank Gram loops use rank-wide vector types even where the ISA's registers are narrower
+// (GCC splits them); they never cross a function boundary that matters for the ABI.
+// (Template instantiation happens at the end of this file, so the pragma stays on for all of it.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace generic {
 #define DEER_VBYTES 16
 #define DEER_NV 2

@@ -182,6 +182,29 @@ static acc_t gram_norm_fixed(const acc_t* __restrict g, int64_t p, const acc_t* 
   return n;
 }
 
+// sum_e x[e] * y[e] with a few independent vector partial sums.
+template <typename acc_t>
+static inline acc_t dot(const acc_t* __restrict x, const acc_t* __restrict y, int64_t len) {
+  using vec = vec_t<acc_t>;
+  constexpr int L = kLanes<acc_t>;
+  vec s0{}, s1{};
+  int64_t e = 0;
+  for (; e + 2 * L <= len; e += 2 * L) {
+    vec x0, x1, y0, y1;
+    __builtin_memcpy(&x0, x + e, sizeof(vec));
+    __builtin_memcpy(&x1, x + e + L, sizeof(vec));
+    __builtin_memcpy(&y0, y + e, sizeof(vec));
+    __builtin_memcpy(&y1, y + e + L, sizeof(vec));
+    s0 += x0 * y0;
+    s1 += x1 * y1;
+  }
+  s0 += s1;
+  acc_t out = 0;
+  for (int l = 0; l < L; ++l) out += s0[l];
+  for (; e < len; ++e) out += x[e] * y[e];
+  return out;
+}
+
 // Squared norm of one sample's g (p, q) row-major in the op's metric (see psgn_tile.h); `work` is
 // scratch of at least max(p, q) * max(p, q) elements (caller-owned, reused across samples).
 template <typename acc_t>
@@ -225,19 +248,16 @@ static acc_t sq_norm(const acc_t* __restrict g, int64_t p, int64_t q, const acc_
     for (int64_t e = 0; e < q * q; ++e) n += K[e] * M[e];
     return n;
   }
-  // side 0: tr(g^T K g) = sum_a <g_a, (K g)_a>, p = k rows (the rank, A phase): rows of length q.
-  acc_t* kg = work;
+  // side 0: tr(g^T K g) = sum_{a, a'} K[a, a'] <g_a, g_a'>, p = k rows of length q (the rank, A
+  // phase): the p (p + 1) / 2 row inner products, each a contiguous vectorised dot.
+  (void)work;
   acc_t n = 0;
   for (int64_t a = 0; a < p; ++a) {
-    for (int64_t c = 0; c < q; ++c) kg[c] = 0;
-    for (int64_t a2 = 0; a2 < p; ++a2) {
-      const acc_t k = K[a * p + a2];
-      const acc_t* g2 = g + a2 * q;
-#pragma GCC ivdep
-      for (int64_t c = 0; c < q; ++c) kg[c] += k * g2[c];
-    }
     const acc_t* ga = g + a * q;
-    for (int64_t c = 0; c < q; ++c) n += ga[c] * kg[c];
+    for (int64_t a2 = a; a2 < p; ++a2) {
+      const acc_t kk = a2 == a ? K[a * p + a] : K[a * p + a2] + K[a2 * p + a];
+      n += kk * dot(ga, g + a2 * q, q);
+    }
   }
   return n;
 }
