@@ -7,15 +7,27 @@ static constexpr int kNS = 8;  // accumulators along the short dimension (the Lo
 
 // GCC vector extensions: locals of these types live in SIMD registers (plain acc_t arrays of the
 // same size were kept on the stack, one load and one store per FMA: 3x slower).
+// Values use the naturally aligned vector types (locals may spill to the stack); memory is accessed
+// through the element-aligned, may_alias twins: one unaligned vector load or store per access.
+// (memcpy into the vectors was split into 16-byte moves and a stack round trip under the AVX2 pragma.)
+typedef float vf __attribute__((vector_size(DEER_VBYTES)));
+typedef double vd __attribute__((vector_size(DEER_VBYTES)));
+typedef float vf_u __attribute__((vector_size(DEER_VBYTES), aligned(4), __may_alias__));
+typedef double vd_u __attribute__((vector_size(DEER_VBYTES), aligned(8), __may_alias__));
 template <typename acc_t> struct VecOf;
-template <> struct VecOf<float> { typedef float type __attribute__((vector_size(DEER_VBYTES), aligned(4))); };
-template <> struct VecOf<double> { typedef double type __attribute__((vector_size(DEER_VBYTES), aligned(8))); };
+template <> struct VecOf<float> { typedef vf type; typedef vf_u unaligned; };
+template <> struct VecOf<double> { typedef vd type; typedef vd_u unaligned; };
 template <typename acc_t>
 using vec_t = typename VecOf<acc_t>::type;
 template <typename acc_t>
 static constexpr int kLanes = DEER_VBYTES / sizeof(acc_t);
 template <typename acc_t>
 static constexpr int kVW = DEER_NV * kLanes<acc_t>;
+
+template <typename vec, typename acc_t>
+static inline vec vload(const acc_t* p) { return *reinterpret_cast<const typename VecOf<acc_t>::unaligned*>(p); }
+template <typename vec, typename acc_t>
+static inline void vstore(acc_t* p, const vec& v) { *reinterpret_cast<typename VecOf<acc_t>::unaligned*>(p) = v; }
 
 // x in every lane (a broadcast load when x comes from memory).
 template <typename acc_t, int... I>
@@ -46,12 +58,12 @@ static inline void tile(const acc_t* __restrict V, int64_t ldv, const acc_t* __r
     vec vv[NV];
     if constexpr (FULL) {
 #pragma GCC unroll 4
-      for (int k = 0; k < NV; ++k) __builtin_memcpy(&vv[k], vr + k * L, sizeof(vec));
+      for (int k = 0; k < NV; ++k) vv[k] = vload<vec>(vr + k * L);
     } else {
       acc_t tmp[NV * L];
       for (int w = 0; w < NV * L; ++w) tmp[w] = w < vlen ? vr[w] : acc_t(0);
 #pragma GCC unroll 4
-      for (int k = 0; k < NV; ++k) __builtin_memcpy(&vv[k], tmp + k * L, sizeof(vec));
+      for (int k = 0; k < NV; ++k) vv[k] = vload<vec>(tmp + k * L);
     }
 #pragma GCC unroll 8
     for (int s = 0; s < NS; ++s) {
@@ -64,10 +76,7 @@ static inline void tile(const acc_t* __restrict V, int64_t ldv, const acc_t* __r
   for (int s = 0; s < NS; ++s)
 #pragma GCC unroll 4
     for (int k = 0; k < NV; ++k) {
-      vec b;
-      __builtin_memcpy(&b, buf + (s * NV + k) * L, sizeof(vec));
-      b += splat<acc_t>(wi) * acc[s][k];
-      __builtin_memcpy(buf + (s * NV + k) * L, &b, sizeof(vec));
+      vstore<vec>(buf + (s * NV + k) * L, vload<vec>(buf + (s * NV + k) * L) + splat<acc_t>(wi) * acc[s][k]);
     }
 }
 
@@ -80,15 +89,19 @@ static inline void tile_ns(const acc_t* V, int64_t ldv, const acc_t* S, int64_t 
     tile<acc_t, NS, false>(V, ldv, S, lds, wi, T, vlen, buf);
 }
 
-#ifndef DEER_TC
-#define DEER_TC 16
-#endif
-static constexpr int64_t kTC = DEER_TC;
+// Memory order: tokens in chunks of kTC (outer), tiles across [v_begin, v_end) (inner). Each chunk
+// then reads kTC rows of the long operand left to right, kTC long sequential streams the hardware
+// prefetcher follows; walking all T rows per tile instead gives T short strided reads per tile and
+// runs at half the bandwidth. Accumulators live in a per-thread scratch (L1/L2) between chunks.
+// 16 rows: at ViT row strides (768 or 2304 floats) 32 rows map onto too few L1 sets and ran 2x
+// slower on a Zen 4 core; 8-16 measured alike.
+static constexpr int64_t kTC = 16;
 
 template <typename acc_t>
 static void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64_t p, int64_t q,
                     const acc_t* weights, acc_t wconst, acc_t* out, int64_t v_begin, int64_t v_end) {
   constexpr int VW = kVW<acc_t>;
+  // Long dimension along p (B phase: L = G, p = m) or along q (A phase: R = X, q = n).
   const bool v_is_p = p >= q;
   const acc_t* V = v_is_p ? L : R;
   const acc_t* S = v_is_p ? R : L;
@@ -127,6 +140,7 @@ static void gemm_tn(const acc_t* L, const acc_t* R, int64_t nb, int64_t T, int64
       }
     }
   }
+  // Scatter the tiles into the row-major (p, q) output (transposing when the long dim is p).
   for (int64_t vt = 0; vt < nvt; ++vt) {
     const int64_t v0 = v_begin + vt * VW;
     const int64_t vlen = v_end - v0 < VW ? v_end - v0 : VW;
@@ -158,7 +172,8 @@ static void gemm_tn_f64(const double* L, const double* R, int64_t nb, int64_t T,
 // vectors held in registers, each row of g adds Q broadcast multiply-adds.
 template <typename acc_t, int Q>
 struct RowVec {
-  typedef acc_t type __attribute__((vector_size(Q * sizeof(acc_t)), aligned(sizeof(acc_t))));
+  typedef acc_t type __attribute__((vector_size(Q * sizeof(acc_t))));
+  typedef acc_t unaligned __attribute__((vector_size(Q * sizeof(acc_t)), aligned(sizeof(acc_t)), __may_alias__));
 };
 template <typename row, typename acc_t, int... I>
 static inline row splat_row(acc_t x, std::integer_sequence<int, I...>) {
@@ -171,8 +186,7 @@ static acc_t gram_norm_fixed(const acc_t* __restrict g, int64_t p, const acc_t* 
 #pragma GCC unroll 16
   for (int c = 0; c < Q; ++c) M[c] = row{};
   for (int64_t a = 0; a < p; ++a) {
-    row ga;
-    __builtin_memcpy(&ga, g + a * Q, sizeof(row));
+    const row ga = *reinterpret_cast<const typename RowVec<acc_t, Q>::unaligned*>(g + a * Q);
 #pragma GCC unroll 16
     for (int c = 0; c < Q; ++c) M[c] += splat_row<row>(g[a * Q + c], std::make_integer_sequence<int, Q>{}) * ga;
   }
@@ -190,13 +204,8 @@ static inline acc_t dot(const acc_t* __restrict x, const acc_t* __restrict y, in
   vec s0{}, s1{};
   int64_t e = 0;
   for (; e + 2 * L <= len; e += 2 * L) {
-    vec x0, x1, y0, y1;
-    __builtin_memcpy(&x0, x + e, sizeof(vec));
-    __builtin_memcpy(&x1, x + e + L, sizeof(vec));
-    __builtin_memcpy(&y0, y + e, sizeof(vec));
-    __builtin_memcpy(&y1, y + e + L, sizeof(vec));
-    s0 += x0 * y0;
-    s1 += x1 * y1;
+    s0 += vload<vec>(x + e) * vload<vec>(y + e);
+    s1 += vload<vec>(x + e + L) * vload<vec>(y + e + L);
   }
   s0 += s1;
   acc_t out = 0;
@@ -234,6 +243,12 @@ static acc_t sq_norm(const acc_t* __restrict g, int64_t p, int64_t q, const acc_
       default: break;
     }
     acc_t* M = work;
+    if (q > 16) {  // larger ranks: M = g^T g by the register-tiled GEMM above (rows of g as tokens)
+      gemm_tn<acc_t>(g, g, 1, p, q, q, nullptr, acc_t(1), M, 0, q);
+      acc_t n = 0;
+      for (int64_t e = 0; e < q * q; ++e) n += K[e] * M[e];
+      return n;
+    }
     for (int64_t e = 0; e < q * q; ++e) M[e] = 0;
     for (int64_t a = 0; a < p; ++a) {
       const acc_t* ga = g + a * q;
