@@ -401,8 +401,10 @@ def readme_section(by_cfg: dict, rows: list[dict]) -> str:
     devs = sorted({(r["device"], r.get("device_name", "?")) for r in rows})
     out = ["Measured on " + "; ".join(f"{n} ({d})" for d, n in devs) + f", {rows[0].get('date', '')[:10]}, "
            f"torch {rows[0].get('torch')}, opacus {rows[0].get('opacus')}. One private LoRA training step "
-           "(forward, backward, clipping, noise, SGD); overhead = time / non-private time - 1.", "",
-           "| configuration | method | median ms | DP overhead | peak mem / non-private |",
+           "(forward, backward, clipping, noise, SGD). DP overhead = median over paired rounds (each round of the "
+           "case alternated with its configuration's non-private step) of time / non-private time - 1; the median "
+           "ms column is of separate runs, which drift with machine load, so the two need not agree.", "",
+           "| configuration | method | median ms | DP overhead (paired) | peak mem / non-private |",
            "|---|---|---:|---:|---:|"]
     for cfg in sorted(by_cfg, key=_cfg_sort):
         d = dict(zip(CONFIG_KEYS, cfg))
