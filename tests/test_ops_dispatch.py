@@ -72,3 +72,18 @@ def test_missing_extension_names_the_build_command(monkeypatch):
     assert "setup.sh" in why or "pip install" in why
     monkeypatch.delenv("DEER_BACKEND", raising=False)
     assert resolve_backend(torch.device("cpu")) == "reference"   # auto falls back to the oracle
+
+
+def test_auto_never_routes_float64_to_triton(monkeypatch):
+    """On a CUDA machine whose deer._C has no CUDA kernels, auto picks Triton for fp32 but the
+    reference for float64 (Triton kernels take fp32/bf16/fp16 only)."""
+    import torch
+    import deer.ops as ops
+    avail = {"cuda": "built without CUDA", "triton": None, "reference": None, "cpu": "needs CPU tensors"}
+    monkeypatch.setattr(ops, "unavailable_reason", lambda b, dev, op=None: avail[b])
+    monkeypatch.delenv("DEER_BACKEND", raising=False)
+    for op in ("per_sample_grad_norm", "clip_reduce_noise"):
+        assert ops.resolve_backend("cuda", op=op, dtype=torch.float32) == "triton"
+        assert ops.resolve_backend("cuda", op=op, dtype=torch.float64) == "reference"
+    avail["cuda"] = None   # with deer's CUDA kernels, both dtypes go there
+    assert ops.resolve_backend("cuda", op="per_sample_grad_norm", dtype=torch.float64) == "cuda"

@@ -81,13 +81,17 @@ def unavailable_reason(backend: str, device_type: str, op: str | None = None) ->
     return None if device_type == "cuda" else f"the 'cuda' backend needs CUDA tensors, got {device_type}"
 
 
-def resolve_backend(device, backend: str | None = None, op: str | None = None) -> str:
+def resolve_backend(device, backend: str | None = None, op: str | None = None, dtype=None) -> str:
     """The backend `op` will use for tensors on `device` (raises BackendUnavailable, saying why, when
-    the requested backend cannot run)."""
+    the requested backend cannot run). Automatic choice never routes float64 to Triton (its kernels
+    take fp32/bf16/fp16 and say so); float64 on CUDA without deer's CUDA kernels uses the reference."""
+    import torch
     device_type = device.type if hasattr(device, "type") else str(device).split(":")[0]
     choice = backend or os.environ.get("DEER_BACKEND") or "auto"
     if choice == "auto":
         order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+        if dtype == torch.float64:
+            order = tuple(b for b in order if b != "triton")
         for b in order:
             if unavailable_reason(b, device_type, op) is None:
                 return b

@@ -130,7 +130,7 @@ def clip_reduce_noise(grads: torch.Tensor, clip: torch.Tensor, noise_std: float,
         raise ValueError(f"clip_reduce_noise: grads must be (b, p, q) per-sample gradients, got {tuple(grads.shape)}")
     _check(tuple(grads.shape), clip, float(noise_std), float(expected_batch_size), chol, noise_side, step, layer,
            client, "clip_reduce_noise")
-    bk = resolve_backend(grads.device, backend, op="clip_reduce_noise")
+    bk = resolve_backend(grads.device, backend, op="clip_reduce_noise", dtype=grads.dtype)
     if bk == "reference":
         return clip_reduce_noise_reference(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed,
                                            step, layer, client)
@@ -155,7 +155,7 @@ def clip_reduce_noise_fused(left: torch.Tensor, right: torch.Tensor, scale: floa
                          f"{tuple(left.shape)} and {tuple(right.shape)}")
     _check((left.shape[0], left.shape[2], right.shape[2]), clip, float(noise_std), float(expected_batch_size), chol,
            noise_side, step, layer, client, "clip_reduce_noise_fused")
-    bk = resolve_backend(left.device, backend, op="clip_reduce_noise")
+    bk = resolve_backend(left.device, backend, op="clip_reduce_noise", dtype=left.dtype)
     if bk == "reference":
         return clip_reduce_noise_fused_reference(left, right, scale, clip, noise_std, expected_batch_size, chol,
                                                  noise_side, seed, step, layer, client)

@@ -47,7 +47,7 @@ def per_sample_grad_norm(left: torch.Tensor, right: torch.Tensor, scale: float,
     if gram_side not in (0, 1):
         raise ValueError(f"per_sample_grad_norm: gram_side must be 0 (K acts on rows) or 1 (columns), got {gram_side}")
     left, right = _tokens(left, "left"), _tokens(right, "right")
-    b = resolve_backend(left.device, backend, op="per_sample_grad_norm")
+    b = resolve_backend(left.device, backend, op="per_sample_grad_norm", dtype=left.dtype)
     if b == "reference":
         return per_sample_grad_norm_reference(left, right, scale, gram, gram_side)
     if b == "triton":
@@ -87,7 +87,7 @@ def per_sample_grad_norm_only(left: torch.Tensor, right: torch.Tensor, scale: fl
     if method not in _NORM_METHODS:
         raise ValueError(f"per_sample_grad_norm_only: method must be one of {tuple(_NORM_METHODS)}, got {method!r}")
     left, right = _tokens(left, "left"), _tokens(right, "right")
-    b = resolve_backend(left.device, backend, op="per_sample_grad_norm")
+    b = resolve_backend(left.device, backend, op="per_sample_grad_norm", dtype=left.dtype)
     if b == "reference":
         return per_sample_grad_norm_only_reference(left, right, scale, gram, gram_side, method)
     if b == "triton":
