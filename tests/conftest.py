@@ -20,3 +20,13 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     g = torch.Generator().manual_seed(seed)
     return g
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the tests of tiny models (the fed engine, CLI, Flower): on a 2-core
+    machine it is several times faster. Kernel tests keep torch's default so OpenMP paths run threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,13 +10,7 @@ from deer.fed.config import FedConfig, load_config
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test models are tiny: one intra-op thread is several times faster on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["rounds=2", "image_size=8", "num_clients=2", "clients_per_round=2", "partition=iid", "public_fraction=0.2",

@@ -13,13 +13,7 @@ from deer.fed import FedConfig, prepare_job, run_method
 from deer.fed.accounting import ReleaseJournal, epsilon
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test models are tiny: one intra-op thread is several times faster on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(seed, **kw):

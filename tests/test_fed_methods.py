@@ -11,13 +11,7 @@ from deer.fed.model import get_adapters, named_lora, set_phase
 from test_fed_engine import tiny_cfg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test models are tiny: one intra-op thread is several times faster on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SCHEDULE = {"deer": ["B", "A"], "deer_no_nr": ["B", "A"], "deer_no_de": ["AB"], "ffa": ["B"], "fedavg": ["AB"]}

@@ -18,13 +18,7 @@ from deer.fed.engine import load_adapters  # noqa: E402
 from deer.fed.flower_app import write_job  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test models are tiny: one intra-op thread is several times faster on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BIN = os.path.dirname(sys.executable)
