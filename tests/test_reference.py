@@ -233,6 +233,20 @@ def test_dp_step_effective_multiplier_paper_mode(gen):
     assert ok.noise_multiplier_effective == sigma
 
 
+def test_dp_step_effective_multiplier_metric_clipping_isotropic_noise(gen):
+    """Metric clipping with isotropic noise: Euclidean sensitivity C / sqrt(lambda_min(K)) of the worst
+    tensor, so the charged multiplier is sigma * min_l sqrt(lambda_min(K_l)) (two layers of different
+    scale: taking the max, or one layer only, gives another number)."""
+    layers = _layers(gen, [(8, 6, 2), (7, 5, 3)])
+    layers[0].A.mul_(0.3)
+    layers[1].A.mul_(5.0)
+    sigma, lam = 1.3, 1e-2
+    res = ref.dp_step(layers, "B", 1.0, sigma, 8.0, metric="regulated", noise="isotropic", lam=lam, generator=gen)
+    smins = [torch.linalg.eigvalsh(ref.metric_gram(lb.A, lb.B, "B", lam)).min().sqrt().item() for lb in layers]
+    assert smins[0] != pytest.approx(smins[1], rel=0.1)
+    assert math.isclose(res.noise_multiplier_effective, sigma * min(smins), rel_tol=1e-9)
+
+
 def test_dp_step_bad_input():
     with pytest.raises(ValueError, match="phase must be one of"):
         ref.dp_step([], "C", 1.0, 1.0, 1.0)

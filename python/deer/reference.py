@@ -281,8 +281,6 @@ def dp_step(layers: Sequence[LayerBatch], phase: str, max_grad_norm: float | Seq
 
     grads_out, sums_out = [], []
     k = 0
-    worst_sigma_max = 0.0
-    worst_sigma_min = math.inf
     for lb, g, Ks in zip(layers, per_layer, grams):
         layer_grads, layer_sums = {}, {}
         for f in factors:
@@ -297,29 +295,36 @@ def dp_step(layers: Sequence[LayerBatch], phase: str, max_grad_norm: float | Seq
                 xi = regulated_noise_cholesky(Ks[f], f, other, generator)
             else:
                 xi = regulated_noise_pinv(lb.A, lb.B, f, lam, generator)
-            if noise == "regulated" and metric == "euclidean":
-                worst_sigma_max = max(worst_sigma_max, float(torch.linalg.eigvalsh(Ks[f]).max().sqrt()))
-            if noise == "isotropic" and metric == "regulated":
-                # ||g||_F <= ||g||_K / sqrt(lambda_min(K)): Euclidean sensitivity C / sqrt(lambda_min)
-                smin = float(torch.linalg.eigvalsh(Ks[f]).min().clamp(min=0).sqrt())
-                worst_sigma_min = min(worst_sigma_min, smin)
             layer_grads[f] = (S + noise_multiplier * sens * xi) / expected_batch_size
         grads_out.append(layer_grads)
         sums_out.append(layer_sums)
 
-    eff = noise_multiplier
-    if noise == "regulated" and metric == "euclidean":
-        eff = noise_multiplier / worst_sigma_max if worst_sigma_max > 0 else math.inf
-    elif noise == "isotropic" and metric == "regulated":
-        eff = noise_multiplier * worst_sigma_min
+    eff = effective_multiplier(noise_multiplier, metric, noise, [Ks[f] for Ks in grams for f in factors])
     return DPStepResult(grads=grads_out, sq_norms=norms_out, clip=clip_out, clipped_sum=sums_out,
                         noise_multiplier_effective=eff,
                         info={"sensitivity": sens, "phase": phase, "metric": metric, "noise": noise,
                               "clipping": clipping})
 
 
+def effective_multiplier(noise_multiplier: float, metric: Metric, noise: NoiseKind,
+                         Ks: Sequence[torch.Tensor | None]) -> float:
+    """The multiplier an honest accountant charges for one release whose clipping `metric` and
+    `noise` use the grams Ks (every trained tensor's K; unused when metric and noise agree):
+      matching metric and noise: sigma (sensitivity C in the metric the noise is calibrated for);
+      Euclidean clipping + regulated noise (the paper's mechanism): whitened sensitivity
+        C sigma_max(frozen), so sigma / max sqrt(lambda_max(K)) over the tensors (inf if that is 0);
+      metric clipping + isotropic noise: ||g||_F <= ||g||_K / sqrt(lambda_min(K)), Euclidean
+        sensitivity C / sqrt(lambda_min), so sigma * min sqrt(lambda_min(K)).
+    The one rule used by dp_step, the PrivacyEngine and the federated client and server steps."""
+    if noise == "regulated" and metric == "euclidean":
+        smax = max(float(torch.linalg.eigvalsh(K.double()).max().sqrt()) for K in Ks)
+        return noise_multiplier / smax if smax > 0 else math.inf
+    if noise == "isotropic" and metric == "regulated":
+        return noise_multiplier * min(float(torch.linalg.eigvalsh(K.double()).min().clamp(min=0).sqrt()) for K in Ks)
+    return noise_multiplier
+
+
 def paper_effective_multiplier(noise_multiplier: float, Ks: Sequence[torch.Tensor]) -> float:
     """True per-step multiplier of Euclidean clipping + regulated noise (the paper's mechanism):
     sigma / max_l sigma_max(frozen_l), with sigma_max^2 = lambda_max(K_l)."""
-    smax = max(float(torch.linalg.eigvalsh(K).max().sqrt()) for K in Ks)
-    return noise_multiplier / smax
+    return effective_multiplier(noise_multiplier, "euclidean", "regulated", Ks)

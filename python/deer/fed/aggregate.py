@@ -90,11 +90,6 @@ def aggregate(global_state: AdapterState, updates: list[AdapterState], weights: 
             else:
                 xi = ref.isotropic_noise(shape, generator)
             out[n][f] = (global_state[n][f].double() + mean + noise_multiplier * C * xi / m).to(global_state[n][f].dtype)
-    eff = noise_multiplier
-    if spec.metric == "regulated" and spec.noise == "isotropic":
-        # Euclidean sensitivity of a metric-clipped update is C / sqrt(lambda_min(K)).
-        eff = noise_multiplier * min(float(torch.linalg.eigvalsh(K).min().clamp(min=0).sqrt())
-                                     for d in Ks.values() for K in d.values())
-    elif spec.metric == "euclidean" and spec.noise == "regulated":
-        eff = noise_multiplier / max(float(torch.linalg.eigvalsh(K).max().sqrt()) for d in Ks.values() for K in d.values())
+    eff = ref.effective_multiplier(noise_multiplier, spec.metric, spec.noise,
+                                   [K for d in Ks.values() for K in d.values()])
     return AggregateResult(out, eff, float((c < 1).double().mean()) if len(c) else None)

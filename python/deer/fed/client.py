@@ -84,17 +84,6 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(1) if t.dim() == 2 else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-def _effective_multiplier(sigma: float, spec: MethodSpec, grams: list[torch.Tensor]) -> float:
-    """What the accountant must charge (deer.reference.dp_step's rule): sigma when clipping metric and
-    noise match; Euclidean clipping with regulated noise has whitened sensitivity C sigma_max(frozen);
-    metric clipping with isotropic noise has Euclidean sensitivity C / sqrt(lambda_min(K))."""
-    if spec.noise == "regulated" and spec.metric == "euclidean":
-        return ref.paper_effective_multiplier(sigma, grams)
-    if spec.noise == "isotropic" and spec.metric == "regulated":
-        return sigma * min(float(torch.linalg.eigvalsh(K.double()).min().clamp(min=0).sqrt()) for K in grams)
-    return sigma
-
-
 def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: LocalTrainConfig,
                  expected_batch: float, frozen: AdapterState, key: NoiseKey,
                  captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None):
@@ -170,7 +159,7 @@ def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: Lo
             res = clip_reduce_noise(g, c, sigma * C, float(expected_batch), chol, side, key.seed, key.step,
                                     layer_id, key.client, backend=backend)
         out[li][f] = res
-    eff = _effective_multiplier(sigma, spec, [K for *_, K in tensors]) if sigma > 0 and need_gram else sigma
+    eff = ref.effective_multiplier(sigma, spec.metric, spec.noise, [K for *_, K in tensors]) if sigma > 0 else sigma
     return out, eff
 
 

@@ -247,9 +247,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                                                  u.factor(f), g, n, K, 0 if f == "A" else 1))
 
         # The multiplier this step really has, and the budget check: before touching anything.
-        eff = e.noise_multiplier
-        if e.noise == "regulated" and metric == "euclidean":
-            eff = ref.paper_effective_multiplier(e.noise_multiplier, [t.gram for t in tensors])
+        eff = ref.effective_multiplier(e.noise_multiplier, metric, e.noise, [t.gram for t in tensors])
         if e.target_epsilon is not None:
             if _would_exceed(e.accountant, e.target_epsilon, e.target_delta, eff, e.sample_rate):
                 raise PrivacyBudgetExceeded(
