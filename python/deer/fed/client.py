@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 from ..nn.lora import LoRALinear
-from ..ops import clip_reduce_noise, clip_reduce_noise_reference, per_sample_grad_norm
-from ..privacy.clipping import cholesky_upper
+from ..ops import clip_reduce_noise, clip_reduce_noise_reference
+from ..privacy.clipping import cholesky_upper, chunk_grads
 from .config import MethodSpec
 from .model import AdapterState, get_adapters, named_lora, set_adapters, set_phase
 
@@ -80,10 +80,6 @@ def local_steps(n: int, batch_size: int, local_epochs: int) -> int:
     return local_epochs * max(1, math.ceil(n / batch_size))
 
 
-def _tokens(t: torch.Tensor) -> torch.Tensor:
-    return t.unsqueeze(1) if t.dim() == 2 else t.reshape(t.shape[0], -1, t.shape[-1])
-
-
 def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: LocalTrainConfig,
                  expected_batch: float, frozen: AdapterState, key: NoiseKey,
                  captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None):
@@ -127,16 +123,12 @@ def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: Lo
                 shape = tuple((A if f == "A" else B).shape)
                 tensors.append((li, f, torch.zeros((1,) + shape, dtype=acc, device=A.device), None, K))
                 continue
-            X, U, G = captured[li]
             if reference:
+                X, _U, G = captured[li]
                 g = ref.per_sample_grads(X.to(acc), G.to(acc), A.to(acc), B.to(acc), lyr.scale, f)[f]
                 n = ref.sq_norms(g, f, gram)
-            else:
-                if f == "B":   # g_i = s G_i^T U_i, norm tr(g K g^T)
-                    g, n = per_sample_grad_norm(_tokens(G), _tokens(U), lyr.scale, gram, 1, backend=backend)
-                else:          # g_i = s V_i^T X_i with V = G B, norm tr(g^T K g)
-                    V = _tokens(G) @ B.to(G.dtype)
-                    g, n = per_sample_grad_norm(V, _tokens(X), lyr.scale, gram, 0, backend=backend)
+            else:   # the PrivacyEngine's per-chunk path; G is of the summed loss, so no mean undone
+                g, n = chunk_grads(lyr, f, captured[li], gram, loss_reduction="sum", backend=backend)
             tensors.append((li, f, g, n, K))
 
     if empty:
