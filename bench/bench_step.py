@@ -213,10 +213,6 @@ def _synced(step, device: str):
 
 def test_step(benchmark, case: Case, request):
     quick = _quick(request.config)
-    if os.environ.get("DEER_BENCH_THREADS"):
-        # On a shared, oversubscribed machine one intra-op thread per process is far more stable than
-        # two threads spinning at OpenMP barriers; the thread count goes into every row.
-        torch.set_num_threads(int(os.environ["DEER_BENCH_THREADS"]))
     warnings.filterwarnings("ignore", category=UserWarning)
     if not quick:
         _warm_up(case.device)

@@ -29,7 +29,9 @@ def is_quick(config) -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def _bench_threads():
-    """DEER_BENCH_THREADS sets torch's intra-op threads for every suite (rows record the count)."""
+    """DEER_BENCH_THREADS sets torch's intra-op threads for every suite (rows record the count): on a
+    shared, oversubscribed machine one intra-op thread per process is far more stable than two threads
+    spinning at OpenMP barriers."""
     if os.environ.get("DEER_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["DEER_BENCH_THREADS"]))
     yield
