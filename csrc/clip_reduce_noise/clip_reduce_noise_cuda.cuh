@@ -1,0 +1,178 @@
+// Kernels and launch logic of the CUDA backend of clip_reduce_noise and clip_reduce_noise_fused
+// (math in clip_reduce_noise.h). clip_reduce_noise_cuda.cu compiles this with nvcc for the product;
+// csrc/tests/test_clip_reduce_noise_cuda_emu.cpp compiles the same text for the CPU emulator
+// (csrc/tests/cuda_emu.h) so CI executes it without a GPU.
+//
+// Isotropic noise: one kernel, one thread per element pair (2j, 2j+1): the clipped sum over the b
+// samples (coalesced: consecutive threads read consecutive pairs), one Philox call for both normals,
+// the final scale. Regulated noise: the same kernel writes the clipped sum and Z (double), then one
+// thread per column (side 0, xi = R^{-1} Z) or per row (side 1, xi = Z R^{-T}) back-substitutes in
+// place in double and finishes the output. Fused: the weighted sum over samples is one GEMM (cuBLAS
+// through at::matmul) on clip-scaled rows of L (b*T x p)^T (b*T x q), then the same noise kernels
+// with b = 1.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "clip_reduce_noise/clip_reduce_noise.h"
+#include "clip_reduce_noise/philox.h"
+#include "common.h"
+#include "cuda_compat.h"
+
+namespace deer {
+namespace crn_cuda {
+
+template <typename scalar_t, typename acc_t>
+__global__ void crn_sum_noise_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ clip, int64_t b,
+                                     int64_t P, double noise_std, double inv_ebs, philox::Key key, bool isotropic,
+                                     acc_t* __restrict__ out, double* __restrict__ z) {
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t e0 = 2 * j, e1 = 2 * j + 1;
+  if (e0 >= P) return;
+  const bool has1 = e1 < P;
+  acc_t s0 = 0, s1 = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    const acc_t ci = clip[i];
+    s0 += ci * static_cast<acc_t>(g[i * P + e0]);
+    if (has1) s1 += ci * static_cast<acc_t>(g[i * P + e1]);
+  }
+  if (noise_std == 0.0) {
+    out[e0] = static_cast<acc_t>(s0 * inv_ebs);
+    if (has1) out[e1] = static_cast<acc_t>(s1 * inv_ebs);
+    return;
+  }
+  double z0, z1;
+  philox::normal_pair(key, static_cast<uint32_t>(j), &z0, &z1);
+  if (isotropic) {
+    out[e0] = static_cast<acc_t>((s0 + noise_std * z0) * inv_ebs);
+    if (has1) out[e1] = static_cast<acc_t>((s1 + noise_std * z1) * inv_ebs);
+  } else {
+    out[e0] = s0;
+    z[e0] = z0;
+    if (has1) {
+      out[e1] = s1;
+      z[e1] = z1;
+    }
+  }
+}
+
+// side 0: thread per column c, xi[:, c] = R^{-1} Z[:, c] (p = r rows). side 1: thread per row a,
+// xi[a, :] = Z[a, :] R^{-T}, i.e. R xi[a, :]^T = Z[a, :]^T (q = r). In place in z, then finish out.
+template <typename acc_t>
+__global__ void crn_regulated_kernel(acc_t* __restrict__ out, double* __restrict__ z, const double* __restrict__ R,
+                                     int64_t p, int64_t q, int64_t side, double noise_std, double inv_ebs) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (side == 0) {
+    if (idx >= q) return;
+    const int64_t c = idx;
+    for (int64_t a = p - 1; a >= 0; --a) {
+      double s = z[a * q + c];
+      for (int64_t k = a + 1; k < p; ++k) s -= R[a * p + k] * z[k * q + c];
+      s /= R[a * p + a];
+      z[a * q + c] = s;
+      out[a * q + c] = static_cast<acc_t>((out[a * q + c] + noise_std * s) * inv_ebs);
+    }
+  } else {
+    if (idx >= p) return;
+    const int64_t a = idx;
+    double* za = z + a * q;
+    for (int64_t c = q - 1; c >= 0; --c) {
+      double s = za[c];
+      for (int64_t k = c + 1; k < q; ++k) s -= R[c * q + k] * za[k];
+      s /= R[c * q + c];
+      za[c] = s;
+      out[a * q + c] = static_cast<acc_t>((out[a * q + c] + noise_std * s) * inv_ebs);
+    }
+  }
+}
+
+// The regulated solve divides by R's diagonal: refuse a factor that is not that of a positive
+// definite K (the CPU backend's rule and message). One r x r reduction and one host sync per call.
+inline at::Tensor chol_checked(const at::Tensor& chol) {
+  auto R = chol.to(at::kDouble).contiguous();
+  const bool ok = at::logical_and((R.diagonal() > 0).all(), at::isfinite(R.triu()).all()).item<bool>();
+  DEER_CHECK_ARG(ok, "clip_reduce_noise: chol must be the upper Cholesky factor of a positive definite K (finite, "
+                 "positive diagonal); got diagonal ", R.diagonal().cpu(), ". Use a ridge lambda > 0 when the frozen "
+                 "factor is rank deficient (B = 0 at initialisation).");
+  return R;
+}
+
+// grads (b, p, q) contiguous on the launch's device; clip already in the accumulation dtype.
+template <typename Stream>
+at::Tensor crn_launch(const at::Tensor& grads, const at::Tensor& clip, double noise_std, double ebs,
+                      const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed, int64_t step,
+                      int64_t layer, int64_t client, Stream stream) {
+  const int64_t b = grads.size(0), p = grads.size(1), q = grads.size(2), P = p * q;
+  const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({p, q}, grads.options().dtype(acc));
+  if (P == 0) return out;
+  const bool regulated = noise_std != 0.0 && chol.has_value() && chol->defined();
+  at::Tensor z, R;
+  if (regulated) {
+    z = at::empty({p, q}, grads.options().dtype(at::kDouble));
+    R = chol_checked(*chol);
+  }
+  const auto key = philox::make_key(static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                                    static_cast<uint32_t>(layer), static_cast<uint32_t>(client));
+  const int threads = 256;
+  const int64_t npairs = (P + 1) / 2;
+  const double inv = 1.0 / ebs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "clip_reduce_noise_cuda", [&] {
+    using acc_t = typename acc_type<scalar_t>::type;
+    auto sum_noise = &crn_sum_noise_kernel<scalar_t, acc_t>;
+    DEER_LAUNCH(sum_noise, static_cast<unsigned>((npairs + threads - 1) / threads), threads, stream,
+                grads.data_ptr<scalar_t>(), clip.data_ptr<acc_t>(), b, P, noise_std, inv, key, !regulated,
+                out.data_ptr<acc_t>(), regulated ? z.data_ptr<double>() : nullptr);
+    if (regulated) {
+      const int64_t n = noise_side == 0 ? q : p;
+      auto solve = &crn_regulated_kernel<acc_t>;
+      DEER_LAUNCH(solve, static_cast<unsigned>((n + 127) / 128), 128, stream, out.data_ptr<acc_t>(),
+                  z.data_ptr<double>(), R.data_ptr<double>(), p, q, noise_side, noise_std, inv);
+    }
+  });
+  return out;
+}
+
+template <typename Stream>
+at::Tensor clip_reduce_noise_launch(const at::Tensor& grads_in, const at::Tensor& clip_in, double noise_std,
+                                    double expected_batch_size, const c10::optional<at::Tensor>& chol,
+                                    int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client,
+                                    Stream stream) {
+  DEER_CHECK_ARG(grads_in.dim() == 3, "clip_reduce_noise: grads must be (b, p, q) per-sample gradients, got ",
+                 grads_in.sizes());
+  DEER_CHECK_ARG(at::isFloatingType(grads_in.scalar_type()), "clip_reduce_noise: grads must be floating point");
+  const int64_t b = grads_in.size(0), p = grads_in.size(1), q = grads_in.size(2);
+  clip_reduce_noise_check("clip_reduce_noise", b, p, q, clip_in, grads_in.device(), noise_std, expected_batch_size,
+                          chol, noise_side, step, layer, client);
+  auto grads = grads_in.contiguous();
+  const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return crn_launch(grads, clip_in.to(acc).contiguous(), noise_std, expected_batch_size, chol, noise_side, seed,
+                    step, layer, client, stream);
+}
+
+template <typename Stream>
+at::Tensor clip_reduce_noise_fused_launch(const at::Tensor& left_in, const at::Tensor& right_in, double scale,
+                                          const at::Tensor& clip_in, double noise_std, double expected_batch_size,
+                                          const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,
+                                          int64_t step, int64_t layer, int64_t client, Stream stream) {
+  DEER_CHECK_ARG(left_in.dim() == 3 && right_in.dim() == 3 && left_in.size(0) == right_in.size(0) &&
+                     left_in.size(1) == right_in.size(1),
+                 "clip_reduce_noise_fused: expects left (b, T, p) and right (b, T, q) sharing b and T; got ",
+                 left_in.sizes(), " and ", right_in.sizes());
+  DEER_CHECK_ARG(left_in.scalar_type() == right_in.scalar_type() && at::isFloatingType(left_in.scalar_type()),
+                 "clip_reduce_noise_fused: left and right must share a floating dtype");
+  const int64_t b = left_in.size(0), T = left_in.size(1), p = left_in.size(2), q = right_in.size(2);
+  clip_reduce_noise_check("clip_reduce_noise_fused", b, p, q, clip_in, left_in.device(), noise_std,
+                          expected_batch_size, chol, noise_side, step, layer, client);
+  const auto acc = left_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // fp32 GEMM (TF32 off by torch default for matmul) on clip-weighted rows: sum_i clip_i scale L_i^T R_i.
+  auto w = (clip_in.to(acc) * scale).view({b, 1, 1});
+  auto Lw = (left_in.to(acc) * w).reshape({b * T, p});
+  auto S = at::matmul(Lw.t(), right_in.to(acc).reshape({b * T, q})).contiguous();
+  auto ones = at::ones({1}, S.options());
+  return crn_launch(S.unsqueeze(0), ones, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client,
+                    stream);
+}
+
+}  // namespace crn_cuda
+}  // namespace deer

@@ -1,0 +1,132 @@
+// ctest: the CUDA kernels of clip_reduce_noise and clip_reduce_noise_fused, compiled from
+// clip_reduce_noise_cuda.cuh (the text nvcc compiles) and executed by the CPU emulator (cuda_emu.h).
+// Against float64 libtorch formulas on fresh random inputs with odd sizes (odd element counts, so
+// the last thread owns half a Philox pair): the clipped sum, isotropic noise element by element
+// (Z from philox::normal_at, whose words test_clip_reduce_noise checks against ATen's engine),
+// regulated noise on both sides against torch's triangular solve, the fused GEMM route, every input
+// dtype, and the CPU backend's output for the same key. Exits non-zero on any failure.
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <random>
+#include <string>
+
+#include "clip_reduce_noise/clip_reduce_noise_cuda.cuh"
+
+static int failures = 0;
+
+static void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, double rtol) {
+  const double err = (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
+  const double scale = want.to(at::kDouble).abs().max().item<double>() + 1e-30;
+  const bool ok = err <= rtol * scale && got.sizes() == want.sizes();
+  std::printf("%-66s rel err %.3e  %s\n", what.c_str(), err / scale, ok ? "ok" : "FAIL");
+  if (!ok) ++failures;
+}
+
+// Z (p, q) in float64 as the kernels must draw it: element e from pair e / 2 of the keyed stream.
+static at::Tensor philox_z(int64_t p, int64_t q, uint64_t seed, int64_t step, int64_t layer, int64_t client) {
+  auto Z = torch::empty({p, q}, torch::kDouble);
+  const auto key = deer::philox::make_key(seed, static_cast<uint32_t>(step), static_cast<uint32_t>(layer),
+                                          static_cast<uint32_t>(client));
+  double* z = Z.data_ptr<double>();
+  for (int64_t e = 0; e < p * q; ++e) z[e] = deer::philox::normal_at(key, static_cast<uint64_t>(e));
+  return Z;
+}
+
+int main() {
+  std::random_device rd;
+  std::mt19937_64 rng((static_cast<uint64_t>(rd()) << 32) ^ rd());
+  const uint64_t seed = rng();
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  torch::manual_seed(seed);
+  deer::emu::seed_schedule(seed);
+  const int stream = 0;
+  using deer::crn_cuda::clip_reduce_noise_launch;
+  using deer::crn_cuda::clip_reduce_noise_fused_launch;
+
+  // (b, p, q): single element, odd p*q, more pairs than one 256-thread block, ViT-B B phase (768 x 8)
+  // and A phase (8 x 2304), rank 1 and 64.
+  struct Case { int64_t b, p, q; } cases[] = {{1, 1, 1}, {33, 17, 5}, {5, 64, 9}, {3, 8, 129}, {2, 768, 8},
+                                              {2, 8, 2304}, {4, 1, 37}, {3, 97, 1}, {2, 64, 65}};
+  for (auto c : cases) {
+    const uint64_t key_seed = rng();
+    const int64_t step = rng() % 100000, layer = rng() % 97, client = rng() % 13;
+    const auto Z = philox_z(c.p, c.q, key_seed, step, layer, client);
+    for (auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+      auto g = torch::randn({c.b, c.p, c.q}).to(dtype);
+      auto clip = torch::rand({c.b}, torch::dtype(dtype == at::kDouble ? at::kDouble : at::kFloat));
+      const double ebs = 6.5, sigma = 0.9;
+      const double tol = dtype == at::kDouble ? 1e-12 : 1e-5;
+      auto S = torch::einsum("b,bpq->pq", {clip.to(at::kDouble), g.to(at::kDouble)});
+      const std::string name = "b=" + std::to_string(c.b) + " p=" + std::to_string(c.p) + " q=" +
+                               std::to_string(c.q) + " " + c10::toString(dtype);
+      const auto s64 = static_cast<int64_t>(key_seed);
+      expect_close("clipped mean, no noise " + name,
+                   clip_reduce_noise_launch(g, clip, 0.0, ebs, c10::nullopt, 1, s64, step, layer, client, stream),
+                   S / ebs, tol);
+      auto iso = clip_reduce_noise_launch(g, clip, sigma, ebs, c10::nullopt, 1, s64, step, layer, client, stream);
+      expect_close("  isotropic noise", iso, (S + sigma * Z) / ebs, tol);
+      if (dtype == at::kFloat || dtype == at::kDouble)
+        expect_close("  isotropic = CPU backend, same key", iso,
+                     deer::clip_reduce_noise_cpu(g, clip, sigma, ebs, c10::nullopt, 1, s64, step, layer, client), tol);
+      // Regulated: K on the rank side, the one of p, q that is <= 8 (both sides for tiny shapes).
+      for (int64_t side : {0, 1}) {
+        const int64_t r = side == 0 ? c.p : c.q;
+        if (r > 64) continue;
+        auto A = torch::randn({r, r}, torch::kDouble);
+        auto K = A.matmul(A.t()) + 0.5 * torch::eye(r, torch::kDouble);
+        auto Rc = torch::linalg_cholesky(K).t().contiguous();  // upper, K = R^T R
+        auto xi = side == 0 ? torch::linalg_solve_triangular(Rc, Z, true, true, false)
+                            : torch::linalg_solve_triangular(Rc.t(), Z, false, false, false);
+        auto chol_in = Rc.to(dtype == at::kDouble ? at::kDouble : at::kFloat);
+        auto xi_in = side == 0 ? torch::linalg_solve_triangular(chol_in.to(at::kDouble), Z, true, true, false)
+                               : torch::linalg_solve_triangular(chol_in.to(at::kDouble).t(), Z, false, false, false);
+        expect_close(std::string("  regulated noise, side ") + (side == 0 ? "0 (R^-1 Z)" : "1 (Z R^-T)"),
+                     clip_reduce_noise_launch(g, clip, sigma, ebs, chol_in, side, s64, step, layer, client, stream),
+                     (S + sigma * xi_in) / ebs, tol);
+      }
+    }
+  }
+
+  // Fused: sum_i clip_i * scale * L_i^T R_i as one weighted GEMM, then the same noise kernels.
+  {
+    const int64_t b = 6, T = 13, p = 37, q = 5;
+    auto L = torch::randn({b, T, p}, torch::kDouble), R = torch::randn({b, T, q}, torch::kDouble);
+    auto clip = torch::rand({b}, torch::kDouble);
+    auto S = torch::einsum("b,bpq->pq", {clip, 0.3 * torch::einsum("btp,btq->bpq", {L, R})});
+    const auto Z = philox_z(p, q, 77, 3, 2, 1);
+    for (auto dtype : {at::kFloat, at::kDouble}) {
+      auto got = clip_reduce_noise_fused_launch(L.to(dtype), R.to(dtype), 0.3, clip.to(dtype), 0.5, 4.0, c10::nullopt,
+                                                1, 77, 3, 2, 1, stream);
+      expect_close(std::string("fused weighted GEMM + isotropic noise ") + c10::toString(dtype), got,
+                   (S + 0.5 * Z) / 4.0, dtype == at::kDouble ? 1e-12 : 1e-5);
+    }
+  }
+
+  // Bad input: the CPU backend's checks and messages.
+  auto raises = [](auto fn, const char* needle) {
+    try {
+      fn();
+    } catch (const c10::Error& e) {
+      return std::string(e.what()).find(needle) != std::string::npos;
+    }
+    return false;
+  };
+  auto g = torch::randn({4, 6, 3});
+  auto clip = torch::rand({4});
+  auto check = [&](const char* what, bool ok) {
+    std::printf("%-66s %s\n", what, ok ? "ok" : "FAIL");
+    if (!ok) ++failures;
+  };
+  check("singular chol rejected", raises([&] {
+    clip_reduce_noise_launch(g, clip, 1.0, 1.0, torch::zeros({3, 3}), 1, 0, 0, 0, 0, stream); }, "positive definite"));
+  check("non-finite chol rejected", raises([&] {
+    auto Rn = torch::eye(3); Rn[0][2] = NAN;
+    clip_reduce_noise_launch(g, clip, 1.0, 1.0, Rn, 1, 0, 0, 0, 0, stream); }, "positive definite"));
+  check("wrong clip shape rejected", raises([&] {
+    clip_reduce_noise_launch(g, torch::rand({3}), 1.0, 1.0, c10::nullopt, 1, 0, 0, 0, 0, stream); }, "clip must be (b,)"));
+  check("step >= 2^32 rejected", raises([&] {
+    clip_reduce_noise_launch(g, clip, 1.0, 1.0, c10::nullopt, 1, 0, int64_t(1) << 32, 0, 0, stream); }, "[0, 2^32)"));
+  std::printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}
