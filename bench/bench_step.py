@@ -15,7 +15,8 @@ interleaved with the non-private step of its configuration (`paired_overhead` in
 median per-pair time ratio - 1, which a shared machine's drifting load barely moves). CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
 tiny/small at batch 32, every deer backend available. DEER_BENCH_ROUNDS sets the timed rounds per
 case (default 7 on CPU, 20 on CUDA), DEER_BENCH_THREADS torch's intra-op threads; each case's 1-minute
-load average is recorded (shared machines). `--quick` (or DEER_BENCH_QUICK=1): a 2-block
+load average is recorded (shared machines); DEER_BENCH_CASES (a regular expression on the case id)
+runs a subset. `--quick` (or DEER_BENCH_QUICK=1): a 2-block
 ViT-tiny at 32 px, batch 8, every method/backend/phase once; it checks every case runs and writes its
 row, and asserts nothing about speed.
 """
@@ -126,6 +127,12 @@ def pytest_generate_tests(metafunc):
     quick = _quick(metafunc.config)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     cases = [c for d in devices for c in cases_for(d, quick)]
+    # DEER_BENCH_CASES: a regular expression on the case id (e.g. '^cuda-base-b256-') to run a subset,
+    # as bench/gpu_check.sh does to fit a device lease.
+    pattern = os.environ.get("DEER_BENCH_CASES")
+    if pattern:
+        import re
+        cases = [c for c in cases if re.search(pattern, c.id())]
     metafunc.parametrize("case", cases, ids=[c.id() for c in cases])
 
 
