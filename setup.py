@@ -8,6 +8,7 @@ Switches (environment):
 Build with torch already installed:  pip install --no-build-isolation -e .
 """
 import glob
+import platform
 import os
 import shutil
 import site
@@ -78,6 +79,9 @@ cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
 define_macros = []
 include_dirs = [os.path.join(ROOT, "csrc")]
 library_dirs = []
+# glibc's vector math library: the AVX2 / AVX-512 Box-Muller of csrc/clip_reduce_noise/philox_normals_cpu.cpp.
+_libmvec = sys.platform.startswith("linux") and platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc"
+link_args = ["-fopenmp"] + (["-lmvec"] if _libmvec else [])
 if with_cuda:
     define_macros.append(("DEER_WITH_CUDA", "1"))
     include_dirs += _nvidia_wheel_dirs("include")
@@ -92,7 +96,7 @@ if with_cuda:
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
     )
 else:
     ext = CppExtension(
@@ -101,7 +105,7 @@ else:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
     )
 print(f"[deer build] CUDA kernels: {'yes (CUDA_HOME=' + cuda_home + ')' if with_cuda else 'no'}; "
       f"MAX_JOBS={os.environ['MAX_JOBS']}; arch={os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else '-'}")

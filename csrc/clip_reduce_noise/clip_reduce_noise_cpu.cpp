@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "clip_reduce_noise/philox.h"
+#include "clip_reduce_noise/philox_normals.h"
 #include "common.h"
 #include "per_sample_grad_norm/psgn_tile.h"
 
@@ -55,16 +56,9 @@ namespace {
 
 // Grain sizes: a parallel region costs tens of microseconds, and far more on a loaded machine where
 // the second thread waits for a core, so work below ~0.5 ms per chunk runs on the calling thread.
-constexpr int64_t kPairGrain = 4096;     // Philox + Box-Muller pairs (~0.1-0.2 us each)
+constexpr int64_t kPairGrain = 4096;     // pairs per chunk of the regulated solves (scaled by the solve's cost)
+constexpr int64_t kNoiseGrain = 1 << 16; // isotropic noise elements per chunk (3-25 ns each, by instruction set)
 constexpr int64_t kSumWork = 1 << 18;    // multiply-adds per chunk of the clipped sum
-
-// Z[e] for e in [e0, e1) into dst, one Philox call per aligned pair (both Box-Muller outputs used).
-void fill_normals(const philox::Key& key, int64_t e0, int64_t e1, double* dst) {
-  int64_t e = e0;
-  if (e < e1 && (e & 1)) { dst[0] = philox::normal_at(key, static_cast<uint64_t>(e)); ++e; }
-  for (; e + 1 < e1; e += 2) philox::normal_pair(key, static_cast<uint32_t>(e >> 1), dst + (e - e0), dst + (e - e0 + 1));
-  if (e < e1) dst[e - e0] = philox::normal_at(key, static_cast<uint64_t>(e));
-}
 
 // out (p, q) already holds the clipped sum; add noise_std * xi and divide by the expected batch size.
 template <typename out_t>
@@ -80,14 +74,15 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
   }
   const auto key = philox::make_key(seed, static_cast<uint32_t>(step), static_cast<uint32_t>(layer),
                                     static_cast<uint32_t>(client));
-  if (R == nullptr) {  // isotropic: each pair of elements from one Philox call
-    const int64_t npairs = (P + 1) / 2;
-    at::parallel_for(0, npairs, kPairGrain, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        double z0, z1;
-        philox::normal_pair(key, static_cast<uint32_t>(j), &z0, &z1);
-        out[2 * j] = static_cast<out_t>((out[2 * j] + noise_std * z0) * inv);
-        if (2 * j + 1 < P) out[2 * j + 1] = static_cast<out_t>((out[2 * j + 1] + noise_std * z1) * inv);
+  if (R == nullptr) {  // isotropic: Z in blocks of kNoiseBlock elements (stack scratch), then the update
+    constexpr int64_t kNoiseBlock = 512;
+    at::parallel_for(0, P, kNoiseGrain, [&](int64_t e0, int64_t e1) {
+      double z[kNoiseBlock];
+      for (int64_t b0 = e0; b0 < e1; b0 += kNoiseBlock) {
+        const int64_t n = std::min(kNoiseBlock, e1 - b0);
+        philox::fill_normals(key, b0, b0 + n, z);
+        out_t* o = out + b0;
+        for (int64_t i = 0; i < n; ++i) o[i] = static_cast<out_t>((o[i] + noise_std * z[i]) * inv);
       }
     });
     return;
@@ -100,7 +95,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
       std::vector<double> xi(p * w);
       for (int64_t a = p - 1; a >= 0; --a) {
         double* xa = xi.data() + a * w;
-        fill_normals(key, a * q + c0, a * q + c1, xa);
+        philox::fill_normals(key, a * q + c0, a * q + c1, xa);
         for (int64_t k = a + 1; k < p; ++k) {
           const double rak = R[a * p + k];
           const double* xk = xi.data() + k * w;
@@ -116,18 +111,24 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
     });
   } else {
     // xi = Z R^{-T}  <=>  R xi_a^T = Z_a^T for every row a: back substitution along the row (q = r).
+    // Z for a block of rows at once (rows of q = r elements are too short for the vector draw).
     at::parallel_for(0, p, std::max<int64_t>(16, 2 * kPairGrain / std::max<int64_t>(1, q * q)), [&](int64_t a0, int64_t a1) {
-      std::vector<double> x(q), z(q);
-      for (int64_t a = a0; a < a1; ++a) {
-        fill_normals(key, a * q, a * q + q, z.data());
-        for (int64_t c = q - 1; c >= 0; --c) {
-          double s = z[c];
-          for (int64_t k = c + 1; k < q; ++k) s -= R[c * q + k] * x[k];
-          x[c] = s / R[c * q + c];
-        }
-        for (int64_t c = 0; c < q; ++c) {
-          out_t& o = out[a * q + c];
-          o = static_cast<out_t>((o + noise_std * x[c]) * inv);
+      const int64_t rows = std::max<int64_t>(1, 512 / q);
+      std::vector<double> x(q), zb(rows * q);
+      for (int64_t r0 = a0; r0 < a1; r0 += rows) {
+        const int64_t r1 = std::min(a1, r0 + rows);
+        philox::fill_normals(key, r0 * q, r1 * q, zb.data());
+        for (int64_t a = r0; a < r1; ++a) {
+          const double* z = zb.data() + (a - r0) * q;
+          for (int64_t c = q - 1; c >= 0; --c) {
+            double s = z[c];
+            for (int64_t k = c + 1; k < q; ++k) s -= R[c * q + k] * x[k];
+            x[c] = s / R[c * q + c];
+          }
+          for (int64_t c = 0; c < q; ++c) {
+            out_t& o = out[a * q + c];
+            o = static_cast<out_t>((o + noise_std * x[c]) * inv);
+          }
         }
       }
     });

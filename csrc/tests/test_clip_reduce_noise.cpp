@@ -6,10 +6,16 @@
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <random>
+#include <string>
+#include <vector>
 
 #include "clip_reduce_noise/clip_reduce_noise.h"
 #include "clip_reduce_noise/philox.h"
+#include "clip_reduce_noise/philox_normals.h"
+#include "per_sample_grad_norm/psgn_tile.h"
 
 static int failures = 0;
 
@@ -22,7 +28,18 @@ static double rel_err(const at::Tensor& got, const at::Tensor& want) {
   return (got.to(at::kDouble) - want).abs().max().item<double>() / (want.abs().max().item<double>() + 1e-300);
 }
 
-int main() {
+int main(int argc, char** argv) {
+  // The batched normals (and so the whole op) once per instruction set: the dispatched one here, the
+  // narrower ones in child runs capped by DEER_CPU_ISA.
+  if (std::getenv("DEER_CPU_ISA") == nullptr && argc > 0) {
+    for (const char* isa : {"avx2", "generic"}) {
+      const std::string cmd = std::string("DEER_CPU_ISA=") + isa + " '" + argv[0] + "'";
+      std::printf("--- child run: %s\n", cmd.c_str());
+      std::fflush(stdout);
+      if (std::system(cmd.c_str()) != 0) { std::printf("child run with DEER_CPU_ISA=%s FAILED\n", isa); ++failures; }
+    }
+  }
+  std::printf("--- instruction set: %s\n", deer::tile::isa());
   std::random_device rd;
   std::mt19937_64 rng((static_cast<uint64_t>(rd()) << 32) ^ rd());
   torch::manual_seed(rng());
@@ -42,6 +59,31 @@ int main() {
   const auto kat = deer::philox::philox4x32_10({0, 0, 0, 0}, 0, 0);
   expect("Philox4x32-10 known-answer vector", kat.x == 0x6627e8d5u && kat.y == 0xe169c58du &&
                                                  kat.z == 0xbc57ac4cu && kat.w == 0x9b00dbd8u);
+
+  // 1b. Batched normals (vector Philox + libmvec Box-Muller) = philox.h's scalar normal_at to a few
+  //     ulp, and bit-identical however a range is split (odd starts/ends, short and long pieces).
+  {
+    double worst = 0;
+    bool split_ok = true;
+    for (int rep = 0; rep < 20; ++rep) {
+      const auto key = deer::philox::make_key(rng(), rng() % 1000, rng() % 50, rng() % 7);
+      const int64_t e0 = static_cast<int64_t>(rng() % 1000), n = 1 + static_cast<int64_t>(rng() % 3000);
+      std::vector<double> whole(n), pieces(n);
+      deer::philox::fill_normals(key, e0, e0 + n, whole.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = deer::philox::normal_at(key, static_cast<uint64_t>(e0 + i));
+        worst = std::max(worst, std::abs(whole[i] - want) / std::max(1.0, std::abs(want)));
+      }
+      for (int64_t a = 0; a < n;) {
+        const int64_t len = std::min<int64_t>(n - a, 1 + static_cast<int64_t>(rng() % 37));
+        deer::philox::fill_normals(key, e0 + a, e0 + a + len, pieces.data() + a);
+        a += len;
+      }
+      split_ok = split_ok && std::memcmp(whole.data(), pieces.data(), sizeof(double) * n) == 0;
+    }
+    expect("batched normals = scalar normal_at (relative, 20 random ranges)", worst <= 1e-14, worst);
+    expect("batched normals independent of how the range is split", split_ok);
+  }
 
   // 2. Clipped sum (no noise) against libtorch, odd sizes and dtypes.
   struct Case { int64_t b, p, q; } cases[] = {{1, 1, 1}, {33, 17, 4}, {5, 64, 9}, {3, 8, 129}};
