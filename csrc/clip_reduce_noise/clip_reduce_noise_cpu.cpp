@@ -111,24 +111,29 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
     });
   } else {
     // xi = Z R^{-T}  <=>  R xi_a^T = Z_a^T for every row a: back substitution along the row (q = r).
-    // Z for a block of rows at once (rows of q = r elements are too short for the vector draw).
+    // Blocks of rows at once: Z for the block in one vector draw (rows of q = r elements are too
+    // short for it), transposed to (q, rows) so the back substitution runs across rows with
+    // contiguous axpys; each row sees the same operations in the same order as a row-by-row solve.
     at::parallel_for(0, p, std::max<int64_t>(16, 2 * kPairGrain / std::max<int64_t>(1, q * q)), [&](int64_t a0, int64_t a1) {
-      const int64_t rows = std::max<int64_t>(1, 512 / q);
-      std::vector<double> x(q), zb(rows * q);
+      const int64_t rows = std::max<int64_t>(8, 512 / q);
+      std::vector<double> zb(rows * q), xt(q * rows);
       for (int64_t r0 = a0; r0 < a1; r0 += rows) {
-        const int64_t r1 = std::min(a1, r0 + rows);
-        philox::fill_normals(key, r0 * q, r1 * q, zb.data());
-        for (int64_t a = r0; a < r1; ++a) {
-          const double* z = zb.data() + (a - r0) * q;
-          for (int64_t c = q - 1; c >= 0; --c) {
-            double s = z[c];
-            for (int64_t k = c + 1; k < q; ++k) s -= R[c * q + k] * x[k];
-            x[c] = s / R[c * q + c];
+        const int64_t nr = std::min(a1, r0 + rows) - r0;
+        philox::fill_normals(key, r0 * q, (r0 + nr) * q, zb.data());
+        for (int64_t c = q - 1; c >= 0; --c) {
+          double* xc = xt.data() + c * rows;
+          for (int64_t i = 0; i < nr; ++i) xc[i] = zb[i * q + c];
+          for (int64_t k = c + 1; k < q; ++k) {
+            const double rck = R[c * q + k];
+            const double* xk = xt.data() + k * rows;
+            for (int64_t i = 0; i < nr; ++i) xc[i] -= rck * xk[i];
           }
-          for (int64_t c = 0; c < q; ++c) {
-            out_t& o = out[a * q + c];
-            o = static_cast<out_t>((o + noise_std * x[c]) * inv);
-          }
+          const double d = R[c * q + c];
+          for (int64_t i = 0; i < nr; ++i) xc[i] /= d;
+        }
+        for (int64_t i = 0; i < nr; ++i) {
+          out_t* o = out + (r0 + i) * q;
+          for (int64_t c = 0; c < q; ++c) o[c] = static_cast<out_t>((o[c] + noise_std * xt[c * rows + i]) * inv);
         }
       }
     });
