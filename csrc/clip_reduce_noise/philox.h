@@ -14,6 +14,8 @@
 // streams; the same tuple always reproduces the same noise (on CPU and on CUDA: the transform is
 // done in double precision with the same formula on both, so results agree to the last float bit
 // except in rare cases where libm and CUDA's double sin/log differ by an ulp before rounding).
+// The CPU backend draws in batches through philox_normals.h: the same words and uniforms, with
+// vector log/sin/cos (libmvec) on AVX2/AVX-512, so the same remark applies there.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -16,13 +16,9 @@
 #include "clip_reduce_noise/philox.h"
 #include "clip_reduce_noise/philox_normals.h"
 #include "per_sample_grad_norm/psgn_tile.h"
+#include "tests/check.h"
 
-static int failures = 0;
-
-static void expect(const char* what, bool ok, double value = 0) {
-  std::printf("%-60s %.3e  %s\n", what, value, ok ? "ok" : "FAIL");
-  if (!ok) ++failures;
-}
+using namespace deer::check;
 
 static double rel_err(const at::Tensor& got, const at::Tensor& want) {
   return (got.to(at::kDouble) - want).abs().max().item<double>() / (want.abs().max().item<double>() + 1e-300);
@@ -31,14 +27,7 @@ static double rel_err(const at::Tensor& got, const at::Tensor& want) {
 int main(int argc, char** argv) {
   // The batched normals (and so the whole op) once per instruction set: the dispatched one here, the
   // narrower ones in child runs capped by DEER_CPU_ISA.
-  if (std::getenv("DEER_CPU_ISA") == nullptr && argc > 0) {
-    for (const char* isa : {"avx2", "generic"}) {
-      const std::string cmd = std::string("DEER_CPU_ISA=") + isa + " '" + argv[0] + "'";
-      std::printf("--- child run: %s\n", cmd.c_str());
-      std::fflush(stdout);
-      if (std::system(cmd.c_str()) != 0) { std::printf("child run with DEER_CPU_ISA=%s FAILED\n", isa); ++failures; }
-    }
-  }
+  run_isa_children(argc, argv);
   std::printf("--- instruction set: %s\n", deer::tile::isa());
   std::random_device rd;
   std::mt19937_64 rng((static_cast<uint64_t>(rd()) << 32) ^ rd());
@@ -160,14 +149,6 @@ int main(int argc, char** argv) {
   }
 
   // 6. Bad input raises with a message naming the problem.
-  auto raises = [](auto fn, const char* needle) {
-    try {
-      fn();
-    } catch (const c10::Error& e) {
-      return std::string(e.what()).find(needle) != std::string::npos;
-    }
-    return false;
-  };
   expect("wrong clip shape rejected", raises([&] {
     deer::clip_reduce_noise_cpu(g, torch::rand({3}), 1.0, 1.0, c10::nullopt, 1, 0, 0, 0, 0); }, "clip must be (b,)"));
   expect("wrong chol shape rejected", raises([&] {
@@ -176,6 +157,5 @@ int main(int argc, char** argv) {
     deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, c10::nullopt, 1, 0, int64_t(1) << 32, 0, 0); }, "[0, 2^32)"));
   expect("singular chol rejected", raises([&] {
     deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, torch::zeros({q, q}), 1, 0, 0, 0, 0); }, "positive definite"));
-  std::printf("%d failure(s)\n", failures);
-  return failures == 0 ? 0 : 1;
+  return finish();
 }

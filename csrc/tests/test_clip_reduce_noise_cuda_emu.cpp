@@ -12,16 +12,9 @@
 #include <string>
 
 #include "clip_reduce_noise/clip_reduce_noise_cuda.cuh"
+#include "tests/check.h"
 
-static int failures = 0;
-
-static void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, double rtol) {
-  const double err = (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
-  const double scale = want.to(at::kDouble).abs().max().item<double>() + 1e-30;
-  const bool ok = err <= rtol * scale && got.sizes() == want.sizes();
-  std::printf("%-66s rel err %.3e  %s\n", what.c_str(), err / scale, ok ? "ok" : "FAIL");
-  if (!ok) ++failures;
-}
+using namespace deer::check;
 
 // Z (p, q) in float64 as the kernels must draw it: element e from pair e / 2 of the keyed stream.
 static at::Tensor philox_z(int64_t p, int64_t q, uint64_t seed, int64_t step, int64_t layer, int64_t client) {
@@ -104,29 +97,16 @@ int main() {
   }
 
   // Bad input: the CPU backend's checks and messages.
-  auto raises = [](auto fn, const char* needle) {
-    try {
-      fn();
-    } catch (const c10::Error& e) {
-      return std::string(e.what()).find(needle) != std::string::npos;
-    }
-    return false;
-  };
   auto g = torch::randn({4, 6, 3});
   auto clip = torch::rand({4});
-  auto check = [&](const char* what, bool ok) {
-    std::printf("%-66s %s\n", what, ok ? "ok" : "FAIL");
-    if (!ok) ++failures;
-  };
-  check("singular chol rejected", raises([&] {
+  expect("singular chol rejected", raises([&] {
     clip_reduce_noise_launch(g, clip, 1.0, 1.0, torch::zeros({3, 3}), 1, 0, 0, 0, 0, stream); }, "positive definite"));
-  check("non-finite chol rejected", raises([&] {
+  expect("non-finite chol rejected", raises([&] {
     auto Rn = torch::eye(3); Rn[0][2] = NAN;
     clip_reduce_noise_launch(g, clip, 1.0, 1.0, Rn, 1, 0, 0, 0, 0, stream); }, "positive definite"));
-  check("wrong clip shape rejected", raises([&] {
+  expect("wrong clip shape rejected", raises([&] {
     clip_reduce_noise_launch(g, torch::rand({3}), 1.0, 1.0, c10::nullopt, 1, 0, 0, 0, 0, stream); }, "clip must be (b,)"));
-  check("step >= 2^32 rejected", raises([&] {
+  expect("step >= 2^32 rejected", raises([&] {
     clip_reduce_noise_launch(g, clip, 1.0, 1.0, c10::nullopt, 1, 0, int64_t(1) << 32, 0, 0, stream); }, "[0, 2^32)"));
-  std::printf("%d failure(s)\n", failures);
-  return failures == 0 ? 0 : 1;
+  return finish();
 }

@@ -8,28 +8,14 @@
 #include <string>
 
 #include "per_sample_grad_norm/per_sample_grad_norm.h"
+#include "tests/check.h"
 
-static int failures = 0;
-
-static void expect_close(const char* what, const at::Tensor& got, const at::Tensor& want, double rtol) {
-  const double err = (got.to(at::kDouble) - want).abs().max().item<double>();
-  const double scale = want.abs().max().item<double>() + 1e-30;
-  const bool ok = err <= rtol * scale;
-  std::printf("%-48s rel err %.3e  %s\n", what, err / scale, ok ? "ok" : "FAIL");
-  if (!ok) ++failures;
-}
+using namespace deer::check;
 
 int main(int argc, char** argv) {
   // Every instruction set the tile GEMM and norms were instantiated for: the dispatched one here, the
   // narrower ones in child runs capped by DEER_CPU_ISA (never above what the CPU supports).
-  if (std::getenv("DEER_CPU_ISA") == nullptr && argc > 0) {
-    for (const char* isa : {"avx2", "generic"}) {
-      const std::string cmd = std::string("DEER_CPU_ISA=") + isa + " '" + argv[0] + "'";
-      std::printf("--- child run: %s\n", cmd.c_str());
-      std::fflush(stdout);
-      if (std::system(cmd.c_str()) != 0) { std::printf("child run with DEER_CPU_ISA=%s FAILED\n", isa); ++failures; }
-    }
-  }
+  run_isa_children(argc, argv);
   std::printf("--- instruction set: %s\n", std::getenv("DEER_CPU_ISA") ? std::getenv("DEER_CPU_ISA") : "dispatched");
   std::random_device rd;
   torch::manual_seed(rd());  // fresh inputs every run
@@ -76,18 +62,11 @@ int main(int argc, char** argv) {
     }
   }
   // Bad input must raise, naming the problem.
-  bool raised = false;
-  try {
-    deer::per_sample_grad_norm_cpu(torch::randn({2, 3, 4}), torch::randn({2, 4, 5}), 1.0, c10::nullopt, 1);
-  } catch (const c10::Error& e) {
-    raised = std::string(e.what()).find("share batch and token") != std::string::npos;
-  }
-  std::printf("%-48s %s\n", "mismatched token dims rejected", raised ? "ok" : "FAIL");
-  if (!raised) ++failures;
+  expect("mismatched token dims rejected", raises([] {
+    deer::per_sample_grad_norm_cpu(torch::randn({2, 3, 4}), torch::randn({2, 4, 5}), 1.0, c10::nullopt, 1); },
+    "share batch and token"));
   // The cost rule: ghost for one token, materialise for ViT sequences.
   const bool rule = deer::per_sample_grad_norm_ghost_pays(1, 768, 8) && !deer::per_sample_grad_norm_ghost_pays(197, 2304, 8);
-  std::printf("%-48s %s\n", "ghost cost rule", rule ? "ok" : "FAIL");
-  if (!rule) ++failures;
-  std::printf("%d failure(s)\n", failures);
-  return failures == 0 ? 0 : 1;
+  expect("ghost cost rule", rule);
+  return finish();
 }

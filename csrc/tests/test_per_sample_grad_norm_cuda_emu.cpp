@@ -12,16 +12,9 @@
 #include <string>
 
 #include "per_sample_grad_norm/per_sample_grad_norm_cuda.cuh"
+#include "tests/check.h"
 
-static int failures = 0;
-
-static void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, double rtol) {
-  const double err = (got.to(at::kDouble) - want).abs().max().item<double>();
-  const double scale = want.abs().max().item<double>() + 1e-30;
-  const bool ok = err <= rtol * scale && got.sizes() == want.sizes();
-  std::printf("%-62s rel err %.3e  %s\n", what.c_str(), err / scale, ok ? "ok" : "FAIL");
-  if (!ok) ++failures;
-}
+using namespace deer::check;
 
 // Shared-memory exchange between neighbouring threads, with and without the barrier it needs.
 __global__ void neighbour_kernel(const float* in, float* out, bool sync) {
@@ -51,9 +44,8 @@ int main() {
       wrong_runs += !torch::equal(out, in.roll(-1));
     }
     deer::emu::launch(1, 64, &neighbour_kernel, in.data_ptr<float>(), out.data_ptr<float>(), true);
-    const bool ok = wrong_runs > 0 && torch::equal(out, in.roll(-1));
-    std::printf("%-62s %d/20 wrong  %s\n", "emulator exposes a missing __syncthreads", wrong_runs, ok ? "ok" : "FAIL");
-    if (!ok) ++failures;
+    expect("emulator exposes a missing __syncthreads (runs of 20 wrong)",
+           wrong_runs > 0 && torch::equal(out, in.roll(-1)), wrong_runs);
   }
 
   // B phase (q = r <= 8: thin 128 x 8 tiles), A phase (p = r <= 8: 8 x 128), square 64 x 64 (r > 8),
@@ -90,15 +82,8 @@ int main() {
     }
   }
   // Bad input raises through the shared checks before any launch.
-  bool raised = false;
-  try {
+  expect("mismatched token dims rejected", raises([&] {
     deer::psgn_cuda::per_sample_grad_norm_launch(torch::randn({2, 3, 4}), torch::randn({2, 4, 5}), 1.0, c10::nullopt,
-                                                 1, stream);
-  } catch (const c10::Error& e) {
-    raised = std::string(e.what()).find("share batch and token") != std::string::npos;
-  }
-  std::printf("%-62s %s\n", "mismatched token dims rejected", raised ? "ok" : "FAIL");
-  if (!raised) ++failures;
-  std::printf("%d failure(s)\n", failures);
-  return failures == 0 ? 0 : 1;
+                                                 1, stream); }, "share batch and token"));
+  return finish();
 }
