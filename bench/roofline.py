@@ -140,12 +140,27 @@ def run(device: str, quick: bool, rounds: int) -> tuple[dict, list[dict]]:
             sets = min(sets, 4)
             data = [(torch.randn(b, T, p, device=device).to(dtype), torch.randn(b, T, q, device=device).to(dtype))
                     for _ in range(sets)]
-            methods = {f"deer[{bk}]": (lambda L, R, bk=bk: per_sample_grad_norm(L, R, 2.0, None, 1, backend=bk))
-                       for bk in backends}
-            methods["reference (PyTorch ops)"] = lambda L, R: per_sample_grad_norm_reference(L, R, 2.0)
-            methods["opacus-style einsum + norm"] = lambda L, R: _opacus_psgn(L, R, 2.0)
-            for name, fn in methods.items():
-                med, mn = measure([lambda L=L, R=R, fn=fn: fn(L, R) for L, R in data], device, rounds)
+            # (name, fn, environment while it runs): the CUDA backend twice, its rank <= 8 kernels
+            # (thin, the default) and the shared-memory tile kernel (DEER_CUDA_PSGN_KERNEL=tile).
+            methods = []
+            for bk in backends:
+                fn = (lambda L, R, bk=bk: per_sample_grad_norm(L, R, 2.0, None, 1, backend=bk))
+                methods.append((f"deer[{bk}]", fn, {}))
+                if bk == "cuda":
+                    methods.append(("deer[cuda] tile kernel", fn, {"DEER_CUDA_PSGN_KERNEL": "tile"}))
+            methods.append(("reference (PyTorch ops)", lambda L, R: per_sample_grad_norm_reference(L, R, 2.0), {}))
+            methods.append(("opacus-style einsum + norm", lambda L, R: _opacus_psgn(L, R, 2.0), {}))
+            for name, fn, env_vars in methods:
+                saved = {k: os.environ.get(k) for k in env_vars}
+                os.environ.update(env_vars)
+                try:
+                    med, mn = measure([lambda L=L, R=R, fn=fn: fn(L, R) for L, R in data], device, rounds)
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
                 add("per_sample_grad_norm", shape, dtype, name, nbytes, med, mn)
             del data
     # clip_reduce_noise on the per-sample gradients (fp32, as per_sample_grad_norm writes them).

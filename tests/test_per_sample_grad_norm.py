@@ -23,9 +23,21 @@ def _backends():
     if importlib.util.find_spec(f"deer_kernels.{OP}") is not None and (
             torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         out.append(pytest.param("triton", marks=pytest.mark.triton))
-    out.append(pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device")]))
+    for variant in ("cuda", "cuda-tile"):
+        out.append(pytest.param(variant, marks=[pytest.mark.cuda, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a CUDA device")]))
     return out
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend under test; 'cuda-tile' is the CUDA backend with its rank <= 8 shapes sent to the
+    shared-memory tile kernel (DEER_CUDA_PSGN_KERNEL=tile) instead of the default thin kernel, so a
+    GPU run tests both."""
+    if request.param == "cuda-tile":
+        monkeypatch.setenv("DEER_CUDA_PSGN_KERNEL", "tile")
+        return "cuda"
+    return request.param
 
 
 def _device(backend):
@@ -64,7 +76,7 @@ SHAPES = [(1, 1, 5, 1), (33, 97, 17, 4), (3, 97, 40, 8), (2, 7, 64, 64), (33, 1,
 BIG = [(2, 3, 2304, 8), (2, 5, 8, 768)]  # ViT-B qkv (m = 2304) B phase, n = 768 A phase
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", _backends(), indirect=True)
 @pytest.mark.parametrize("shape", SHAPES + BIG)
 def test_fp32_matches_float64_reference(backend, shape, gen):
     _skip_if_unavailable(backend)
@@ -86,7 +98,7 @@ def test_fp32_matches_float64_reference(backend, shape, gen):
         assert _rel(n, n0) <= 1e-5, msg
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", _backends(), indirect=True)
 def test_fp64_is_exact_to_rounding(backend, gen):
     _skip_if_unavailable(backend)
     if backend == "triton":
@@ -101,7 +113,7 @@ def test_fp64_is_exact_to_rounding(backend, gen):
     assert _rel(g, g0) <= 1e-12 and _rel(n, n0) <= 1e-12, f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", _backends(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(33, 97, 17, 4), (3, 1, 8, 129)])
 def test_low_precision_within_twice_reference_error(backend, dtype, shape, gen):
@@ -127,7 +139,7 @@ def test_low_precision_within_twice_reference_error(backend, dtype, shape, gen):
     assert _rel(n, n0) <= 2 * _rel(n_lp, n0) + 1e-6, msg
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", _backends(), indirect=True)
 @pytest.mark.parametrize("method", ["auto", "materialise", "ghost"])
 @pytest.mark.parametrize("shape", [(4, 3, 300, 8), (33, 97, 17, 4), (2, 5, 8, 768)])
 def test_norm_only_matches_reference(backend, method, shape, gen):

@@ -3,6 +3,7 @@
 // csrc/tests/test_per_sample_grad_norm_cuda_emu.cpp compiles the same text for the CPU emulator
 // (csrc/tests/cuda_emu.h) so CI executes it without a GPU.
 //
+// Rank <= 8 shapes (every LoRA layer at the usual ranks): psgn_thin_kernel, below. Otherwise:
 // Gradients: one thread block per (sample, BP x BQ output tile). The block walks the T tokens in
 // chunks of KT, staging L[t, tile rows] and R[t, tile cols] in shared memory with coalesced loads,
 // and each thread accumulates a TP x TQ register micro-tile in fp32 (fp64 for fp64 inputs). Tile
@@ -14,6 +15,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "common.h"
@@ -104,6 +108,88 @@ psgn_tile_kernel(const scalar_t* __restrict__ L, const scalar_t* __restrict__ R,
   if (threadIdx.x == 0) partial[i * ntiles + tile] = tot;
 }
 
+// Thin LoRA shapes (one of p, q is the rank r <= 8; W, the other, is long): the input on the long
+// side ("big": L = G in the B phase, R = X in the A phase) is nearly all the bytes, so each thread
+// owns VEC consecutive long-side columns and every rank column: acc[VEC][RK] in registers. Per
+// token a thread makes one 16-byte load of big (coalesced across the warp; no shared-memory
+// staging of it), reads the token's r small-side values from shared memory (one broadcast per
+// warp; staged KT tokens at a time), and does VEC * RK FMAs. RK is r rounded up to 1, 2, 4 or 8;
+// the padding columns are zero and never written. Euclidean norms as in psgn_tile_kernel.
+constexpr int kThinThreads = 128, kThinKT = 32;
+
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) VecT {
+  scalar_t v[VEC];
+};
+
+template <typename scalar_t, typename acc_t, int VEC, int RK, bool BIG_IS_LEFT>
+__global__ void __launch_bounds__(kThinThreads)
+psgn_thin_kernel(const scalar_t* __restrict__ big, const scalar_t* __restrict__ small, int64_t T, int64_t W, int r,
+                 int64_t nblk, bool vec_ok, acc_t scale, acc_t* __restrict__ G, acc_t* __restrict__ partial) {
+  __shared__ acc_t Ss[kThinKT][RK];
+  __shared__ acc_t red[32];
+  const int64_t i = blockIdx.x / nblk, blk = blockIdx.x % nblk;
+  const int64_t w0 = (blk * kThinThreads + threadIdx.x) * VEC;
+  const scalar_t* Bi = big + i * T * W;
+  const scalar_t* Si = small + i * T * r;
+  acc_t acc[VEC][RK];
+#pragma unroll
+  for (int u = 0; u < VEC; ++u)
+#pragma unroll
+    for (int c = 0; c < RK; ++c) acc[u][c] = acc_t(0);
+  const bool full = vec_ok && w0 + VEC <= W;
+  for (int64_t t0 = 0; t0 < T; t0 += kThinKT) {
+    for (int idx = threadIdx.x; idx < kThinKT * RK; idx += kThinThreads) {
+      const int kk = idx / RK, c = idx % RK;
+      const int64_t t = t0 + kk;
+      Ss[kk][c] = (t < T && c < r) ? static_cast<acc_t>(Si[t * r + c]) : acc_t(0);
+    }
+    __syncthreads();
+    const int nk = static_cast<int>(T - t0 < kThinKT ? T - t0 : kThinKT);
+    if (w0 < W) {
+#pragma unroll 4
+      for (int kk = 0; kk < nk; ++kk) {
+        acc_t bv[VEC];
+        const scalar_t* row = Bi + (t0 + kk) * W + w0;
+        if (full) {
+          const VecT<scalar_t, VEC> x = *reinterpret_cast<const VecT<scalar_t, VEC>*>(row);
+#pragma unroll
+          for (int u = 0; u < VEC; ++u) bv[u] = static_cast<acc_t>(x.v[u]);
+        } else {
+#pragma unroll
+          for (int u = 0; u < VEC; ++u) bv[u] = w0 + u < W ? static_cast<acc_t>(row[u]) : acc_t(0);
+        }
+#pragma unroll
+        for (int c = 0; c < RK; ++c) {
+          const acc_t sv = Ss[kk][c];
+#pragma unroll
+          for (int u = 0; u < VEC; ++u) acc[u][c] += bv[u] * sv;
+        }
+      }
+    }
+    __syncthreads();
+  }
+  acc_t part = 0;
+#pragma unroll
+  for (int u = 0; u < VEC; ++u) {
+    const int64_t w = w0 + u;
+    if (w >= W) continue;
+#pragma unroll
+    for (int c = 0; c < RK; ++c) {
+      if (c >= r) continue;
+      const acc_t val = acc[u][c] * scale;
+      // B phase: g (W, r) row-major; A phase: g (r, W) row-major.
+      if (BIG_IS_LEFT)
+        G[(i * W + w) * r + c] = val;
+      else
+        G[(i * r + c) * W + w] = val;
+      part += val * val;
+    }
+  }
+  const acc_t tot = block_sum(part, red);
+  if (threadIdx.x == 0) partial[i * nblk + blk] = tot;
+}
+
 // Metric norm from the written gradient: side 1 -> sum_a g_a K g_a^T, side 0 -> sum K[a,a'] <g_a, g_a'>.
 template <typename acc_t>
 __global__ void psgn_metric_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ K,
@@ -139,7 +225,36 @@ void launch_tiles(const at::Tensor& left, const at::Tensor& right, int64_t b, in
   if (euclid) at::sum_out(norms, partial, {1});
 }
 
-// Everything but the device guard: checks, tile choice, launches. Inputs on the launch's device.
+template <typename scalar_t, typename acc_t, bool BIG_IS_LEFT, typename Stream>
+void launch_thin(const at::Tensor& big, const at::Tensor& small, int64_t b, int64_t T, int64_t W, int64_t r,
+                 double scale, at::Tensor& grads, at::Tensor& norms, bool euclid, Stream stream) {
+  constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));  // 16-byte loads: 4 fp32, 8 fp16/bf16, 2 fp64
+  const int64_t nblk = (W + kThinThreads * VEC - 1) / (kThinThreads * VEC);
+  DEER_CHECK_ARG(b * nblk < (int64_t(1) << 31), "per_sample_grad_norm (cuda): batch x blocks too large for one launch");
+  auto partial = at::empty({b, nblk}, grads.options());
+  // 16-byte loads need every row start aligned: W a multiple of VEC and an aligned base.
+  const bool vec_ok = W % VEC == 0 && reinterpret_cast<uintptr_t>(big.data_ptr<scalar_t>()) % (sizeof(scalar_t) * VEC) == 0;
+  const unsigned grid = static_cast<unsigned>(b * nblk);
+  auto go = [&](auto kernel) {
+    DEER_LAUNCH(kernel, grid, kThinThreads, stream, big.data_ptr<scalar_t>(), small.data_ptr<scalar_t>(), T, W,
+                static_cast<int>(r), nblk, vec_ok, static_cast<acc_t>(scale), grads.data_ptr<acc_t>(),
+                partial.data_ptr<acc_t>());
+  };
+  if (r <= 1) go(&psgn_thin_kernel<scalar_t, acc_t, VEC, 1, BIG_IS_LEFT>);
+  else if (r <= 2) go(&psgn_thin_kernel<scalar_t, acc_t, VEC, 2, BIG_IS_LEFT>);
+  else if (r <= 4) go(&psgn_thin_kernel<scalar_t, acc_t, VEC, 4, BIG_IS_LEFT>);
+  else go(&psgn_thin_kernel<scalar_t, acc_t, VEC, 8, BIG_IS_LEFT>);
+  if (euclid) at::sum_out(norms, partial, {1});
+}
+
+// DEER_CUDA_PSGN_KERNEL=tile sends the rank <= 8 shapes to the shared-memory tile kernel instead of
+// the thin one (read per call, so a benchmark can time both in one process).
+inline bool thin_kernel_enabled() {
+  const char* v = std::getenv("DEER_CUDA_PSGN_KERNEL");
+  return v == nullptr || std::strcmp(v, "tile") != 0;
+}
+
+// Everything but the device guard: checks, kernel choice, launches. Inputs on the launch's device.
 template <typename Stream>
 std::tuple<at::Tensor, at::Tensor> per_sample_grad_norm_launch(const at::Tensor& left_in, const at::Tensor& right_in,
                                                                double scale, const c10::optional<at::Tensor>& gram,
@@ -153,12 +268,17 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_norm_launch(const at::Tensor&
   auto norms = at::empty({b}, opts);
   if (b == 0 || p == 0 || q == 0) return {grads.zero_(), norms.zero_()};
   const bool euclid = !(gram.has_value() && gram->defined());
+  const bool thin = thin_kernel_enabled();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, left.scalar_type(), "per_sample_grad_norm_cuda", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
-    if (q <= 8)  // B phase: q = r
+    if (thin && q <= 8)  // B phase: q = r, the long side is L's
+      launch_thin<scalar_t, acc_t, true>(left, right, b, T, p, q, scale, grads, norms, euclid, stream);
+    else if (thin && p <= 8)  // A phase: p = r, the long side is R's
+      launch_thin<scalar_t, acc_t, false>(right, left, b, T, q, p, scale, grads, norms, euclid, stream);
+    else if (q <= 8)
       launch_tiles<scalar_t, acc_t, TileCfg<128, 8, 4, 1, 16>>(left, right, b, T, p, q, scale, grads, norms, euclid,
                                                                stream);
-    else if (p <= 8)  // A phase: p = r
+    else if (p <= 8)
       launch_tiles<scalar_t, acc_t, TileCfg<8, 128, 1, 4, 16>>(left, right, b, T, p, q, scale, grads, norms, euclid,
                                                                stream);
     else

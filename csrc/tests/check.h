@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 namespace deer::check {
@@ -35,17 +36,21 @@ bool raises(Fn fn, const char* needle) {
   return false;
 }
 
-// Re-runs this program once per narrower instruction set (DEER_CPU_ISA caps the runtime choice and
-// never selects one the CPU lacks), so every instantiation is tested on one machine.
-inline void run_isa_children(int argc, char** argv) {
-  if (std::getenv("DEER_CPU_ISA") != nullptr || argc < 1) return;
-  for (const char* isa : {"avx2", "generic"}) {
-    const std::string cmd = std::string("DEER_CPU_ISA=") + isa + " '" + argv[0] + "'";
+// Re-runs this program once per value of the environment variable `var` (unless it is already set,
+// i.e. in the children themselves), each child's exit status one check.
+inline void run_env_children(int argc, char** argv, const char* var, std::initializer_list<const char*> values) {
+  if (std::getenv(var) != nullptr || argc < 1) return;
+  for (const char* v : values) {
+    const std::string cmd = std::string(var) + "=" + v + " '" + argv[0] + "'";
     std::printf("--- child run: %s\n", cmd.c_str());
     std::fflush(stdout);
-    expect(std::string("child run with DEER_CPU_ISA=") + isa, std::system(cmd.c_str()) == 0);
+    expect(std::string("child run with ") + var + "=" + v, std::system(cmd.c_str()) == 0);
   }
 }
+
+// Once per narrower instruction set (DEER_CPU_ISA caps the runtime choice and never selects one the
+// CPU lacks), so every instantiation is tested on one machine.
+inline void run_isa_children(int argc, char** argv) { run_env_children(argc, argv, "DEER_CPU_ISA", {"avx2", "generic"}); }
 
 inline int finish() {
   std::printf("%d failure(s)\n", failures);

@@ -1,9 +1,10 @@
 // ctest: the CUDA kernels of per_sample_grad_norm, compiled from per_sample_grad_norm_cuda.cuh (the
 // text nvcc compiles) and executed by the CPU emulator (cuda_emu.h), against float64 libtorch
-// formulas on fresh random inputs with odd sizes, every tile configuration (B phase q <= 8, A phase
-// p <= 8, square), every metric and every input dtype. fp16/bf16 inputs are compared with the
-// float64 result on the same rounded inputs: the kernel widens them exactly and accumulates in fp32,
-// so the fp32 bound applies. Also checks the emulator itself catches a missing __syncthreads.
+// formulas on fresh random inputs with odd sizes, every kernel (thin for rank <= 8 with 16-byte and
+// element loads, every padded rank 1/2/4/8; the tile kernel's three configurations, the thin shapes
+// in a child run with DEER_CUDA_PSGN_KERNEL=tile), every metric and every input dtype. fp16/bf16
+// inputs are compared with the float64 result on the same rounded inputs: the kernel widens them
+// exactly and accumulates in fp32, so the fp32 bound applies. Also checks the emulator itself catches a missing __syncthreads.
 // Exits non-zero on any failure; prints the seed of the inputs and of the thread schedule.
 #include <torch/torch.h>
 
@@ -25,7 +26,10 @@ __global__ void neighbour_kernel(const float* in, float* out, bool sync) {
   out[t] = s[(t + 1) % 64];
 }
 
-int main() {
+int main(int argc, char** argv) {
+  // Rank <= 8 shapes run the thin kernel by default; a child run sends them to the tile kernel.
+  run_env_children(argc, argv, "DEER_CUDA_PSGN_KERNEL", {"tile"});
+  std::printf("--- rank <= 8 kernel: %s\n", deer::psgn_cuda::thin_kernel_enabled() ? "thin" : "tile");
   std::random_device rd;
   const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
