@@ -5,7 +5,8 @@
 //
 // Isotropic noise: one kernel, one thread per element pair (2j, 2j+1): the clipped sum over the b
 // samples (coalesced: consecutive threads read consecutive pairs), one Philox call for both normals,
-// the final scale. Regulated noise: the same kernel writes the clipped sum and Z (double), then one
+// the final scale. When pairs alone are too few threads for the GPU, a first kernel sums chunks of
+// samples into a few partial rows (crn_partial_kernel) and this one sums those. Regulated noise: the same kernel writes the clipped sum and Z (double), then one
 // thread per column (side 0, xi = R^{-1} Z) or per row (side 1, xi = Z R^{-T}) back-substitutes in
 // place in double and finishes the output. Fused: the weighted sum over samples is one GEMM (cuBLAS
 // through at::matmul) on clip-scaled rows of L (b*T x p)^T (b*T x q), then the same noise kernels
@@ -13,6 +14,8 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+
+#include <algorithm>
 
 #include "clip_reduce_noise/clip_reduce_noise.h"
 #include "clip_reduce_noise/philox.h"
@@ -54,6 +57,29 @@ __global__ void crn_sum_noise_kernel(const scalar_t* __restrict__ g, const acc_t
       z[e1] = z1;
     }
   }
+}
+
+// Split sum over samples: block row y sums samples [y * chunk, (y + 1) * chunk) of pair j into
+// part[y, :]. With b = 256 and a rank-8 layer (~9K element pairs) one thread per pair would leave
+// most of the GPU idle, each thread walking all samples with one load in flight; the split gives
+// every thread a short walk, and crn_sum_noise_kernel then sums the few partial rows (unit weights).
+template <typename scalar_t, typename acc_t>
+__global__ void crn_partial_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ clip, int64_t b, int64_t P,
+                                   int64_t chunk, acc_t* __restrict__ part) {
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t e0 = 2 * j, e1 = 2 * j + 1;
+  if (e0 >= P) return;
+  const bool has1 = e1 < P;
+  const int64_t i0 = blockIdx.y * chunk, i1 = i0 + chunk < b ? i0 + chunk : b;
+  acc_t s0 = 0, s1 = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const acc_t ci = clip[i];
+    s0 += ci * static_cast<acc_t>(g[i * P + e0]);
+    if (has1) s1 += ci * static_cast<acc_t>(g[i * P + e1]);
+  }
+  acc_t* row = part + blockIdx.y * P;
+  row[e0] = s0;
+  if (has1) row[e1] = s1;
 }
 
 // side 0: thread per column c, xi[:, c] = R^{-1} Z[:, c] (p = r rows). side 1: thread per row a,
@@ -117,12 +143,27 @@ at::Tensor crn_launch(const at::Tensor& grads, const at::Tensor& clip, double no
   const int threads = 256;
   const int64_t npairs = (P + 1) / 2;
   const double inv = 1.0 / ebs;
+  const unsigned pair_blocks = static_cast<unsigned>((npairs + threads - 1) / threads);
+  // Sample chunks so that pairs x chunks reach ~64K threads (see crn_partial_kernel).
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(b, (int64_t(1) << 16) / std::max<int64_t>(1, npairs)));
+  const int64_t chunk = (b + want - 1) / std::max<int64_t>(1, want);
+  const int64_t splits = b > 0 ? (b + chunk - 1) / chunk : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "clip_reduce_noise_cuda", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
-    auto sum_noise = &crn_sum_noise_kernel<scalar_t, acc_t>;
-    DEER_LAUNCH(sum_noise, static_cast<unsigned>((npairs + threads - 1) / threads), threads, stream,
-                grads.data_ptr<scalar_t>(), clip.data_ptr<acc_t>(), b, P, noise_std, inv, key, !regulated,
-                out.data_ptr<acc_t>(), regulated ? z.data_ptr<double>() : nullptr);
+    if (splits > 1) {
+      auto part = at::empty({splits, P}, grads.options().dtype(out.scalar_type()));
+      auto partial_sum = &crn_partial_kernel<scalar_t, acc_t>;
+      DEER_LAUNCH(partial_sum, dim3(pair_blocks, static_cast<unsigned>(splits)), threads, stream,
+                  grads.data_ptr<scalar_t>(), clip.data_ptr<acc_t>(), b, P, chunk, part.data_ptr<acc_t>());
+      auto ones = at::ones({splits}, part.options());
+      auto sum_noise = &crn_sum_noise_kernel<acc_t, acc_t>;
+      DEER_LAUNCH(sum_noise, pair_blocks, threads, stream, part.data_ptr<acc_t>(), ones.data_ptr<acc_t>(), splits, P,
+                  noise_std, inv, key, !regulated, out.data_ptr<acc_t>(), regulated ? z.data_ptr<double>() : nullptr);
+    } else {
+      auto sum_noise = &crn_sum_noise_kernel<scalar_t, acc_t>;
+      DEER_LAUNCH(sum_noise, pair_blocks, threads, stream, grads.data_ptr<scalar_t>(), clip.data_ptr<acc_t>(), b, P,
+                  noise_std, inv, key, !regulated, out.data_ptr<acc_t>(), regulated ? z.data_ptr<double>() : nullptr);
+    }
     if (regulated) {
       const int64_t n = noise_side == 0 ? q : p;
       auto solve = &crn_regulated_kernel<acc_t>;

@@ -39,8 +39,9 @@ int main() {
 
   // (b, p, q): single element, odd p*q, more pairs than one 256-thread block, ViT-B B phase (768 x 8)
   // and A phase (8 x 2304), rank 1 and 64.
+  // (45, 64, 64): 2048 pairs, so the sample sum is split in chunks of 2 (the last one short).
   struct Case { int64_t b, p, q; } cases[] = {{1, 1, 1}, {33, 17, 5}, {5, 64, 9}, {3, 8, 129}, {2, 768, 8},
-                                              {2, 8, 2304}, {4, 1, 37}, {3, 97, 1}, {2, 64, 65}};
+                                              {2, 8, 2304}, {4, 1, 37}, {3, 97, 1}, {2, 64, 65}, {45, 64, 64}};
   for (auto c : cases) {
     const uint64_t key_seed = rng();
     const int64_t step = rng() % 100000, layer = rng() % 97, client = rng() % 13;
