@@ -10,7 +10,8 @@
 // shapes follow the LoRA shapes: a thin BQ = 8 tile when q is the rank (B phase), a thin BP = 8 tile
 // when p is the rank (A phase), square 64 x 64 otherwise.
 // Euclidean norms: each block reduces the squares of its tile into its own slot of a (b, tiles)
-// buffer, summed afterwards (deterministic, no atomics). Metric norms: a second kernel over g.
+// buffer, summed afterwards (deterministic, no atomics). Metric norms: in the thin kernel's pass
+// (K on the rank side); otherwise a second kernel over g.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -114,7 +115,10 @@ psgn_tile_kernel(const scalar_t* __restrict__ L, const scalar_t* __restrict__ R,
 // token a thread makes one 16-byte load of big (coalesced across the warp; no shared-memory
 // staging of it), reads the token's r small-side values from shared memory (one broadcast per
 // warp; staged KT tokens at a time), and does VEC * RK FMAs. RK is r rounded up to 1, 2, 4 or 8;
-// the padding columns are zero and never written. Euclidean norms as in psgn_tile_kernel.
+// the padding columns are zero and never written. Norms are reduced per block as in
+// psgn_tile_kernel; the regulated metric too, in the same pass: K acts on the rank side, which each
+// thread holds whole for its columns, so ||g||_K^2 = sum over long-side columns w of v_w^T K v_w,
+// v_w = the thread's RK values of column w (K staged in shared memory, zero-padded to RK x RK).
 constexpr int kThinThreads = 128, kThinKT = 32;
 
 template <typename scalar_t, int VEC>
@@ -125,9 +129,16 @@ struct alignas(sizeof(scalar_t) * VEC) VecT {
 template <typename scalar_t, typename acc_t, int VEC, int RK, bool BIG_IS_LEFT>
 __global__ void __launch_bounds__(kThinThreads)
 psgn_thin_kernel(const scalar_t* __restrict__ big, const scalar_t* __restrict__ small, int64_t T, int64_t W, int r,
-                 int64_t nblk, bool vec_ok, acc_t scale, acc_t* __restrict__ G, acc_t* __restrict__ partial) {
+                 int64_t nblk, bool vec_ok, acc_t scale, const acc_t* __restrict__ K, acc_t* __restrict__ G,
+                 acc_t* __restrict__ partial) {
   __shared__ acc_t Ss[kThinKT][RK];
+  __shared__ acc_t Ks[RK][RK];
   __shared__ acc_t red[32];
+  if (K != nullptr)  // read after the first barrier of the token loop (or the reduction's)
+    for (int idx = threadIdx.x; idx < RK * RK; idx += kThinThreads) {
+      const int c = idx / RK, d = idx % RK;
+      Ks[c][d] = (c < r && d < r) ? K[c * r + d] : acc_t(0);
+    }
   const int64_t i = blockIdx.x / nblk, blk = blockIdx.x % nblk;
   const int64_t w0 = (blk * kThinThreads + threadIdx.x) * VEC;
   const scalar_t* Bi = big + i * T * W;
@@ -169,21 +180,34 @@ psgn_thin_kernel(const scalar_t* __restrict__ big, const scalar_t* __restrict__ 
     }
     __syncthreads();
   }
+  if (T == 0) __syncthreads();  // no token loop ran: Ks must still be visible before use
   acc_t part = 0;
 #pragma unroll
   for (int u = 0; u < VEC; ++u) {
     const int64_t w = w0 + u;
     if (w >= W) continue;
+    acc_t v[RK];
 #pragma unroll
     for (int c = 0; c < RK; ++c) {
+      v[c] = acc[u][c] * scale;
       if (c >= r) continue;
-      const acc_t val = acc[u][c] * scale;
       // B phase: g (W, r) row-major; A phase: g (r, W) row-major.
       if (BIG_IS_LEFT)
-        G[(i * W + w) * r + c] = val;
+        G[(i * W + w) * r + c] = v[c];
       else
-        G[(i * r + c) * W + w] = val;
-      part += val * val;
+        G[(i * r + c) * W + w] = v[c];
+    }
+    if (K == nullptr) {
+#pragma unroll
+      for (int c = 0; c < RK; ++c) part += v[c] * v[c];
+    } else {
+#pragma unroll
+      for (int c = 0; c < RK; ++c) {
+        acc_t kv = 0;
+#pragma unroll
+        for (int d = 0; d < RK; ++d) kv += Ks[c][d] * v[d];
+        part += v[c] * kv;
+      }
     }
   }
   const acc_t tot = block_sum(part, red);
@@ -227,7 +251,7 @@ void launch_tiles(const at::Tensor& left, const at::Tensor& right, int64_t b, in
 
 template <typename scalar_t, typename acc_t, bool BIG_IS_LEFT, typename Stream>
 void launch_thin(const at::Tensor& big, const at::Tensor& small, int64_t b, int64_t T, int64_t W, int64_t r,
-                 double scale, at::Tensor& grads, at::Tensor& norms, bool euclid, Stream stream) {
+                 double scale, const at::Tensor& K, at::Tensor& grads, at::Tensor& norms, Stream stream) {
   constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));  // 16-byte loads: 4 fp32, 8 fp16/bf16, 2 fp64
   const int64_t nblk = (W + kThinThreads * VEC - 1) / (kThinThreads * VEC);
   DEER_CHECK_ARG(b * nblk < (int64_t(1) << 31), "per_sample_grad_norm (cuda): batch x blocks too large for one launch");
@@ -237,14 +261,14 @@ void launch_thin(const at::Tensor& big, const at::Tensor& small, int64_t b, int6
   const unsigned grid = static_cast<unsigned>(b * nblk);
   auto go = [&](auto kernel) {
     DEER_LAUNCH(kernel, grid, kThinThreads, stream, big.data_ptr<scalar_t>(), small.data_ptr<scalar_t>(), T, W,
-                static_cast<int>(r), nblk, vec_ok, static_cast<acc_t>(scale), grads.data_ptr<acc_t>(),
-                partial.data_ptr<acc_t>());
+                static_cast<int>(r), nblk, vec_ok, static_cast<acc_t>(scale),
+                K.defined() ? K.data_ptr<acc_t>() : nullptr, grads.data_ptr<acc_t>(), partial.data_ptr<acc_t>());
   };
   if (r <= 1) go(&psgn_thin_kernel<scalar_t, acc_t, VEC, 1, BIG_IS_LEFT>);
   else if (r <= 2) go(&psgn_thin_kernel<scalar_t, acc_t, VEC, 2, BIG_IS_LEFT>);
   else if (r <= 4) go(&psgn_thin_kernel<scalar_t, acc_t, VEC, 4, BIG_IS_LEFT>);
   else go(&psgn_thin_kernel<scalar_t, acc_t, VEC, 8, BIG_IS_LEFT>);
-  if (euclid) at::sum_out(norms, partial, {1});
+  at::sum_out(norms, partial, {1});
 }
 
 // DEER_CUDA_PSGN_KERNEL=tile sends the rank <= 8 shapes to the shared-memory tile kernel instead of
@@ -271,20 +295,30 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_norm_launch(const at::Tensor&
   const bool thin = thin_kernel_enabled();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, left.scalar_type(), "per_sample_grad_norm_cuda", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
-    if (thin && q <= 8)  // B phase: q = r, the long side is L's
-      launch_thin<scalar_t, acc_t, true>(left, right, b, T, p, q, scale, grads, norms, euclid, stream);
-    else if (thin && p <= 8)  // A phase: p = r, the long side is R's
-      launch_thin<scalar_t, acc_t, false>(right, left, b, T, q, p, scale, grads, norms, euclid, stream);
-    else if (q <= 8)
+    // Thin kernel when a side is a rank <= 8 (B phase: q = r, the long side is L's; A phase: p = r,
+    // R's). It computes the metric norm itself when K acts on that rank side (always, from deer's
+    // engine); a K on the long side falls back to the separate metric pass below.
+    const bool thin_b = thin && q <= 8, thin_a = thin && !thin_b && p <= 8;
+    bool metric_done = euclid;
+    if (thin_b || thin_a) {
+      const bool fuse = !euclid && gram_side == (thin_b ? 1 : 0);
+      const at::Tensor K = fuse ? gram->to(acc_dtype).contiguous() : at::Tensor();
+      if (thin_b)
+        launch_thin<scalar_t, acc_t, true>(left, right, b, T, p, q, scale, K, grads, norms, stream);
+      else
+        launch_thin<scalar_t, acc_t, false>(right, left, b, T, q, p, scale, K, grads, norms, stream);
+      metric_done = euclid || fuse;
+    } else if (q <= 8) {
       launch_tiles<scalar_t, acc_t, TileCfg<128, 8, 4, 1, 16>>(left, right, b, T, p, q, scale, grads, norms, euclid,
                                                                stream);
-    else if (p <= 8)
+    } else if (p <= 8) {
       launch_tiles<scalar_t, acc_t, TileCfg<8, 128, 1, 4, 16>>(left, right, b, T, p, q, scale, grads, norms, euclid,
                                                                stream);
-    else
+    } else {
       launch_tiles<scalar_t, acc_t, TileCfg<64, 64, 4, 4, 16>>(left, right, b, T, p, q, scale, grads, norms, euclid,
                                                                stream);
-    if (!euclid) {
+    }
+    if (!metric_done) {
       at::Tensor K = gram->to(acc_dtype).contiguous();
       auto kernel = &psgn_metric_kernel<acc_t>;
       DEER_LAUNCH(kernel, static_cast<unsigned>(b), 256, stream, grads.data_ptr<acc_t>(), K.data_ptr<acc_t>(), p, q,
