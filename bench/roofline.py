@@ -142,12 +142,20 @@ def run(device: str, quick: bool, rounds: int) -> tuple[dict, list[dict]]:
                     for _ in range(sets)]
             # (name, fn, environment while it runs): the CUDA backend twice, its rank <= 8 kernels
             # (thin, the default) and the shared-memory tile kernel (DEER_CUDA_PSGN_KERNEL=tile).
+            # Regulated metric: K (r x r) on the rank side, as deer's engine passes it.
+            side = 1 if phase == "B" else 0
+            A = torch.randn(r, r, device=device)
+            K = A @ A.T + torch.eye(r, device=device)
             methods = []
             for bk in backends:
                 fn = (lambda L, R, bk=bk: per_sample_grad_norm(L, R, 2.0, None, 1, backend=bk))
+                fn_k = (lambda L, R, bk=bk: per_sample_grad_norm(L, R, 2.0, K, side, backend=bk))
                 methods.append((f"deer[{bk}]", fn, {}))
+                methods.append((f"deer[{bk}] regulated metric", fn_k, {}))
                 if bk == "cuda":
                     methods.append(("deer[cuda] tile kernel", fn, {"DEER_CUDA_PSGN_KERNEL": "tile"}))
+                    methods.append(("deer[cuda] tile kernel, regulated metric", fn_k,
+                                    {"DEER_CUDA_PSGN_KERNEL": "tile"}))
             methods.append(("reference (PyTorch ops)", lambda L, R: per_sample_grad_norm_reference(L, R, 2.0), {}))
             methods.append(("opacus-style einsum + norm", lambda L, R: _opacus_psgn(L, R, 2.0), {}))
             for name, fn, env_vars in methods:

@@ -24,9 +24,11 @@ def test_roofline_quick_cpu(tmp_path):
     b, T, r, n = env["b"], env["T"], env["r"], env["n"]
     psgn = [x for x in rows if x["op"] == "per_sample_grad_norm"]
     crn = [x for x in rows if x["op"] == "clip_reduce_noise"]
-    # 3 shapes x (deer[cpu], reference, opacus-style); 2 shapes x (deer iso, deer regulated, reference, opacus)
-    assert len(psgn) == 9 and len(crn) == 8
-    assert {x["method"] for x in psgn} == {"deer[cpu]", "reference (PyTorch ops)", "opacus-style einsum + norm"}
+    # 3 shapes x (deer[cpu], its regulated metric, reference, opacus-style); 2 shapes x (deer iso, deer
+    # regulated, reference, opacus)
+    assert len(psgn) == 12 and len(crn) == 8
+    assert {x["method"] for x in psgn} == {"deer[cpu]", "deer[cpu] regulated metric", "reference (PyTorch ops)",
+                                           "opacus-style einsum + norm"}
     for x in psgn:
         p, q = (int(x["shape"].split()[3][1:]), int(x["shape"].split()[4][1:]))
         assert x["bytes"] == b * T * (p + q) * 4 + b * p * q * 4 + b * 4
@@ -35,7 +37,7 @@ def test_roofline_quick_cpu(tmp_path):
         assert math.isclose(x["gbps"], x["bytes"] / (x["median_us"] * 1e-6) / 1e9, rel_tol=1e-9)
         assert math.isclose(x["pct_copy"], 100 * x["gbps"] / env["copy_gbps"], rel_tol=1e-9)
     md = (tmp_path / "roofline.md").read_text()
-    assert md.count("\n| per_sample_grad_norm |") == 9 and md.count("\n| clip_reduce_noise |") == 8
+    assert md.count("\n| per_sample_grad_norm |") == 12 and md.count("\n| clip_reduce_noise |") == 8
 
 
 def test_gpu_check_case_selection():
