@@ -47,10 +47,22 @@ class _LoRABranch(torch.autograd.Function):
         ctx.save_for_backward(x, u, A, B)
         ctx.scale = scale
         ctx.unit = unit
+        # Under autocast the products above ran in the autocast dtype (bf16, say) and the output
+        # gradient arrives in it; the backward re-enters the same autocast state (as
+        # torch.amp.custom_bwd does, for whichever device type this ran on) so its products mix
+        # that gradient with the fp32 factors the same way.
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return (u @ B.T) * scale
 
     @staticmethod
     def backward(ctx, gout):
+        dev, enabled, dtype = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return _LoRABranch._backward(ctx, gout)
+
+    @staticmethod
+    def _backward(ctx, gout):
         x, u, A, B = ctx.saved_tensors
         s = ctx.scale
         unit = ctx.unit

@@ -60,14 +60,24 @@ def chunk_grads(unit, factor: str, chunk, gram, loss_reduction: str = "mean", ba
         if U is None:
             raise RuntimeError(f"{unit.name}: B is trained but its capture has no U (the phase changed "
                                f"between backward and step?); call optimizer.zero_grad() after set_phase")
-        return per_sample_grad_norm(G, _tokens(U), scale, gram, 1, backend=backend)
+        return per_sample_grad_norm(*_same_dtype(G, _tokens(U)), scale, gram, 1, backend=backend)
     if X is None:
         raise RuntimeError(f"{unit.name}: A is trained but its capture has no X (the phase changed "
                            f"between backward and step?); call optimizer.zero_grad() after set_phase")
     # V = G B: the LoRA backward hands it over when A is trained (B is unchanged until the step).
     V = getattr(chunk, "V", None)
     V = _tokens(V) if V is not None else G @ unit.lora_B.detach().to(G.dtype)
-    return per_sample_grad_norm(V, _tokens(X), scale, gram, 0, backend=backend)
+    return per_sample_grad_norm(*_same_dtype(V, _tokens(X)), scale, gram, 0, backend=backend)
+
+
+def _same_dtype(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under autocast the captures can mix dtypes (the layer input X in fp32 from a LayerNorm, V = G B
+    in bf16 from the autocast backward): the kernels take one dtype, so promote the pair (the
+    kernels accumulate in fp32 either way)."""
+    if L.dtype == R.dtype:
+        return L, R
+    dt = torch.promote_types(L.dtype, R.dtype)
+    return L.to(dt), R.to(dt)
 
 
 def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bool,
