@@ -139,3 +139,35 @@ def test_inconsistent_sample_dimension(gen):
     model(torch.randn(3, 5, 4, generator=gen)).sum().backward()
     with pytest.raises(ValueError, match="different numbers of samples"):
         opt.step()
+
+
+def test_nonfinite_private_gradient_refused_before_any_grad_is_written(gen, monkeypatch):
+    """If a layer's noisy sum is not finite (finite per-sample gradients, but e.g. an overflowing
+    regulated solve), the step raises naming that layer, and no parameter (not even the layers
+    computed before it) gets a gradient or an update."""
+    import deer.privacy.engine as engine_mod
+    torch.manual_seed(gen.initial_seed())
+    model = inject_lora(_mlp(), ["0", "3"], r=2)
+    with torch.no_grad():
+        for u in lora_layers(model):
+            u.lora_B.normal_()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eng, opt = _private(model, noise_multiplier=0.5, max_grad_norm=1.0, seed=3)
+    real = engine_mod._clip_reduce_noise
+    calls = []
+
+    def poisoned(grads, clip, *args, **kw):
+        out = real(grads, clip, *args, **kw)
+        calls.append(out.shape)
+        if len(calls) == 2:          # the second layer's release overflows
+            out = out.clone()
+            out.view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(engine_mod, "_clip_reduce_noise", poisoned)
+    F.cross_entropy(model(torch.randn(5, 6, generator=gen)), torch.randint(0, 3, (5,), generator=gen)).backward()
+    with pytest.raises(FloatingPointError, match=r"private gradient of .*lora_B is not finite"):
+        opt.step()
+    assert len(calls) == 4          # phase AB: A and B of both layers, all computed before the check
+    for n, p in model.named_parameters():
+        assert p.grad is None, f"{n} got a gradient from a refused step"
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=n)

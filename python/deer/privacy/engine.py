@@ -277,6 +277,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         else:
             cs, sens, total_norm = [None] * len(tensors), _sensitivity(e, len(tensors)), None
         std = e.noise_multiplier * sens
+        outs = []
         for t, c in zip(tensors, cs):
             p = t.param
             chol = _clip.cholesky_upper(t.gram) if e.noise == "regulated" else None
@@ -284,12 +285,17 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 shape = (1,) + tuple(p.shape)
                 g0 = torch.zeros(shape, dtype=torch.float32, device=p.device)
                 t.grads, c = g0, torch.zeros(1, device=p.device)
-            out = _clip_reduce_noise(t.grads, c, std, e.expected_batch_size, chol, t.noise_side, step_seed,
-                                     e._step_counter, t.layer_id, e.client, e.backend)
-            if not torch.isfinite(out).all():
-                raise FloatingPointError(f"deer: the private gradient of {t.name} is not finite although every "
-                                         f"per-sample gradient was; refusing to step (check lam and the frozen factor)")
-            p.grad = out.to(p.dtype)
+            outs.append(_clip_reduce_noise(t.grads, c, std, e.expected_batch_size, chol, t.noise_side, step_seed,
+                                           e._step_counter, t.layer_id, e.client, e.backend))
+        # One finiteness check for all layers (one host sync on a GPU, not one per layer), before any
+        # .grad is written: a failing step leaves every parameter's gradient untouched.
+        if outs and not bool(torch.stack([torch.isfinite(o).all().to(outs[0].device) for o in outs]).all()):
+            bad_names = [t.name for t, o in zip(tensors, outs) if not torch.isfinite(o).all()]
+            raise FloatingPointError(f"deer: the private gradient of {', '.join(bad_names)} is not finite although "
+                                     f"every per-sample gradient was; refusing to step (check lam and the frozen "
+                                     f"factor)")
+        for t, out in zip(tensors, outs):
+            t.param.grad = out.to(t.param.dtype)
         for _, u in units:
             for f in ("A", "B"):
                 if f not in factors:
