@@ -13,6 +13,8 @@ TORCH_LIBRARY(deer, m) {
   m.def("per_sample_grad_norm_only(Tensor left, Tensor right, float scale, Tensor? gram, int gram_side, int method) -> Tensor");
   m.def("clip_reduce_noise(Tensor grads, Tensor clip, float noise_std, float expected_batch_size, Tensor? chol, "
         "int noise_side, int seed, int step, int layer, int client) -> Tensor");
+  m.def("clip_reduce_noise_grouped(Tensor[] grads, Tensor[] clips, float noise_std, float expected_batch_size, "
+        "Tensor?[] chols, int[] noise_sides, int seed, int step, int[] layers, int client) -> Tensor[]");
   m.def("clip_reduce_noise_fused(Tensor left, Tensor right, float scale, Tensor clip, float noise_std, "
         "float expected_batch_size, Tensor? chol, int noise_side, int seed, int step, int layer, int client) -> Tensor");
 }
@@ -22,6 +24,7 @@ TORCH_LIBRARY_IMPL(deer, CPU, m) {
   m.impl("per_sample_grad_norm_only", &deer::per_sample_grad_norm_only);
   m.impl("clip_reduce_noise", &deer::clip_reduce_noise_cpu);
   m.impl("clip_reduce_noise_fused", &deer::clip_reduce_noise_fused_cpu);
+  m.impl("clip_reduce_noise_grouped", &deer::clip_reduce_noise_grouped_cpu);
 }
 
 #ifdef DEER_WITH_CUDA
@@ -30,6 +33,7 @@ TORCH_LIBRARY_IMPL(deer, CUDA, m) {
   m.impl("per_sample_grad_norm_only", &deer::per_sample_grad_norm_only);
   m.impl("clip_reduce_noise", &deer::clip_reduce_noise_cuda);
   m.impl("clip_reduce_noise_fused", &deer::clip_reduce_noise_fused_cuda);
+  m.impl("clip_reduce_noise_grouped", &deer::clip_reduce_noise_grouped_cuda);
 }
 #endif
 

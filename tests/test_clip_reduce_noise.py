@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from deer.ops import (BackendUnavailable, clip_reduce_noise, clip_reduce_noise_fused, clip_reduce_noise_reference,
+from deer.ops import (BackendUnavailable, clip_reduce_noise, clip_reduce_noise_fused, clip_reduce_noise_grouped,
+                      clip_reduce_noise_reference,
                       clip_reduce_noise_fused_reference, philox_normal_reference, unavailable_reason)
 
 OP = "clip_reduce_noise"
@@ -245,3 +246,47 @@ def test_bad_input_says_what_is_wrong():
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="CUDA"):
             clip_reduce_noise(g, clip, 1.0, 1.0, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_grouped_equals_one_call_per_layer(backend, gen):
+    """clip_reduce_noise_grouped: every layer's output equals that layer's own clip_reduce_noise call
+    (same keys: same noise) and the float64 reference; mixed shapes, sides, isotropic and regulated
+    layers, and on CUDA enough elements in total for the single grouped launch."""
+    _skip_if_unavailable(backend)
+    dev = _device(backend)
+    big = dev == "cuda"
+    shapes = [(3, 2304 if big else 96, 8, 1, True), (2, 8, 3072 if big else 40, 0, True), (4, 17, 4, 1, False),
+              (3, 2304 if big else 96, 8, 1, False), (2, 5, 1, 1, True)] * (4 if big else 1)
+    grads, clips, chols, sides = [], [], [], []
+    for b, p, q, side, regulated in shapes:
+        grads.append(torch.randn(b, p, q, generator=gen).to(dev))
+        clips.append(torch.rand(b, generator=gen).to(dev))
+        chols.append(_chol(p if side == 0 else q, gen)[1].float().to(dev) if regulated else None)
+        sides.append(side)
+    layers = [7 * k + 2 for k in range(len(shapes))]
+    key = _key(gen)
+    outs = clip_reduce_noise_grouped(grads, clips, 0.8, 6.0, chols, sides, key["seed"], key["step"], layers,
+                                     key["client"], backend=backend)
+    assert len(outs) == len(shapes)
+    for k, (g, c, ch, s, lid) in enumerate(zip(grads, clips, chols, sides, layers)):
+        one = clip_reduce_noise(g, c, 0.8, 6.0, ch, s, key["seed"], key["step"], lid, key["client"], backend=backend)
+        want = clip_reduce_noise_reference(g.double().cpu(), c.double().cpu(), 0.8, 6.0,
+                                           None if ch is None else ch.double().cpu(), s, key["seed"], key["step"], lid,
+                                           key["client"])
+        msg = f"seed {gen.initial_seed()} layer {k}"
+        assert outs[k].shape == one.shape and outs[k].dtype == torch.float32, msg
+        assert _rel(outs[k], want) <= 1e-5, msg
+        assert _rel(outs[k], one.double().cpu()) <= 1e-6, msg
+
+
+def test_grouped_rejects_bad_lists(gen):
+    g = [torch.randn(2, 3, 4, generator=gen), torch.randn(2, 5, 4, generator=gen)]
+    c = [torch.rand(2, generator=gen), torch.rand(2, generator=gen)]
+    with pytest.raises(ValueError, match="one entry per layer"):
+        clip_reduce_noise_grouped(g, c[:1], 1.0, 2.0)
+    with pytest.raises(ValueError, match=r"layer 1\).*clip must be \(b,\)"):
+        clip_reduce_noise_grouped(g, [c[0], torch.rand(3)], 1.0, 2.0)
+    with pytest.raises(ValueError, match=r"grads\[0\] must be \(b, p, q\)"):
+        clip_reduce_noise_grouped([g[0][0]] + g[1:], c, 1.0, 2.0)
+    assert clip_reduce_noise_grouped([], [], 1.0, 2.0) == []

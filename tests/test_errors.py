@@ -153,21 +153,20 @@ def test_nonfinite_private_gradient_refused_before_any_grad_is_written(gen, monk
             u.lora_B.normal_()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     eng, opt = _private(model, noise_multiplier=0.5, max_grad_norm=1.0, seed=3)
-    real = engine_mod._clip_reduce_noise
+    real = engine_mod._clip_reduce_noise_all
     calls = []
 
-    def poisoned(grads, clip, *args, **kw):
-        out = real(grads, clip, *args, **kw)
-        calls.append(out.shape)
-        if len(calls) == 2:          # the second layer's release overflows
-            out = out.clone()
-            out.view(-1)[0] = float("inf")
-        return out
-    monkeypatch.setattr(engine_mod, "_clip_reduce_noise", poisoned)
+    def poisoned(*args, **kw):
+        outs = real(*args, **kw)
+        calls.append(len(outs))
+        outs[1] = outs[1].clone()
+        outs[1].view(-1)[0] = float("inf")   # the second tensor's release overflows
+        return outs
+    monkeypatch.setattr(engine_mod, "_clip_reduce_noise_all", poisoned)
     F.cross_entropy(model(torch.randn(5, 6, generator=gen)), torch.randint(0, 3, (5,), generator=gen)).backward()
     with pytest.raises(FloatingPointError, match=r"private gradient of .*lora_B is not finite"):
         opt.step()
-    assert len(calls) == 4          # phase AB: A and B of both layers, all computed before the check
+    assert calls == [4]             # phase AB: A and B of both layers, all computed before the check
     for n, p in model.named_parameters():
         assert p.grad is None, f"{n} got a gradient from a refused step"
         torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=n)

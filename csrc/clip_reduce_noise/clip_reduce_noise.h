@@ -15,6 +15,8 @@
 #pragma once
 #include <torch/types.h>
 
+#include <vector>
+
 namespace deer {
 
 at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads, const at::Tensor& clip, double noise_std,
@@ -25,7 +27,22 @@ at::Tensor clip_reduce_noise_fused_cpu(const at::Tensor& left, const at::Tensor&
                                        const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,
                                        int64_t step, int64_t layer, int64_t client);
 
+// clip_reduce_noise_grouped: every trained LoRA factor of a model in one call, out[k] equal to
+// clip_reduce_noise(grads[k], clips[k], noise_std, expected_batch_size, chols[k], noise_sides[k],
+// seed, step, layers[k], client) (same Philox keys, so the same noise). One parallel region over
+// the layers on the CPU, one launch over all layers on CUDA, instead of several per layer.
+std::vector<at::Tensor> clip_reduce_noise_grouped_cpu(at::TensorList grads, at::TensorList clips, double noise_std,
+                                                      double expected_batch_size,
+                                                      const c10::List<c10::optional<at::Tensor>>& chols,
+                                                      at::IntArrayRef noise_sides, int64_t seed, int64_t step,
+                                                      at::IntArrayRef layers, int64_t client);
+
 #ifdef DEER_WITH_CUDA
+std::vector<at::Tensor> clip_reduce_noise_grouped_cuda(at::TensorList grads, at::TensorList clips, double noise_std,
+                                                       double expected_batch_size,
+                                                       const c10::List<c10::optional<at::Tensor>>& chols,
+                                                       at::IntArrayRef noise_sides, int64_t seed, int64_t step,
+                                                       at::IntArrayRef layers, int64_t client);
 at::Tensor clip_reduce_noise_cuda(const at::Tensor& grads, const at::Tensor& clip, double noise_std,
                                   double expected_batch_size, const c10::optional<at::Tensor>& chol,
                                   int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client);
@@ -34,6 +51,11 @@ at::Tensor clip_reduce_noise_fused_cuda(const at::Tensor& left, const at::Tensor
                                         const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,
                                         int64_t step, int64_t layer, int64_t client);
 #endif
+
+// Shared validation of the grouped op's lists (same lengths, one device); per-layer checks follow.
+void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips,
+                                     const c10::List<c10::optional<at::Tensor>>& chols, at::IntArrayRef noise_sides,
+                                     at::IntArrayRef layers);
 
 // Shared validation of (p, q, clip, noise arguments); `what` names the op in messages.
 void clip_reduce_noise_check(const char* what, int64_t b, int64_t p, int64_t q, const at::Tensor& clip,

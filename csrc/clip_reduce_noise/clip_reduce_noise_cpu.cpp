@@ -192,6 +192,46 @@ at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads_in, const at::Tensor& c
   return out;
 }
 
+void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips,
+                                     const c10::List<c10::optional<at::Tensor>>& chols, at::IntArrayRef noise_sides,
+                                     at::IntArrayRef layers) {
+  const size_t L = grads.size();
+  DEER_CHECK_ARG(clips.size() == L && chols.size() == L && noise_sides.size() == L && layers.size() == L,
+                 "clip_reduce_noise_grouped: grads, clips, chols, noise_sides and layers must have one entry per "
+                 "layer; got ", L, ", ", clips.size(), ", ", chols.size(), ", ", noise_sides.size(), " and ",
+                 layers.size());
+  for (size_t k = 1; k < L; ++k)
+    DEER_CHECK_ARG(grads[k].device() == grads[0].device(), "clip_reduce_noise_grouped: every layer's gradients must "
+                   "be on one device; layer ", k, " is on ", grads[k].device(), ", layer 0 on ", grads[0].device());
+}
+
+std::vector<at::Tensor> clip_reduce_noise_grouped_cpu(at::TensorList grads, at::TensorList clips, double noise_std,
+                                                      double expected_batch_size,
+                                                      const c10::List<c10::optional<at::Tensor>>& chols,
+                                                      at::IntArrayRef noise_sides, int64_t seed, int64_t step,
+                                                      at::IntArrayRef layers, int64_t client) {
+  clip_reduce_noise_grouped_check(grads, clips, chols, noise_sides, layers);
+  const int64_t L = static_cast<int64_t>(grads.size());
+  std::vector<at::Tensor> out(L);
+  // Validate every layer before any work, so a bad entry fails with its own message, not from
+  // inside the parallel region.
+  for (int64_t k = 0; k < L; ++k) {
+    DEER_CHECK_ARG(grads[k].dim() == 3, "clip_reduce_noise_grouped: grads[", k, "] must be (b, p, q), got ",
+                   grads[k].sizes());
+    clip_reduce_noise_check("clip_reduce_noise_grouped", grads[k].size(0), grads[k].size(1), grads[k].size(2),
+                            clips[k], grads[k].device(), noise_std, expected_batch_size, chols.get(k), noise_sides[k],
+                            step, layers[k], client);
+  }
+  // One parallel region: each thread takes whole layers (the per-layer kernels run inline inside it),
+  // instead of a fork/join per layer and stage.
+  at::parallel_for(0, L, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      out[k] = clip_reduce_noise_cpu(grads[k], clips[k], noise_std, expected_batch_size, chols.get(k), noise_sides[k],
+                                     seed, step, layers[k], client);
+  });
+  return out;
+}
+
 at::Tensor clip_reduce_noise_fused_cpu(const at::Tensor& left_in, const at::Tensor& right_in, double scale,
                                        const at::Tensor& clip_in, double noise_std, double expected_batch_size,
                                        const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,

@@ -25,4 +25,16 @@ at::Tensor clip_reduce_noise_fused_cuda(const at::Tensor& left, const at::Tensor
                                                   at::cuda::getCurrentCUDAStream().stream());
 }
 
+std::vector<at::Tensor> clip_reduce_noise_grouped_cuda(at::TensorList grads, at::TensorList clips, double noise_std,
+                                                       double expected_batch_size,
+                                                       const c10::List<c10::optional<at::Tensor>>& chols,
+                                                       at::IntArrayRef noise_sides, int64_t seed, int64_t step,
+                                                       at::IntArrayRef layers, int64_t client) {
+  DEER_CHECK_ARG(!grads.empty(), "clip_reduce_noise_grouped: no layers");
+  c10::cuda::CUDAGuard guard(grads[0].device());
+  return crn_cuda::clip_reduce_noise_grouped_launch(grads, clips, noise_std, expected_batch_size, chols, noise_sides,
+                                                    seed, step, layers, client,
+                                                    at::cuda::getCurrentCUDAStream().stream());
+}
+
 }  // namespace deer

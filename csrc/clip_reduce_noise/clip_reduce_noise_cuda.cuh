@@ -16,6 +16,8 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <vector>
 
 #include "clip_reduce_noise/clip_reduce_noise.h"
 #include "clip_reduce_noise/philox.h"
@@ -25,11 +27,13 @@
 namespace deer {
 namespace crn_cuda {
 
+// Element pair j of one layer: the clipped sum over its b samples, then the noise (isotropic: the
+// final output; regulated: the sum and Z, for the solve kernel).
 template <typename scalar_t, typename acc_t>
-__global__ void crn_sum_noise_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ clip, int64_t b,
-                                     int64_t P, double noise_std, double inv_ebs, philox::Key key, bool isotropic,
-                                     acc_t* __restrict__ out, double* __restrict__ z) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+__device__ __forceinline__ void crn_sum_noise_pair(const scalar_t* __restrict__ g, const acc_t* __restrict__ clip,
+                                                   int64_t b, int64_t P, double noise_std, double inv_ebs,
+                                                   const philox::Key& key, bool isotropic, acc_t* __restrict__ out,
+                                                   double* __restrict__ z, int64_t j) {
   const int64_t e0 = 2 * j, e1 = 2 * j + 1;
   if (e0 >= P) return;
   const bool has1 = e1 < P;
@@ -59,6 +63,14 @@ __global__ void crn_sum_noise_kernel(const scalar_t* __restrict__ g, const acc_t
   }
 }
 
+template <typename scalar_t, typename acc_t>
+__global__ void crn_sum_noise_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ clip, int64_t b,
+                                     int64_t P, double noise_std, double inv_ebs, philox::Key key, bool isotropic,
+                                     acc_t* __restrict__ out, double* __restrict__ z) {
+  crn_sum_noise_pair(g, clip, b, P, noise_std, inv_ebs, key, isotropic, out, z,
+                     blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x);
+}
+
 // Split sum over samples: block row y sums samples [y * chunk, (y + 1) * chunk) of pair j into
 // part[y, :]. With b = 256 and a rank-8 layer (~9K element pairs) one thread per pair would leave
 // most of the GPU idle, each thread walking all samples with one load in flight; the split gives
@@ -85,9 +97,9 @@ __global__ void crn_partial_kernel(const scalar_t* __restrict__ g, const acc_t* 
 // side 0: thread per column c, xi[:, c] = R^{-1} Z[:, c] (p = r rows). side 1: thread per row a,
 // xi[a, :] = Z[a, :] R^{-T}, i.e. R xi[a, :]^T = Z[a, :]^T (q = r). In place in z, then finish out.
 template <typename acc_t>
-__global__ void crn_regulated_kernel(acc_t* __restrict__ out, double* __restrict__ z, const double* __restrict__ R,
-                                     int64_t p, int64_t q, int64_t side, double noise_std, double inv_ebs) {
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+__device__ __forceinline__ void crn_solve_one(acc_t* __restrict__ out, double* __restrict__ z,
+                                              const double* __restrict__ R, int64_t p, int64_t q, int64_t side,
+                                              double noise_std, double inv_ebs, int64_t idx) {
   if (side == 0) {
     if (idx >= q) return;
     const int64_t c = idx;
@@ -110,6 +122,45 @@ __global__ void crn_regulated_kernel(acc_t* __restrict__ out, double* __restrict
       out[a * q + c] = static_cast<acc_t>((out[a * q + c] + noise_std * s) * inv_ebs);
     }
   }
+}
+
+template <typename acc_t>
+__global__ void crn_regulated_kernel(acc_t* __restrict__ out, double* __restrict__ z, const double* __restrict__ R,
+                                     int64_t p, int64_t q, int64_t side, double noise_std, double inv_ebs) {
+  crn_solve_one(out, z, R, p, q, side, noise_std, inv_ebs, blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x);
+}
+
+// Grouped launch: one row of int64 per layer (pointers as integers), blocks numbered across layers;
+// a block finds its layer by the first-block column and runs the per-layer body. Layers are few (one
+// per trained LoRA factor), so a linear scan of the table costs less than a cache miss.
+enum CrnDesc : int { kDG, kDClip, kDOut, kDZ, kDR, kDB, kDRows, kDCols, kDSide, kDLayer, kDSumBlock0, kDSolveBlock0,
+                     kDescWidth };
+
+__device__ __forceinline__ const int64_t* crn_find_layer(const int64_t* desc, int64_t L, int col, int64_t block) {
+  int64_t k = 0;
+  while (k + 1 < L && desc[(k + 1) * kDescWidth + col] <= block) ++k;
+  return desc + k * kDescWidth;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void crn_grouped_sum_noise_kernel(const int64_t* __restrict__ desc, int64_t L, double noise_std,
+                                             double inv_ebs, uint64_t seed, uint32_t step, uint32_t client) {
+  const int64_t* d = crn_find_layer(desc, L, kDSumBlock0, blockIdx.x);
+  const auto key = philox::make_key(seed, step, static_cast<uint32_t>(d[kDLayer]), client);
+  const int64_t j = (blockIdx.x - d[kDSumBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  crn_sum_noise_pair(reinterpret_cast<const scalar_t*>(d[kDG]), reinterpret_cast<const acc_t*>(d[kDClip]), d[kDB],
+                     d[kDRows] * d[kDCols], noise_std, inv_ebs, key, d[kDR] == 0, reinterpret_cast<acc_t*>(d[kDOut]),
+                     reinterpret_cast<double*>(d[kDZ]), j);
+}
+
+// Solve blocks: only the regulated layers own any (the others' first block equals the next one's).
+template <typename acc_t>
+__global__ void crn_grouped_solve_kernel(const int64_t* __restrict__ desc, int64_t L, double noise_std,
+                                         double inv_ebs) {
+  const int64_t* d = crn_find_layer(desc, L, kDSolveBlock0, blockIdx.x);
+  crn_solve_one(reinterpret_cast<acc_t*>(d[kDOut]), reinterpret_cast<double*>(d[kDZ]),
+                reinterpret_cast<const double*>(d[kDR]), d[kDRows], d[kDCols], d[kDSide], noise_std, inv_ebs,
+                (blockIdx.x - d[kDSolveBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x);
 }
 
 // The regulated solve divides by R's diagonal: refuse a factor that is not that of a positive
@@ -213,6 +264,106 @@ at::Tensor clip_reduce_noise_fused_launch(const at::Tensor& left_in, const at::T
   auto ones = at::ones({1}, S.options());
   return crn_launch(S.unsqueeze(0), ones, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client,
                     stream);
+}
+
+// Every layer of a model: per-layer checks, then (same dtype everywhere and enough element pairs in
+// total to fill the GPU) one grouped sum + noise launch and, when any layer is regulated, one grouped
+// solve launch; otherwise the per-layer path (whose sample split suits a few small layers better).
+template <typename Stream>
+std::vector<at::Tensor> clip_reduce_noise_grouped_launch(at::TensorList grads_in, at::TensorList clips,
+                                                         double noise_std, double expected_batch_size,
+                                                         const c10::List<c10::optional<at::Tensor>>& chols,
+                                                         at::IntArrayRef sides, int64_t seed, int64_t step,
+                                                         at::IntArrayRef layers, int64_t client, Stream stream) {
+  clip_reduce_noise_grouped_check(grads_in, clips, chols, sides, layers);
+  const int64_t L = static_cast<int64_t>(grads_in.size());
+  std::vector<at::Tensor> out(L);
+  if (L == 0) return out;
+  bool same_dtype = true;
+  int64_t total_pairs = 0;
+  for (int64_t k = 0; k < L; ++k) {
+    DEER_CHECK_ARG(grads_in[k].dim() == 3, "clip_reduce_noise_grouped: grads[", k, "] must be (b, p, q), got ",
+                   grads_in[k].sizes());
+    DEER_CHECK_ARG(at::isFloatingType(grads_in[k].scalar_type()), "clip_reduce_noise_grouped: grads[", k,
+                   "] must be floating point");
+    clip_reduce_noise_check("clip_reduce_noise_grouped", grads_in[k].size(0), grads_in[k].size(1),
+                            grads_in[k].size(2), clips[k], grads_in[k].device(), noise_std, expected_batch_size,
+                            chols.get(k), sides[k], step, layers[k], client);
+    same_dtype = same_dtype && grads_in[k].scalar_type() == grads_in[0].scalar_type();
+    total_pairs += (grads_in[k].size(1) * grads_in[k].size(2) + 1) / 2;
+  }
+  if (!same_dtype || total_pairs < (int64_t(1) << 16)) {
+    for (int64_t k = 0; k < L; ++k)
+      out[k] = clip_reduce_noise_launch(grads_in[k], clips[k], noise_std, expected_batch_size, chols.get(k), sides[k],
+                                        seed, step, layers[k], client, stream);
+    return out;
+  }
+  const auto acc = grads_in[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = grads_in[0].options();
+  std::vector<at::Tensor> keep;  // contiguous inputs, clips, Z and R: alive until the launches are queued
+  keep.reserve(4 * L);
+  auto desc = at::empty({L, kDescWidth}, at::TensorOptions().dtype(at::kLong));
+  int64_t* D = desc.data_ptr<int64_t>();
+  // Every regulated layer's factor checked with one host sync (not one per layer).
+  std::vector<at::Tensor> Rs(L), oks;
+  for (int64_t k = 0; k < L; ++k) {
+    const auto& ch = chols.get(k);
+    if (noise_std != 0.0 && ch.has_value() && ch->defined()) {
+      Rs[k] = ch->to(at::kDouble).contiguous();
+      oks.push_back(at::logical_and((Rs[k].diagonal() > 0).all(), at::isfinite(Rs[k].triu()).all()));
+    }
+  }
+  if (!oks.empty() && !at::stack(oks).all().item<bool>())
+    for (int64_t k = 0; k < L; ++k)
+      if (Rs[k].defined()) chol_checked(Rs[k]);  // raises with the per-layer message
+  const int threads = 256, solve_threads = 128;
+  int64_t sum_blocks = 0, solve_blocks = 0;
+  bool any_regulated = false;
+  for (int64_t k = 0; k < L; ++k) {
+    auto g = grads_in[k].contiguous();
+    auto c = clips[k].to(acc).contiguous();
+    const int64_t b = g.size(0), p = g.size(1), q = g.size(2), P = p * q;
+    out[k] = at::empty({p, q}, opts.dtype(acc));
+    at::Tensor z;
+    if (Rs[k].defined()) {
+      z = at::empty({p, q}, opts.dtype(at::kDouble));
+      any_regulated = true;
+    }
+    int64_t* d = D + k * kDescWidth;
+    d[kDG] = reinterpret_cast<intptr_t>(g.data_ptr());
+    d[kDClip] = reinterpret_cast<intptr_t>(c.data_ptr());
+    d[kDOut] = reinterpret_cast<intptr_t>(out[k].data_ptr());
+    d[kDZ] = z.defined() ? reinterpret_cast<intptr_t>(z.data_ptr()) : 0;
+    d[kDR] = Rs[k].defined() ? reinterpret_cast<intptr_t>(Rs[k].data_ptr()) : 0;
+    d[kDB] = b;
+    d[kDRows] = p;
+    d[kDCols] = q;
+    d[kDSide] = sides[k];
+    d[kDLayer] = layers[k];
+    d[kDSumBlock0] = sum_blocks;
+    d[kDSolveBlock0] = solve_blocks;
+    sum_blocks += ((P + 1) / 2 + threads - 1) / threads;
+    if (Rs[k].defined()) solve_blocks += ((sides[k] == 0 ? q : p) + solve_threads - 1) / solve_threads;
+    keep.push_back(g);
+    keep.push_back(c);
+    if (z.defined()) keep.push_back(z);
+  }
+  DEER_CHECK_ARG(sum_blocks < (int64_t(1) << 31), "clip_reduce_noise_grouped: too many elements for one launch");
+  const auto desc_dev = desc.to(grads_in[0].device());
+  const double inv = 1.0 / expected_batch_size;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads_in[0].scalar_type(), "clip_reduce_noise_grouped", [&] {
+    using acc_t = typename acc_type<scalar_t>::type;
+    auto sum_noise = &crn_grouped_sum_noise_kernel<scalar_t, acc_t>;
+    DEER_LAUNCH(sum_noise, static_cast<unsigned>(sum_blocks), threads, stream, desc_dev.data_ptr<int64_t>(), L,
+                noise_std, inv, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                static_cast<uint32_t>(client));
+    if (any_regulated) {
+      auto solve = &crn_grouped_solve_kernel<acc_t>;
+      DEER_LAUNCH(solve, static_cast<unsigned>(solve_blocks), solve_threads, stream, desc_dev.data_ptr<int64_t>(), L,
+                  noise_std, inv);
+    }
+  });
+  return out;
 }
 
 }  // namespace crn_cuda

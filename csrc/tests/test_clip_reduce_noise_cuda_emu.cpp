@@ -9,7 +9,9 @@
 
 #include <cstdio>
 #include <random>
+#include <iterator>
 #include <string>
+#include <vector>
 
 #include "clip_reduce_noise/clip_reduce_noise_cuda.cuh"
 #include "tests/check.h"
@@ -95,6 +97,71 @@ int main() {
       expect_close(std::string("fused weighted GEMM + isotropic noise ") + c10::toString(dtype), got,
                    (S + 0.5 * Z) / 4.0, dtype == at::kDouble ? 1e-12 : 1e-5);
     }
+  }
+
+  // Grouped: a model's worth of layers in one launch (same dtype, >= 2^16 element pairs in total:
+  // six 2304 x 8 B-phase layers, an 8 x 3072 A-phase one, both regulated and isotropic, a zero-solve
+  // layer between regulated ones), each output equal to the float64 formula for its own key.
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    struct Layer { int64_t b, p, q, side; bool regulated; } spec[] = {
+        {3, 2304, 8, 1, true}, {3, 2304, 8, 1, false}, {2, 8, 3072, 0, true}, {3, 2304, 8, 1, true},
+        {2, 768, 8, 1, false}, {3, 2304, 8, 1, true},  {3, 2304, 8, 1, false}, {3, 2304, 8, 1, true},
+        {2, 64, 65, 0, true}};
+    std::vector<at::Tensor> gs, cs, wants;
+    c10::List<c10::optional<at::Tensor>> chols;
+    std::vector<int64_t> sides, layer_ids;
+    const uint64_t gseed = rng();
+    const int64_t step = 41, client = 5;
+    const double ebs = 7.0, sigma = 1.3;
+    for (size_t k = 0; k < std::size(spec); ++k) {
+      const auto& L = spec[k];
+      auto g = torch::randn({L.b, L.p, L.q}).to(dtype);
+      auto c = torch::rand({L.b});
+      const int64_t lid = 3 * static_cast<int64_t>(k) + 1;
+      auto S = torch::einsum("b,bpq->pq", {c.to(at::kDouble), g.to(at::kDouble)});
+      auto Z = philox_z(L.p, L.q, gseed, step, lid, client);
+      c10::optional<at::Tensor> ch;
+      if (L.regulated) {
+        const int64_t r = L.side == 0 ? L.p : L.q;
+        auto A = torch::randn({r, r}, torch::kDouble);
+        auto Rc = torch::linalg_cholesky(A.matmul(A.t()) + 0.5 * torch::eye(r, torch::kDouble)).t().contiguous();
+        ch = Rc.to(at::kFloat);
+        const auto R64 = ch->to(at::kDouble);
+        Z = L.side == 0 ? torch::linalg_solve_triangular(R64, Z, true, true, false)
+                        : torch::linalg_solve_triangular(R64.t(), Z, false, false, false);
+      }
+      wants.push_back((S + sigma * Z) / ebs);
+      gs.push_back(g);
+      cs.push_back(c);
+      chols.push_back(ch);
+      sides.push_back(L.side);
+      layer_ids.push_back(lid);
+    }
+    auto outs = deer::crn_cuda::clip_reduce_noise_grouped_launch(gs, cs, sigma, ebs, chols, sides,
+                                                                 static_cast<int64_t>(gseed), step, layer_ids, client,
+                                                                 stream);
+    expect("grouped: one output per layer", outs.size() == std::size(spec));
+    for (size_t k = 0; k < outs.size(); ++k)
+      expect_close("grouped layer " + std::to_string(k) + (spec[k].regulated ? " regulated " : " isotropic ") +
+                       c10::toString(dtype), outs[k], wants[k], 1e-5);
+    // Few element pairs in total: the per-layer path, bit for bit the per-layer op.
+    std::vector<at::Tensor> small_g{gs[4].narrow(1, 0, 40)}, small_c{cs[4]};
+    c10::List<c10::optional<at::Tensor>> small_ch;
+    small_ch.push_back(c10::nullopt);
+    auto small = deer::crn_cuda::clip_reduce_noise_grouped_launch(small_g, small_c, sigma, ebs, small_ch, {1}, 9, 1,
+                                                                  {2}, 0, stream);
+    expect("grouped, few pairs: equals the per-layer op exactly",
+           torch::equal(small[0], clip_reduce_noise_launch(small_g[0], small_c[0], sigma, ebs, c10::nullopt, 1, 9, 1, 2,
+                                                           0, stream)));
+    // One bad factor fails the whole call with the per-layer message, before any launch.
+    auto bad = chols;
+    bad.set(0, c10::optional<at::Tensor>(torch::zeros({8, 8})));
+    expect("grouped: a singular chol is rejected", raises([&] {
+      deer::crn_cuda::clip_reduce_noise_grouped_launch(gs, cs, sigma, ebs, bad, sides, 1, step, layer_ids, client,
+                                                       stream); }, "positive definite"));
+    expect("grouped: list lengths must agree", raises([&] {
+      deer::crn_cuda::clip_reduce_noise_grouped_launch(gs, cs, sigma, ebs, chols, {1}, 1, step, layer_ids, client,
+                                                       stream); }, "one entry per layer"));
   }
 
   // Bad input: the CPU backend's checks and messages.

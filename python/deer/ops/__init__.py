@@ -2,7 +2,8 @@
 tests/ and bench/.
 
 Ops: per_sample_grad_norm (+ per_sample_grad_norm_only: norms alone, materialised or ghost by cost),
-clip_reduce_noise (+ clip_reduce_noise_fused: from the factors, no per-sample gradients); each has a
+clip_reduce_noise (+ clip_reduce_noise_fused: from the factors, no per-sample gradients;
+clip_reduce_noise_grouped: every layer of a model in one call); each has a
 `<op>_reference` twin in PyTorch ops (float64-capable) that the tests use as the oracle.
 
 Backends: 'cpu' (C++/OpenMP in deer._C), 'cuda' (CUDA C++ in deer._C), 'triton' (deer_kernels/),
@@ -113,5 +114,6 @@ from .per_sample_grad_norm import (  # noqa: E402,F401
     per_sample_grad_norm, per_sample_grad_norm_only, per_sample_grad_norm_reference,
     per_sample_grad_norm_only_reference)
 from .clip_reduce_noise import (  # noqa: E402,F401
-    clip_reduce_noise, clip_reduce_noise_fused, clip_reduce_noise_reference, clip_reduce_noise_fused_reference,
+    clip_reduce_noise, clip_reduce_noise_fused, clip_reduce_noise_grouped, clip_reduce_noise_reference,
+    clip_reduce_noise_fused_reference,
     philox_normal_reference)

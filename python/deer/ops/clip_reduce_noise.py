@@ -173,3 +173,44 @@ def clip_reduce_noise_fused(left: torch.Tensor, right: torch.Tensor, scale: floa
     return torch.ops.deer.clip_reduce_noise_fused(left, right, float(scale), clip, float(noise_std),
                                                   float(expected_batch_size), chol, int(noise_side), _seed_i64(seed),
                                                   int(step), int(layer), int(client))
+
+
+def clip_reduce_noise_grouped(grads, clips, noise_std: float, expected_batch_size: float, chols=None,
+                              noise_sides=1, seed: int = 0, step: int = 0, layers=None, client: int = 0,
+                              backend: str | None = None) -> list[torch.Tensor]:
+    """clip_reduce_noise for every trained factor of a model in one call:
+
+        out[k] = clip_reduce_noise(grads[k], clips[k], noise_std, expected_batch_size, chols[k],
+                                   noise_sides[k], seed, step, layers[k], client)
+
+    with the same Philox keys, hence the same noise, as one call per layer. `chols` (default: all None)
+    and `noise_sides` / `layers` (an int for all, or one per layer; layers default 0..L-1) follow the
+    per-layer op. The cpu backend runs one parallel region over the layers, cuda one launch over all
+    layers (when they share a dtype and have enough elements to fill the GPU; else per-layer
+    launches); triton and the reference run per layer."""
+    grads, clips = list(grads), list(clips)
+    L = len(grads)
+    chols = [None] * L if chols is None else list(chols)
+    sides = [int(noise_sides)] * L if isinstance(noise_sides, int) else [int(s) for s in noise_sides]
+    layers = list(range(L)) if layers is None else [int(x) for x in layers]
+    if not len(clips) == len(chols) == len(sides) == len(layers) == L:
+        raise ValueError(f"clip_reduce_noise_grouped: grads, clips, chols, noise_sides and layers need one entry per "
+                         f"layer; got {L}, {len(clips)}, {len(chols)}, {len(sides)} and {len(layers)}")
+    if L == 0:
+        return []
+    for k, g in enumerate(grads):
+        if g.dim() != 3:
+            raise ValueError(f"clip_reduce_noise_grouped: grads[{k}] must be (b, p, q) per-sample gradients, got "
+                             f"{tuple(g.shape)}")
+        if g.device != grads[0].device:
+            raise ValueError(f"clip_reduce_noise_grouped: every layer must be on one device; grads[{k}] is on "
+                             f"{g.device}, grads[0] on {grads[0].device}")
+        _check(tuple(g.shape), clips[k], float(noise_std), float(expected_batch_size), chols[k], sides[k], step,
+               layers[k], client, f"clip_reduce_noise_grouped (layer {k})")
+    bk = resolve_backend(grads[0].device, backend, op="clip_reduce_noise", dtype=grads[0].dtype)
+    if bk in ("reference", "triton") or not hasattr(torch.ops.deer, "clip_reduce_noise_grouped"):
+        return [clip_reduce_noise(g, c, noise_std, expected_batch_size, ch, s, seed, step, lid, client, backend=bk)
+                for g, c, ch, s, lid in zip(grads, clips, chols, sides, layers)]
+    return list(torch.ops.deer.clip_reduce_noise_grouped(grads, clips, float(noise_std), float(expected_batch_size),
+                                                         chols, sides, _seed_i64(seed), int(step), layers,
+                                                         int(client)))

@@ -142,6 +142,23 @@ def _clip_reduce_noise(grads, clip, noise_std, expected_batch_size, chol, noise_
               client, **kwargs)
 
 
+def _clip_reduce_noise_all(grads, clips, noise_std, expected_batch_size, chols, sides, seed, step, layers, client,
+                           backend):
+    """Every trained tensor's release: deer.ops.clip_reduce_noise_grouped (one parallel region / one
+    launch for all layers) when the kernels are there and the tensors share a device, else one
+    _clip_reduce_noise per tensor. Same keys, same noise either way."""
+    if backend != "reference" and grads and len({g.device for g in grads}) == 1:
+        try:
+            from ..ops import clip_reduce_noise_grouped as grouped
+        except (ImportError, AttributeError):
+            grouped = None
+        if grouped is not None:
+            return grouped(grads, clips, float(noise_std), float(expected_batch_size), chols, sides, seed, step,
+                           layers, client, backend=backend)
+    return [_clip_reduce_noise(g, c, noise_std, expected_batch_size, ch, s, seed, step, lid, client, backend)
+            for g, c, ch, s, lid in zip(grads, clips, chols, sides, layers)]
+
+
 _ACCEPTS_BACKEND: dict = {}
 
 
@@ -277,16 +294,18 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         else:
             cs, sens, total_norm = [None] * len(tensors), _sensitivity(e, len(tensors)), None
         std = e.noise_multiplier * sens
-        outs = []
+        grads, clips, chols = [], [], []
         for t, c in zip(tensors, cs):
             p = t.param
-            chol = _clip.cholesky_upper(t.gram) if e.noise == "regulated" else None
+            chols.append(_clip.cholesky_upper(t.gram) if e.noise == "regulated" else None)
             if t.grads is None:   # no samples reached this layer: the release is pure noise
                 shape = (1,) + tuple(p.shape)
                 g0 = torch.zeros(shape, dtype=torch.float32, device=p.device)
                 t.grads, c = g0, torch.zeros(1, device=p.device)
-            outs.append(_clip_reduce_noise(t.grads, c, std, e.expected_batch_size, chol, t.noise_side, step_seed,
-                                           e._step_counter, t.layer_id, e.client, e.backend))
+            grads.append(t.grads)
+            clips.append(c)
+        outs = _clip_reduce_noise_all(grads, clips, std, e.expected_batch_size, chols, [t.noise_side for t in tensors],
+                                      step_seed, e._step_counter, [t.layer_id for t in tensors], e.client, e.backend)
         # One finiteness check for all layers (one host sync on a GPU, not one per layer), before any
         # .grad is written: a failing step leaves every parameter's gradient untouched.
         if outs and not bool(torch.stack([torch.isfinite(o).all().to(outs[0].device) for o in outs]).all()):
