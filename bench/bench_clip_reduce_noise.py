@@ -228,3 +228,25 @@ def test_methods_agree_without_noise(layers):
         c = torch.einsum("i,i...", clip, gs) / layer.b
         torch.testing.assert_close(a, c)
         torch.testing.assert_close(bf, c)
+
+
+@pytest.mark.parametrize("method", ["deer grouped", "deer one call per layer"])
+def test_grouped_model_release(benchmark, quick, method):
+    """The release of every trained factor of a 12-block ViT-B/16-like model in the B phase (qkv:
+    m = 2304, r = 8; b = 32 per-sample gradients, regulated noise): clip_reduce_noise_grouped against
+    one clip_reduce_noise call per layer (the same outputs; see tests/test_clip_reduce_noise.py)."""
+    from deer.ops import clip_reduce_noise_grouped
+    sh = _shapes(quick)
+    L, b, m, r = (3 if quick else 12), sh["b"], sh["ms"][1], sh["r"]
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(b, m, r, generator=g) for _ in range(L)]
+    clips = [torch.rand(b, generator=g) for _ in range(L)]
+    A = torch.randn(r, r, generator=g, dtype=torch.float64)
+    chol = torch.linalg.cholesky(A @ A.T + torch.eye(r, dtype=torch.float64)).mT.contiguous().float()
+    if method == "deer grouped":
+        fn = lambda: clip_reduce_noise_grouped(grads, clips, SIGMA * C, b, [chol] * L, 1, 3, 1, list(range(L)), 0)
+    else:
+        fn = lambda: [clip_reduce_noise(gk, ck, SIGMA * C, b, chol, 1, 3, 1, k, 0)
+                      for k, (gk, ck) in enumerate(zip(grads, clips))]
+    _run(benchmark, fn, sh["rounds"], f"release of {L} layers m={m} phase B", method,
+         "deer" if method == "deer grouped" else "baseline", m=m, layers=L, b=b)
