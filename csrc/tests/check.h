@@ -25,6 +25,12 @@ inline void expect_close(const std::string& what, const at::Tensor& got, const a
   expect(what + " (rel err)", err <= rtol * scale && got.sizes() == want.sizes(), err / scale);
 }
 
+// A random symmetric positive definite k x k matrix in float64 (a metric K = M M^T + I).
+inline at::Tensor random_spd(int64_t k) {
+  auto M = torch::randn({k, k}, torch::kDouble);
+  return M.matmul(M.t()) + torch::eye(k, torch::kDouble);
+}
+
 // fn() throws a c10::Error whose message contains `needle`.
 template <typename Fn>
 bool raises(Fn fn, const char* needle) {

@@ -30,10 +30,7 @@ int main(int argc, char** argv) {
       auto R = torch::randn({c.b, c.T, c.q}, torch::dtype(dtype));
       const double s = 0.7;
       auto g_ref = s * torch::einsum("btp,btq->bpq", {L.to(at::kDouble), R.to(at::kDouble)});
-      auto Kq = torch::randn({c.q, c.q}, torch::kDouble);
-      Kq = Kq.matmul(Kq.t()) + torch::eye(c.q, torch::kDouble);
-      auto Kp = torch::randn({c.p, c.p}, torch::kDouble);
-      Kp = Kp.matmul(Kp.t()) + torch::eye(c.p, torch::kDouble);
+      const auto Kq = random_spd(c.q), Kp = random_spd(c.p);
       const double tol = dtype == at::kDouble ? 1e-12 : 1e-5;
       char name[128];
       auto [g, n] = deer::per_sample_grad_norm_cpu(L, R, s, c10::nullopt, 1);
