@@ -7,10 +7,10 @@ record independently), per-sample clipping over all LoRA layers in the method's 
 noise (isotropic, or regulated through the frozen factor), and division by the *expected* batch size
 q n_k. `private_step` is the one place that performs it, through deer's kernels:
 
-    deer.ops.per_sample_grad_norm   per-sample gradients of every trained factor and their squared
-                                    norms in the clipping metric (C++/OpenMP, CUDA or Triton)
-    deer.ops.clip_reduce_noise      clipped sum + noise (Philox stream keyed by (seed, step, layer,
-                                    client)) / expected batch size
+    deer.ops.per_sample_grad_norm       per-sample gradients of every trained factor and their
+                                        squared norms in the clipping metric (C++/OpenMP, CUDA or Triton)
+    deer.ops.clip_reduce_noise_grouped  clipped sum + noise of every trained factor in one call (Philox
+                                        stream keyed by (seed, step, layer, client)) / expected batch size
 
 The backend comes from LocalTrainConfig.backend (config key `backend`): None picks one for the
 tensors' device (or DEER_BACKEND), 'cpu' | 'cuda' | 'triton' force one, and 'reference' runs the
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 from ..nn.lora import LoRALinear
-from ..ops import clip_reduce_noise, clip_reduce_noise_reference
+from ..ops import clip_reduce_noise_grouped, clip_reduce_noise_reference
 from ..privacy.clipping import cholesky_upper, chunk_grads
 from .config import MethodSpec
 from .model import AdapterState, get_adapters, named_lora, set_adapters, set_phase
@@ -138,19 +138,23 @@ def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: Lo
         clip = ref.clip_factors(total, C)
 
     out: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    clips, chols, sides, layer_ids = [], [], [], []
     for li, f, g, _, K in tensors:
-        c = torch.zeros(1, dtype=g.dtype, device=g.device) if clip is None else clip.to(g.dtype)
-        side = 0 if f == "A" else 1
-        layer_id = 2 * li + side
-        if reference:
-            chol = ref.cholesky_upper(K) if spec.noise == "regulated" else None
-            res = clip_reduce_noise_reference(g, c, sigma * C, float(expected_batch), chol, side,
-                                              key.seed, key.step, layer_id, key.client)
-        else:
-            chol = cholesky_upper(K) if spec.noise == "regulated" else None
-            res = clip_reduce_noise(g, c, sigma * C, float(expected_batch), chol, side, key.seed, key.step,
-                                    layer_id, key.client, backend=backend)
-        out[li][f] = res
+        clips.append(torch.zeros(1, dtype=g.dtype, device=g.device) if clip is None else clip.to(g.dtype))
+        sides.append(0 if f == "A" else 1)
+        layer_ids.append(2 * li + sides[-1])
+        regulated = spec.noise == "regulated"
+        chols.append((ref.cholesky_upper(K) if reference else cholesky_upper(K)) if regulated else None)
+    grads = [g for _, _, g, _, _ in tensors]
+    if reference:
+        res = [clip_reduce_noise_reference(g, c, sigma * C, float(expected_batch), ch, s, key.seed, key.step, lid,
+                                           key.client)
+               for g, c, ch, s, lid in zip(grads, clips, chols, sides, layer_ids)]
+    else:   # every trained tensor's release in one grouped call (same keys as one call per tensor)
+        res = clip_reduce_noise_grouped(grads, clips, sigma * C, float(expected_batch), chols, sides, key.seed,
+                                        key.step, layer_ids, key.client, backend=backend)
+    for (li, f, *_), r in zip(tensors, res):
+        out[li][f] = r
     eff = ref.effective_multiplier(sigma, spec.metric, spec.noise, [K for *_, K in tensors]) if sigma > 0 else sigma
     return out, eff
 
