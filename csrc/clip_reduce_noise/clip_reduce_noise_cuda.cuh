@@ -1,16 +1,19 @@
-// Kernels and launch logic of the CUDA backend of clip_reduce_noise and clip_reduce_noise_fused
-// (math in clip_reduce_noise.h). clip_reduce_noise_cuda.cu compiles this with nvcc for the product;
-// csrc/tests/test_clip_reduce_noise_cuda_emu.cpp compiles the same text for the CPU emulator
-// (csrc/tests/cuda_emu.h) so CI executes it without a GPU.
+// Kernels and launch logic of the CUDA backend of clip_reduce_noise, clip_reduce_noise_fused and
+// clip_reduce_noise_grouped (math in clip_reduce_noise.h). clip_reduce_noise_cuda.cu compiles this
+// with nvcc for the product; csrc/tests/test_clip_reduce_noise_cuda_emu.cpp compiles the same text
+// for the CPU emulator (csrc/tests/cuda_emu.h) so CI executes it without a GPU.
 //
 // Isotropic noise: one kernel, one thread per element pair (2j, 2j+1): the clipped sum over the b
 // samples (coalesced: consecutive threads read consecutive pairs), one Philox call for both normals,
 // the final scale. When pairs alone are too few threads for the GPU, a first kernel sums chunks of
-// samples into a few partial rows (crn_partial_kernel) and this one sums those. Regulated noise: the same kernel writes the clipped sum and Z (double), then one
-// thread per column (side 0, xi = R^{-1} Z) or per row (side 1, xi = Z R^{-T}) back-substitutes in
-// place in double and finishes the output. Fused: the weighted sum over samples is one GEMM (cuBLAS
-// through at::matmul) on clip-scaled rows of L (b*T x p)^T (b*T x q), then the same noise kernels
-// with b = 1.
+// samples into a few partial rows (crn_partial_kernel) and this one sums those.
+// Regulated noise: the same kernel writes the clipped sum and Z (double), then one thread per column
+// (side 0, xi = R^{-1} Z) or per row (side 1, xi = Z R^{-T}) back-substitutes in place in double and
+// finishes the output.
+// Fused: the weighted sum over samples is one GEMM (cuBLAS through at::matmul) on clip-scaled rows
+// of L (b*T x p)^T (b*T x q), then the same noise kernels with b = 1.
+// Grouped: the same per-pair and per-column bodies, for all layers in one launch each, driven by a
+// per-layer descriptor table.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -3,15 +3,16 @@
 // csrc/tests/test_per_sample_grad_norm_cuda_emu.cpp compiles the same text for the CPU emulator
 // (csrc/tests/cuda_emu.h) so CI executes it without a GPU.
 //
-// Rank <= 8 shapes (every LoRA layer at the usual ranks): psgn_thin_kernel, below. Otherwise:
-// Gradients: one thread block per (sample, BP x BQ output tile). The block walks the T tokens in
-// chunks of KT, staging L[t, tile rows] and R[t, tile cols] in shared memory with coalesced loads,
-// and each thread accumulates a TP x TQ register micro-tile in fp32 (fp64 for fp64 inputs). Tile
-// shapes follow the LoRA shapes: a thin BQ = 8 tile when q is the rank (B phase), a thin BP = 8 tile
-// when p is the rank (A phase), square 64 x 64 otherwise.
-// Euclidean norms: each block reduces the squares of its tile into its own slot of a (b, tiles)
-// buffer, summed afterwards (deterministic, no atomics). Metric norms: in the thin kernel's pass
-// (K on the rank side); otherwise a second kernel over g.
+// Two gradient kernels:
+// - psgn_thin_kernel for shapes with a rank side <= 8 (every LoRA layer at the usual ranks; see its
+//   comment): registers hold all rank columns, the long input streams through with 16-byte loads.
+// - psgn_tile_kernel otherwise (and for rank <= 8 under DEER_CUDA_PSGN_KERNEL=tile): one thread block
+//   per (sample, BP x BQ output tile) walks the T tokens in chunks of KT, staging L[t, tile rows] and
+//   R[t, tile cols] in shared memory, each thread accumulating a TP x TQ register micro-tile. Tiles:
+//   128 x 8 (B phase), 8 x 128 (A phase), 64 x 64 when neither side is a small rank.
+// Accumulation in fp32 (fp64 for fp64 inputs). Norms: each block reduces its part into its own slot
+// of a (b, blocks) buffer, summed afterwards (deterministic, no atomics); the thin kernel also does
+// the regulated metric in that pass (K on the rank side), otherwise a second kernel reads g.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
