@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from bench.bench_per_sample_grad_norm import _opacus as _opacus_psgn
 from deer.ops import (available_backends, clip_reduce_noise, clip_reduce_noise_reference,
                       per_sample_grad_norm, per_sample_grad_norm_reference)
 
@@ -82,11 +83,6 @@ def psgn_bytes(b, T, p, q, elt) -> int:
 
 def crn_bytes(b, p, q) -> int:
     return b * p * q * 4 + b * 4 + p * q * 4
-
-
-def _opacus_psgn(L, R, s):
-    gs = torch.einsum("n...i,n...j->nij", s * L, R)
-    return gs, gs.reshape(len(gs), -1).norm(2, dim=-1) ** 2
 
 
 def _opacus_crn(g, clip, sigma, ebs):
@@ -157,7 +153,7 @@ def run(device: str, quick: bool, rounds: int) -> tuple[dict, list[dict]]:
                     methods.append(("deer[cuda] tile kernel, regulated metric", fn_k,
                                     {"DEER_CUDA_PSGN_KERNEL": "tile"}))
             methods.append(("reference (PyTorch ops)", lambda L, R: per_sample_grad_norm_reference(L, R, 2.0), {}))
-            methods.append(("opacus-style einsum + norm", lambda L, R: _opacus_psgn(L, R, 2.0), {}))
+            methods.append(("opacus-style einsum + norm", lambda L, R: _opacus_psgn(L, R, 2.0, None, 1), {}))
             for name, fn, env_vars in methods:
                 saved = {k: os.environ.get(k) for k in env_vars}
                 os.environ.update(env_vars)

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deer import reference as ref
 from deer.nn import LoRALinear, lora_layers
 from deer.privacy import PrivacyEngine
+from test_make_private import _reference_step
 
 LAM = 0.05
 
@@ -33,19 +33,10 @@ class Net(nn.Module):
 
 
 def _median_norm(model, x, y, phase, noise):
-    """Median per-sample gradient norm (in the step's metric) from the float64 reference: the
+    """Median per-sample gradient norm (in the step's metric) from the float64 reference step: the
     clipping bound that clips about half of the samples."""
-    clone = copy.deepcopy(model).double()
-    for u in lora_layers(clone):
-        u.set_phase(phase)
-        u.capture = True
-    F.cross_entropy(clone(x.double()), y, reduction="sum").backward()
-    batches = []
-    for u in lora_layers(clone):
-        (X, U, G), = u.pop_captured()
-        batches.append(ref.LayerBatch(X, G, u.lora_A.detach(), u.lora_B.detach(), u.scale))
-    out = ref.dp_step(batches, phase, 1e9, 0.0, 1.0, metric="regulated" if noise == "regulated" else "euclidean",
-                      noise=noise, clipping="flat", lam=LAM)
+    out = _reference_step(copy.deepcopy(model).double(), x.double(), y, phase, 1e9,
+                          "regulated" if noise == "regulated" else "euclidean", noise, "flat", LAM, 1.0)
     return float(out.sq_norms.sqrt().median())
 
 

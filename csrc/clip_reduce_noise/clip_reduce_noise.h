@@ -52,10 +52,15 @@ at::Tensor clip_reduce_noise_fused_cuda(const at::Tensor& left, const at::Tensor
                                         int64_t step, int64_t layer, int64_t client);
 #endif
 
-// Shared validation of the grouped op's lists (same lengths, one device); per-layer checks follow.
-void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips,
-                                     const c10::List<c10::optional<at::Tensor>>& chols, at::IntArrayRef noise_sides,
-                                     at::IntArrayRef layers);
+// Raises the error for a chol that is not the factor of a positive definite K (both backends).
+[[noreturn]] void clip_reduce_noise_chol_error(const at::Tensor& R);
+
+// Shared validation of the grouped op: the lists (one entry per layer, one device) and every layer
+// with clip_reduce_noise_check, before any work, so a bad entry fails with its own message.
+void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips, double noise_std,
+                                     double expected_batch_size, const c10::List<c10::optional<at::Tensor>>& chols,
+                                     at::IntArrayRef noise_sides, int64_t step, at::IntArrayRef layers,
+                                     int64_t client);
 
 // Shared validation of (p, q, clip, noise arguments); `what` names the op in messages.
 void clip_reduce_noise_check(const char* what, int64_t b, int64_t p, int64_t q, const at::Tensor& clip,

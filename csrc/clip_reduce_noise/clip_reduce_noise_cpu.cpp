@@ -150,13 +150,17 @@ at::Tensor chol_as_double(const c10::optional<at::Tensor>& chol) {
     ok = d[a * r + a] > 0;
     for (int64_t k = a; k < r && ok; ++k) ok = std::isfinite(d[a * r + k]);
   }
-  DEER_CHECK_ARG(ok, "clip_reduce_noise: chol must be the upper Cholesky factor of a positive definite K (finite, "
-                 "positive diagonal); got diagonal ", R.diagonal(), ". Use a ridge lambda > 0 when the frozen factor "
-                 "is rank deficient (B = 0 at initialisation).");
+  if (!ok) clip_reduce_noise_chol_error(R);
   return R;
 }
 
 }  // namespace
+
+void clip_reduce_noise_chol_error(const at::Tensor& R) {
+  DEER_CHECK_ARG(false, "clip_reduce_noise: chol must be the upper Cholesky factor of a positive definite K (finite, "
+                 "positive diagonal); got diagonal ", R.diagonal().cpu(), ". Use a ridge lambda > 0 when the frozen "
+                 "factor is rank deficient (B = 0 at initialisation).");
+}
 
 at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads_in, const at::Tensor& clip_in, double noise_std,
                                  double expected_batch_size, const c10::optional<at::Tensor>& chol,
@@ -192,17 +196,26 @@ at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads_in, const at::Tensor& c
   return out;
 }
 
-void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips,
-                                     const c10::List<c10::optional<at::Tensor>>& chols, at::IntArrayRef noise_sides,
-                                     at::IntArrayRef layers) {
+void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips, double noise_std,
+                                     double expected_batch_size, const c10::List<c10::optional<at::Tensor>>& chols,
+                                     at::IntArrayRef noise_sides, int64_t step, at::IntArrayRef layers,
+                                     int64_t client) {
   const size_t L = grads.size();
   DEER_CHECK_ARG(clips.size() == L && chols.size() == L && noise_sides.size() == L && layers.size() == L,
                  "clip_reduce_noise_grouped: grads, clips, chols, noise_sides and layers must have one entry per "
                  "layer; got ", L, ", ", clips.size(), ", ", chols.size(), ", ", noise_sides.size(), " and ",
                  layers.size());
-  for (size_t k = 1; k < L; ++k)
+  for (size_t k = 0; k < L; ++k) {
     DEER_CHECK_ARG(grads[k].device() == grads[0].device(), "clip_reduce_noise_grouped: every layer's gradients must "
                    "be on one device; layer ", k, " is on ", grads[k].device(), ", layer 0 on ", grads[0].device());
+    DEER_CHECK_ARG(grads[k].dim() == 3, "clip_reduce_noise_grouped: grads[", k, "] must be (b, p, q), got ",
+                   grads[k].sizes());
+    DEER_CHECK_ARG(at::isFloatingType(grads[k].scalar_type()), "clip_reduce_noise_grouped: grads[", k,
+                   "] must be floating point, got ", grads[k].scalar_type());
+    clip_reduce_noise_check("clip_reduce_noise_grouped", grads[k].size(0), grads[k].size(1), grads[k].size(2),
+                            clips[k], grads[k].device(), noise_std, expected_batch_size, chols.get(k), noise_sides[k],
+                            step, layers[k], client);
+  }
 }
 
 std::vector<at::Tensor> clip_reduce_noise_grouped_cpu(at::TensorList grads, at::TensorList clips, double noise_std,
@@ -210,18 +223,10 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_cpu(at::TensorList grads, at::
                                                       const c10::List<c10::optional<at::Tensor>>& chols,
                                                       at::IntArrayRef noise_sides, int64_t seed, int64_t step,
                                                       at::IntArrayRef layers, int64_t client) {
-  clip_reduce_noise_grouped_check(grads, clips, chols, noise_sides, layers);
+  clip_reduce_noise_grouped_check(grads, clips, noise_std, expected_batch_size, chols, noise_sides, step, layers,
+                                  client);
   const int64_t L = static_cast<int64_t>(grads.size());
   std::vector<at::Tensor> out(L);
-  // Validate every layer before any work, so a bad entry fails with its own message, not from
-  // inside the parallel region.
-  for (int64_t k = 0; k < L; ++k) {
-    DEER_CHECK_ARG(grads[k].dim() == 3, "clip_reduce_noise_grouped: grads[", k, "] must be (b, p, q), got ",
-                   grads[k].sizes());
-    clip_reduce_noise_check("clip_reduce_noise_grouped", grads[k].size(0), grads[k].size(1), grads[k].size(2),
-                            clips[k], grads[k].device(), noise_std, expected_batch_size, chols.get(k), noise_sides[k],
-                            step, layers[k], client);
-  }
   // One parallel region: each thread takes whole layers (the per-layer kernels run inline inside it),
   // instead of a fork/join per layer and stage.
   at::parallel_for(0, L, 1, [&](int64_t k0, int64_t k1) {

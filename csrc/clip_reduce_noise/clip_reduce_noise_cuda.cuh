@@ -166,14 +166,17 @@ __global__ void crn_grouped_solve_kernel(const int64_t* __restrict__ desc, int64
                 (blockIdx.x - d[kDSolveBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x);
 }
 
-// The regulated solve divides by R's diagonal: refuse a factor that is not that of a positive
-// definite K (the CPU backend's rule and message). One r x r reduction and one host sync per call.
+// The regulated solve divides by R's diagonal: a usable factor has a positive diagonal and a finite
+// upper triangle (the CPU backend's rule). chol_ok gives that as a device bool (no host sync), so
+// several factors can be checked with one sync.
+inline at::Tensor chol_ok(const at::Tensor& R) {
+  return at::logical_and((R.diagonal() > 0).all(), at::isfinite(R.triu()).all());
+}
+
+// R in double, or the CPU backend's error. One r x r reduction and one host sync per call.
 inline at::Tensor chol_checked(const at::Tensor& chol) {
   auto R = chol.to(at::kDouble).contiguous();
-  const bool ok = at::logical_and((R.diagonal() > 0).all(), at::isfinite(R.triu()).all()).item<bool>();
-  DEER_CHECK_ARG(ok, "clip_reduce_noise: chol must be the upper Cholesky factor of a positive definite K (finite, "
-                 "positive diagonal); got diagonal ", R.diagonal().cpu(), ". Use a ridge lambda > 0 when the frozen "
-                 "factor is rank deficient (B = 0 at initialisation).");
+  if (!chol_ok(R).item<bool>()) clip_reduce_noise_chol_error(R);
   return R;
 }
 
@@ -278,20 +281,14 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_launch(at::TensorList grads_in
                                                          const c10::List<c10::optional<at::Tensor>>& chols,
                                                          at::IntArrayRef sides, int64_t seed, int64_t step,
                                                          at::IntArrayRef layers, int64_t client, Stream stream) {
-  clip_reduce_noise_grouped_check(grads_in, clips, chols, sides, layers);
+  clip_reduce_noise_grouped_check(grads_in, clips, noise_std, expected_batch_size, chols, sides, step, layers,
+                                  client);
   const int64_t L = static_cast<int64_t>(grads_in.size());
   std::vector<at::Tensor> out(L);
   if (L == 0) return out;
   bool same_dtype = true;
   int64_t total_pairs = 0;
   for (int64_t k = 0; k < L; ++k) {
-    DEER_CHECK_ARG(grads_in[k].dim() == 3, "clip_reduce_noise_grouped: grads[", k, "] must be (b, p, q), got ",
-                   grads_in[k].sizes());
-    DEER_CHECK_ARG(at::isFloatingType(grads_in[k].scalar_type()), "clip_reduce_noise_grouped: grads[", k,
-                   "] must be floating point");
-    clip_reduce_noise_check("clip_reduce_noise_grouped", grads_in[k].size(0), grads_in[k].size(1),
-                            grads_in[k].size(2), clips[k], grads_in[k].device(), noise_std, expected_batch_size,
-                            chols.get(k), sides[k], step, layers[k], client);
     same_dtype = same_dtype && grads_in[k].scalar_type() == grads_in[0].scalar_type();
     total_pairs += (grads_in[k].size(1) * grads_in[k].size(2) + 1) / 2;
   }
@@ -313,7 +310,7 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_launch(at::TensorList grads_in
     const auto& ch = chols.get(k);
     if (noise_std != 0.0 && ch.has_value() && ch->defined()) {
       Rs[k] = ch->to(at::kDouble).contiguous();
-      oks.push_back(at::logical_and((Rs[k].diagonal() > 0).all(), at::isfinite(Rs[k].triu()).all()));
+      oks.push_back(chol_ok(Rs[k]));
     }
   }
   if (!oks.empty() && !at::stack(oks).all().item<bool>())
@@ -321,17 +318,13 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_launch(at::TensorList grads_in
       if (Rs[k].defined()) chol_checked(Rs[k]);  // raises with the per-layer message
   const int threads = 256, solve_threads = 128;
   int64_t sum_blocks = 0, solve_blocks = 0;
-  bool any_regulated = false;
   for (int64_t k = 0; k < L; ++k) {
     auto g = grads_in[k].contiguous();
     auto c = clips[k].to(acc).contiguous();
     const int64_t b = g.size(0), p = g.size(1), q = g.size(2), P = p * q;
     out[k] = at::empty({p, q}, opts.dtype(acc));
     at::Tensor z;
-    if (Rs[k].defined()) {
-      z = at::empty({p, q}, opts.dtype(at::kDouble));
-      any_regulated = true;
-    }
+    if (Rs[k].defined()) z = at::empty({p, q}, opts.dtype(at::kDouble));
     int64_t* d = D + k * kDescWidth;
     d[kDG] = reinterpret_cast<intptr_t>(g.data_ptr());
     d[kDClip] = reinterpret_cast<intptr_t>(c.data_ptr());
@@ -360,7 +353,7 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_launch(at::TensorList grads_in
     DEER_LAUNCH(sum_noise, static_cast<unsigned>(sum_blocks), threads, stream, desc_dev.data_ptr<int64_t>(), L,
                 noise_std, inv, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
                 static_cast<uint32_t>(client));
-    if (any_regulated) {
+    if (solve_blocks > 0) {  // some layer is regulated
       auto solve = &crn_grouped_solve_kernel<acc_t>;
       DEER_LAUNCH(solve, static_cast<unsigned>(solve_blocks), solve_threads, stream, desc_dev.data_ptr<int64_t>(), L,
                   noise_std, inv);

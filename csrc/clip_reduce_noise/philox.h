@@ -30,6 +30,13 @@ namespace deer::philox {
 
 struct U4 { uint32_t x, y, z, w; };
 
+// Philox4x32 round multipliers and Weyl key increments; the uniforms' scale and Box-Muller's angle.
+// One definition for the scalar code here and the vector code of philox_normals_cpu.cpp.
+constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+constexpr double kInv53 = 1.0 / 9007199254740992.0;  // 2^-53
+constexpr double kTwoPi = 6.283185307179586476925286766559;
+
 DEER_HD uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
   const uint64_t prod = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
   *hi = static_cast<uint32_t>(prod >> 32);
@@ -38,15 +45,13 @@ DEER_HD uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
 
 // Philox4x32 with 10 rounds: round function, then a Weyl-sequence key bump between rounds.
 DEER_HD U4 philox4x32_10(U4 c, uint32_t k0, uint32_t k1) {
-  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
-  constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo(M0, c.x, &hi0);
-    const uint32_t lo1 = mulhilo(M1, c.z, &hi1);
+    const uint32_t lo0 = mulhilo(kM0, c.x, &hi0);
+    const uint32_t lo1 = mulhilo(kM1, c.z, &hi1);
     c = U4{hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
-    k0 += W0;
-    k1 += W1;
+    k0 += kW0;
+    k1 += kW1;
   }
   return c;
 }
@@ -66,11 +71,10 @@ DEER_HD void normal_pair(const Key& k, uint32_t j, double* z0, double* z1) {
   const U4 r = philox4x32_10(U4{j, k.layer, k.step, k.client}, k.k0, k.k1);
   const uint64_t a = (static_cast<uint64_t>(r.y) << 32) | r.x;
   const uint64_t b = (static_cast<uint64_t>(r.w) << 32) | r.z;
-  constexpr double inv53 = 1.0 / 9007199254740992.0;  // 2^-53
-  const double u1 = (static_cast<double>(a >> 11) + 1.0) * inv53;
-  const double u2 = static_cast<double>(b >> 11) * inv53;
+  const double u1 = (static_cast<double>(a >> 11) + 1.0) * kInv53;
+  const double u2 = static_cast<double>(b >> 11) * kInv53;
   const double rad = sqrt(-2.0 * log(u1));
-  const double theta = 6.283185307179586476925286766559 * u2;
+  const double theta = kTwoPi * u2;
   *z0 = rad * cos(theta);
   *z1 = rad * sin(theta);
 }

@@ -29,9 +29,6 @@ __m256d _ZGVdN4v_cos(__m256d);
 namespace deer::philox {
 namespace {
 
-constexpr double kInv53 = 1.0 / 9007199254740992.0;  // 2^-53
-constexpr double kTwoPi = 6.283185307179586476925286766559;
-
 // Scalar: W = 1, philox.h's own formula.
 void pairs_generic(const Key& k, uint32_t j0, int64_t n, double* z) {
   for (int64_t i = 0; i < n; ++i) normal_pair(k, j0 + static_cast<uint32_t>(i), z + 2 * i, z + 2 * i + 1);
@@ -42,7 +39,7 @@ __attribute__((target("avx512f,avx512dq"))) void block_avx512(const Key& k, uint
   __m512i c0 = _mm512_add_epi64(_mm512_set1_epi64(j0), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
   c0 = _mm512_and_si512(c0, _mm512_set1_epi64(0xffffffffu));  // the counter word wraps at 2^32
   __m512i c1 = _mm512_set1_epi64(k.layer), c2 = _mm512_set1_epi64(k.step), c3 = _mm512_set1_epi64(k.client);
-  const __m512i M0 = _mm512_set1_epi64(0xD2511F53u), M1 = _mm512_set1_epi64(0xCD9E8D57u);
+  const __m512i M0 = _mm512_set1_epi64(kM0), M1 = _mm512_set1_epi64(kM1);
   const __m512i lo32 = _mm512_set1_epi64(0xffffffffu);
   uint32_t k0 = k.k0, k1 = k.k1;
   for (int round = 0; round < 10; ++round) {
@@ -53,8 +50,8 @@ __attribute__((target("avx512f,avx512dq"))) void block_avx512(const Key& k, uint
     c3 = _mm512_and_si512(p0, lo32);
     c0 = n0;
     c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kW0;
+    k1 += kW1;
   }
   // a = (y << 32 | x) >> 11 = y << 21 | x >> 11: 53 bits, converted exactly.
   const __m512i a = _mm512_or_si512(_mm512_slli_epi64(c1, 21), _mm512_srli_epi64(c0, 11));
@@ -86,7 +83,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Key& k, uint32_t j0, d
   const __m256i lo32 = _mm256_set1_epi64x(0xffffffffLL);
   c0 = _mm256_and_si256(c0, lo32);
   __m256i c1 = _mm256_set1_epi64x(k.layer), c2 = _mm256_set1_epi64x(k.step), c3 = _mm256_set1_epi64x(k.client);
-  const __m256i M0 = _mm256_set1_epi64x(0xD2511F53LL), M1 = _mm256_set1_epi64x(0xCD9E8D57LL);
+  const __m256i M0 = _mm256_set1_epi64x(kM0), M1 = _mm256_set1_epi64x(kM1);
   uint32_t k0 = k.k0, k1 = k.k1;
   for (int round = 0; round < 10; ++round) {
     const __m256i p0 = _mm256_mul_epu32(c0, M0), p1 = _mm256_mul_epu32(c2, M1);
@@ -96,8 +93,8 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Key& k, uint32_t j0, d
     c3 = _mm256_and_si256(p0, lo32);
     c0 = n0;
     c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kW0;
+    k1 += kW1;
   }
   const __m256i a = _mm256_or_si256(_mm256_slli_epi64(c1, 21), _mm256_srli_epi64(c0, 11));
   const __m256i b = _mm256_or_si256(_mm256_slli_epi64(c3, 21), _mm256_srli_epi64(c2, 11));

@@ -299,15 +299,16 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_norm_launch(const at::Tensor&
     // Thin kernel when a side is a rank <= 8 (B phase: q = r, the long side is L's; A phase: p = r,
     // R's). It computes the metric norm itself when K acts on that rank side (always, from deer's
     // engine); a K on the long side falls back to the separate metric pass below.
+    const at::Tensor K = euclid ? at::Tensor() : gram->to(acc_dtype).contiguous();
     const bool thin_b = thin && q <= 8, thin_a = thin && !thin_b && p <= 8;
     bool metric_done = euclid;
     if (thin_b || thin_a) {
       const bool fuse = !euclid && gram_side == (thin_b ? 1 : 0);
-      const at::Tensor K = fuse ? gram->to(acc_dtype).contiguous() : at::Tensor();
+      const at::Tensor K_fused = fuse ? K : at::Tensor();
       if (thin_b)
-        launch_thin<scalar_t, acc_t, true>(left, right, b, T, p, q, scale, K, grads, norms, stream);
+        launch_thin<scalar_t, acc_t, true>(left, right, b, T, p, q, scale, K_fused, grads, norms, stream);
       else
-        launch_thin<scalar_t, acc_t, false>(right, left, b, T, q, p, scale, K, grads, norms, stream);
+        launch_thin<scalar_t, acc_t, false>(right, left, b, T, q, p, scale, K_fused, grads, norms, stream);
       metric_done = euclid || fuse;
     } else if (q <= 8) {
       launch_tiles<scalar_t, acc_t, TileCfg<128, 8, 4, 1, 16>>(left, right, b, T, p, q, scale, grads, norms, euclid,
@@ -320,7 +321,6 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_norm_launch(const at::Tensor&
                                                                stream);
     }
     if (!metric_done) {
-      at::Tensor K = gram->to(acc_dtype).contiguous();
       auto kernel = &psgn_metric_kernel<acc_t>;
       DEER_LAUNCH(kernel, static_cast<unsigned>(b), 256, stream, grads.data_ptr<acc_t>(), K.data_ptr<acc_t>(), p, q,
                   gram_side, norms.data_ptr<acc_t>());

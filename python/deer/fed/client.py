@@ -139,12 +139,12 @@ def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: Lo
 
     out: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     clips, chols, sides, layer_ids = [], [], [], []
+    chol_of = ref.cholesky_upper if reference else cholesky_upper
     for li, f, g, _, K in tensors:
         clips.append(torch.zeros(1, dtype=g.dtype, device=g.device) if clip is None else clip.to(g.dtype))
         sides.append(0 if f == "A" else 1)
         layer_ids.append(2 * li + sides[-1])
-        regulated = spec.noise == "regulated"
-        chols.append((ref.cholesky_upper(K) if reference else cholesky_upper(K)) if regulated else None)
+        chols.append(chol_of(K) if spec.noise == "regulated" else None)
     grads = [g for _, _, g, _, _ in tensors]
     if reference:
         res = [clip_reduce_noise_reference(g, c, sigma * C, float(expected_batch), ch, s, key.seed, key.step, lid,
