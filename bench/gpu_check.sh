@@ -61,7 +61,7 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, log to $DEST/NAME
 { nvidia-smi || true; "$PY" -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')"
   "$PY" -c "import triton; print('triton', triton.__version__)" || true; nvcc --version | tail -2 || true; git rev-parse HEAD || true; } \
   > "$DEST/device.txt" 2>&1
-cat "$DEST/device.txt" | tail -8
+tail -8 "$DEST/device.txt"
 
 build() {
   DEER_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" "$PY" setup.py build_ext --inplace &&
