@@ -250,3 +250,33 @@ def test_grouped_model_release(benchmark, quick, method):
                       for k, (gk, ck) in enumerate(zip(grads, clips))]
     _run(benchmark, fn, sh["rounds"], f"release of {L} layers m={m} phase B", method,
          "deer" if method == "deer grouped" else "baseline", m=m, layers=L, b=b)
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD-momentum"])
+@pytest.mark.parametrize("method", ["deer fused step", "deer release, then optimizer.step()"])
+def test_fused_optimizer_step(benchmark, quick, method, optimizer):
+    """The same 12-layer release followed by the optimizer's step of every factor: the fused step
+    (clip_reduce_noise_grouped(updates=...): each element is stepped where the kernel writes it)
+    against writing .grad and calling torch's optimizer (its default foreach implementation)."""
+    from deer.ops import FusedUpdate, clip_reduce_noise_grouped
+    sh = _shapes(quick)
+    L, b, m, r = (3 if quick else 12), sh["b"], sh["ms"][1], sh["r"]
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(b, m, r, generator=g) for _ in range(L)]
+    clips = [torch.rand(b, generator=g) for _ in range(L)]
+    A = torch.randn(r, r, generator=g, dtype=torch.float64)
+    chol = torch.linalg.cholesky(A @ A.T + torch.eye(r, dtype=torch.float64)).mT.contiguous().float()
+    params = [torch.nn.Parameter(torch.randn(m, r, generator=g) * 0.1) for _ in range(L)]
+    opt = (torch.optim.AdamW(params, lr=1e-3) if optimizer == "AdamW"
+           else torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    args = (grads, clips, SIGMA * C, b, [chol] * L, 1, 3, 1, list(range(L)), 0)
+    if method == "deer fused step":
+        def fn():
+            clip_reduce_noise_grouped(*args, updates=[FusedUpdate.from_optimizer(opt, p) for p in params])
+    else:
+        def fn():
+            for p, out in zip(params, clip_reduce_noise_grouped(*args)):
+                p.grad = out
+            opt.step()
+    _run(benchmark, fn, sh["rounds"], f"release + {optimizer} step of {L} layers m={m} phase B", method,
+         "deer" if method == "deer fused step" else "baseline", m=m, layers=L, b=b)

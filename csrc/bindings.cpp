@@ -12,9 +12,11 @@ TORCH_LIBRARY(deer, m) {
   m.def("per_sample_grad_norm(Tensor left, Tensor right, float scale, Tensor? gram, int gram_side) -> (Tensor, Tensor)");
   m.def("per_sample_grad_norm_only(Tensor left, Tensor right, float scale, Tensor? gram, int gram_side, int method) -> Tensor");
   m.def("clip_reduce_noise(Tensor grads, Tensor clip, float noise_std, float expected_batch_size, Tensor? chol, "
-        "int noise_side, int seed, int step, int layer, int client) -> Tensor");
+        "int noise_side, int seed, int step, int layer, int client, Tensor(a!)[] update_tensors, "
+        "float[] update_hyper) -> Tensor");
   m.def("clip_reduce_noise_grouped(Tensor[] grads, Tensor[] clips, float noise_std, float expected_batch_size, "
-        "Tensor?[] chols, int[] noise_sides, int seed, int step, int[] layers, int client) -> Tensor[]");
+        "Tensor?[] chols, int[] noise_sides, int seed, int step, int[] layers, int client, "
+        "Tensor(a!)[] update_tensors, float[] update_hyper) -> Tensor[]");
   m.def("clip_reduce_noise_fused(Tensor left, Tensor right, float scale, Tensor clip, float noise_std, "
         "float expected_batch_size, Tensor? chol, int noise_side, int seed, int step, int layer, int client) -> Tensor");
 }

@@ -31,9 +31,18 @@ same Z on every backend and device up to an ulp of float64 sin/log before the fp
 deployment must never reuse a key (secure mode draws the seed from OS entropy). Each element runs
 its pair's Philox call itself (twice the minimal Philox work): the noise pass touches p * q
 elements once per step, next to b * p * q for the reduction, so simplicity wins.
+
+Fused optimizer step (clip_reduce_noise only): with update_tensors = (param, buf1, buf2) and the 12
+update_hyper scalars of the C++ backends (csrc/clip_reduce_noise/fused_update.h: kind 0 none, 1 SGD,
+2 Adam, 3 AdamW; lr, weight_decay, momentum, dampening, nesterov, first, beta1, beta2, eps,
+step_size = lr / (1 - beta1^t), bias2_sqrt = sqrt(1 - beta2^t)), the finishing pass also applies
+torch.optim's single-tensor step (maximize=False, amsgrad=False) to each element it writes, in fp32
+(the only output dtype here, so the parameter and its state must be fp32 (p, q) contiguous tensors).
+An element whose gradient is not finite keeps its parameter and state. The gradient is still returned.
 """
 from __future__ import annotations
 
+import math
 import operator
 import weakref
 
@@ -129,10 +138,60 @@ def _clip_reduce_fused_kernel(L, R, C, Part, B, T, P, Q, PQ, scale, per_split, n
     tl.store(Part + split.to(tl.int64) * PQ + flat, acc * scale, mask=mask)
 
 
+@triton.jit
+def _optimizer_step(g, flat, mask, Param, Buf1, Buf2, lr, wd, momentum, damp_c, beta1_c, beta2, beta2_c, eps,
+                    step_size, bias2_sqrt, decay,
+                    UPDATE: tl.constexpr, DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                    FIRST: tl.constexpr):
+    """torch.optim's single-tensor step (UPDATE 1 SGD, 2 Adam, 3 AdamW) of the tile's elements with
+    gradient g, in fp32 with the scalars rounded to fp32 once (damp_c = 1 - dampening, beta1_c = 1 - beta1,
+    beta2_c = 1 - beta2, decay = 1 - lr wd, formed in float64 on the host as torch forms them in Python).
+    Elements whose g is inf or NaN keep their parameter and state. The branches torch takes on
+    weight_decay != 0, momentum != 0, nesterov and an empty momentum buffer are constexprs: a step
+    pays for no load, store or multiply it does not use (p + 0 * p would also turn an inf p into NaN)."""
+    ok = mask & (tl.abs(g) < float("inf"))  # false for +-inf and NaN
+    g = tl.where(ok, g, 0.0)  # skipped lanes compute on zeros, not inf - inf
+    p = tl.load(Param + flat, mask=ok, other=0.0)
+    if UPDATE == 1:
+        d = g
+        if DECAY:
+            d += wd * p
+        if MOMENTUM:
+            if FIRST:
+                buf = d  # torch's buffer starts as a copy of the first step's d: the old one is never read
+            else:
+                buf = momentum * tl.load(Buf1 + flat, mask=ok, other=0.0) + damp_c * d
+            tl.store(Buf1 + flat, buf, mask=ok)
+            if NESTEROV:
+                d += momentum * buf
+            else:
+                d = buf
+        p -= lr * d
+    else:
+        if DECAY:
+            if UPDATE == 3:
+                p *= decay  # AdamW: decoupled decay, before the Adam step reads p
+            else:
+                g += wd * p  # Adam: L2 decay through the gradient
+        m = tl.load(Buf1 + flat, mask=ok, other=0.0)
+        m += beta1_c * (g - m)  # torch's lerp form for weight 1 - beta1 < 0.5
+        v = beta2 * tl.load(Buf2 + flat, mask=ok, other=0.0) + beta2_c * g * g
+        tl.store(Buf1 + flat, m, mask=ok)
+        tl.store(Buf2 + flat, v, mask=ok)
+        # Correctly rounded sqrt and divisions, as torch's: Triton's default GPU sqrt / div are approximate.
+        denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+        p -= step_size * tl.div_rn(m, denom)
+    tl.store(Param + flat, p, mask=ok)
+
+
 @triton.jit(do_not_specialize=["key", "step", "layer", "client"])
 def _finish_kernel(Part, Out, Rinv, n_splits, P, Q, PQ, noise_std, expected_batch_size,
                    key, step, layer, client, s_r0, s_r1, n_tiles_q,
-                   NOISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+                   Param, Buf1, Buf2, lr, wd, momentum, damp_c, beta1_c, beta2, beta2_c, eps, step_size,
+                   bias2_sqrt, decay,
+                   NOISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   UPDATE: tl.constexpr, DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                   FIRST: tl.constexpr):
     """Out[tile] = (sum_s Part[s, tile] + noise_std * xi[tile]) / expected_batch_size.
 
     NOISE: 0 none (noise_std == 0: the exact clipped mean), 1 xi = Z, 2 xi = R^{-1} Z (tile holds all
@@ -144,7 +203,10 @@ def _finish_kernel(Part, Out, Rinv, n_splits, P, Q, PQ, noise_std, expected_batc
     coordinates R xi = (I + E) Z with |E| ~ cond(R) * r * 2^-24 (the fp32 rounding of R^{-1} and of
     the product), so the noise covariance is off by ~1e-4 relative even for cond(K) = 1e6. That is
     why this dot runs in full fp32 ("ieee"): TF32 (2^-11) would make E ~ cond(R) * 5e-4, i.e. a
-    visibly wrong noise covariance for ill-conditioned frozen factors."""
+    visibly wrong noise covariance for ill-conditioned frozen factors.
+
+    UPDATE != 0: the fused optimizer step of each written element (_optimizer_step) with g = the
+    stored fp32 value, so the parameter moves by exactly the gradient the caller gets back."""
     pid = tl.program_id(0)
     tp = pid // n_tiles_q
     tq = pid % n_tiles_q
@@ -173,7 +235,11 @@ def _finish_kernel(Part, Out, Rinv, n_splits, P, Q, PQ, noise_std, expected_batc
                              mask=mask_q[:, None] & mask_q[None, :], other=0.0)
             z = tl.dot(z, rinv_t, input_precision="ieee")
         acc += noise_std * z
-    tl.store(Out + flat, acc / expected_batch_size, mask=mask)
+    g = acc / expected_batch_size
+    tl.store(Out + flat, g, mask=mask)
+    if UPDATE != 0:
+        _optimizer_step(g, flat, mask, Param, Buf1, Buf2, lr, wd, momentum, damp_c, beta1_c, beta2, beta2_c, eps,
+                        step_size, bias2_sqrt, decay, UPDATE, DECAY, MOMENTUM, NESTEROV, FIRST)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,7 +330,78 @@ def _inverse_of_chol(chol: torch.Tensor) -> torch.Tensor:
     return rinv
 
 
-def _finish(partial, splits, p, q, noise_std, expected_batch_size, rinv, noise_side, key, device, config):
+# update_hyper's layout, shared with the C++ backends (fused_update.h, enum UpdateHyper).
+_HYPER = ("kind", "lr", "weight_decay", "momentum", "dampening", "nesterov", "first", "beta1", "beta2", "eps",
+          "step_size", "bias2_sqrt")
+_KINDS = ("none", "SGD", "Adam", "AdamW")
+
+
+def _check_update(update_tensors, update_hyper, p, q, device):
+    """The fused optimizer step's kernel arguments, or None for no step. Checks everything the kernel
+    would otherwise read or write out of bounds, or silently get wrong, before any launch."""
+    if isinstance(update_tensors, torch.Tensor) or isinstance(update_hyper, torch.Tensor):
+        raise TypeError(f"{_OP}: update_tensors and update_hyper are lists ([param, buf1, buf2] and "
+                        f"{len(_HYPER)} floats), not tensors")
+    tensors, hyper = list(update_tensors), list(update_hyper)
+    if not tensors and not hyper:
+        return None
+    if len(tensors) != 3 or len(hyper) != len(_HYPER):
+        raise ValueError(f"{_OP}: a fused update needs update_tensors = [param, buf1, buf2] (3 tensors; a "
+                         f"0-element tensor for a buffer the optimizer does not use) and {len(_HYPER)} update_hyper "
+                         f"scalars {_HYPER}; got {len(tensors)} tensors and {len(hyper)} scalars. Pass two empty "
+                         "lists for no update.")
+    try:
+        h = dict(zip(_HYPER, (float(x) for x in hyper)))
+    except (TypeError, ValueError):
+        raise TypeError(f"{_OP}: update_hyper must hold {len(_HYPER)} real numbers {_HYPER}, got {hyper!r}") from None
+    bad = [n for n, x in h.items() if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"{_OP}: fused update scalars {bad} are not finite: {[h[n] for n in bad]}")
+    if h["kind"] not in (0.0, 1.0, 2.0, 3.0):
+        raise ValueError(f"{_OP}: fused update kind must be 0 (none), 1 (SGD), 2 (Adam) or 3 (AdamW), got {h['kind']}")
+    kind = int(h["kind"])
+    if kind == 0:
+        return None
+    sgd = kind == 1
+    momentum = sgd and h["momentum"] != 0.0
+    names = ("param", "momentum_buffer" if sgd else "exp_avg", "exp_avg_sq")
+    used = (True, momentum or not sgd, not sgd)
+    for name, t, use in zip(names, tensors, used):
+        if not use:
+            continue
+        what = f"{_OP} (triton backend): fused {_KINDS[kind]} update's {name}"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{what} is {t.dtype}, but the Triton backend's private gradient, and so the fused step, "
+                            "is float32. Keep the trained parameter and its optimizer state in float32, or step "
+                            "without fusion (update_tensors=[], update_hyper=[]) and let torch.optim cast.")
+        if tuple(t.shape) != (p, q):
+            raise ValueError(f"{what} must be ({p}, {q}) like the gradient, got {tuple(t.shape)}"
+                             + (" (a buffer this optimizer uses cannot be empty)" if t.numel() == 0 else ""))
+        if t.device != device:
+            raise ValueError(f"{what} is on {t.device} but the gradients are on {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{what} must be contiguous (the kernel indexes it as row-major (p, q)); "
+                             "pass .contiguous() and copy the result back, or step without fusion")
+    if not sgd and not h["bias2_sqrt"] > 0.0:
+        raise ValueError(f"{_OP}: fused {_KINDS[kind]} update needs bias2_sqrt = sqrt(1 - beta2^t) > 0 (step t >= 1, "
+                         f"beta2 < 1), got {h['bias2_sqrt']}")
+    pointers = [t if use else tensors[0] for t, use in zip(tensors, used)]  # unused ones are never dereferenced
+    # Scalars as torch forms them (in float64, from Python floats); the kernel rounds each to fp32 once.
+    scalars = (h["lr"], h["weight_decay"], h["momentum"], 1.0 - h["dampening"], 1.0 - h["beta1"], h["beta2"],
+               1.0 - h["beta2"], h["eps"], h["step_size"], h["bias2_sqrt"], 1.0 - h["lr"] * h["weight_decay"])
+    flags = dict(UPDATE=kind, DECAY=h["weight_decay"] != 0.0, MOMENTUM=momentum,
+                 NESTEROV=momentum and h["nesterov"] != 0.0, FIRST=momentum and h["first"] != 0.0)
+    return pointers, scalars, flags
+
+
+_NO_UPDATE_SCALARS = (0.0,) * 11
+_NO_UPDATE_FLAGS = dict(UPDATE=0, DECAY=False, MOMENTUM=False, NESTEROV=False, FIRST=False)
+
+
+def _finish(partial, splits, p, q, noise_std, expected_batch_size, rinv, noise_side, key, device, config,
+            update=None):
     seed, step, layer, client = key
     out = torch.empty((p, q), dtype=torch.float32, device=device)
     if noise_std == 0.0:
@@ -277,19 +414,24 @@ def _finish(partial, splits, p, q, noise_std, expected_batch_size, rinv, noise_s
     n_tiles_q = triton.cdiv(q, fc["BLOCK_Q"])
     grid = (triton.cdiv(p, fc["BLOCK_P"]) * n_tiles_q,)
     r_arg = rinv if rinv is not None else partial  # unused pointer unless NOISE is 2 or 3
+    pointers, scalars, flags = update if update is not None else ((out,) * 3, _NO_UPDATE_SCALARS, _NO_UPDATE_FLAGS)
     _finish_kernel[grid](
         partial, out, r_arg, splits, p, q, p * q, float(noise_std), float(expected_batch_size),
         seed, step, layer, client, *(rinv.stride() if rinv is not None else (0, 0)), n_tiles_q,
-        NOISE=noise, BLOCK_P=fc["BLOCK_P"], BLOCK_Q=fc["BLOCK_Q"],
+        *pointers, *scalars,
+        NOISE=noise, BLOCK_P=fc["BLOCK_P"], BLOCK_Q=fc["BLOCK_Q"], **flags,
         num_warps=fc["num_warps"], num_stages=fc["num_stages"])
-    config["finish"] = dict(fc, grid=grid, noise=("none", "isotropic", "regulated rows", "regulated cols")[noise])
+    config["finish"] = dict(fc, grid=grid, noise=("none", "isotropic", "regulated rows", "regulated cols")[noise],
+                            update=_KINDS[flags["UPDATE"]])
     return out
 
 
 def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, noise_side,
-                             seed, step, layer, client, *, splits: int | None = None):
+                             seed, step, layer, client, *, splits: int | None = None,
+                             update_tensors=(), update_hyper=()):
     """Run reduce + finish. Returns (out (p, q) fp32, config) with both passes' grids and tiles.
-    `splits` forces the number of batch splits (default: _config.batch_splits decides)."""
+    `splits` forces the number of batch splits (default: _config.batch_splits decides).
+    update_tensors / update_hyper: the fused optimizer step (module docstring); empty: none."""
     if grads.dim() != 3:
         raise ValueError(f"{_OP}: grads must be (b, p, q) per-sample gradients, got shape {tuple(grads.shape)}")
     if grads.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -301,6 +443,7 @@ def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, 
     dev = grads.device
     key = _check_key(seed, step, layer, client)
     rinv = _check_common(p, q, clip, b, noise_std, expected_batch_size, chol, noise_side, dev)
+    update = _check_update(update_tensors, update_hyper, p, q, dev)
     rc = _config.reduce_tiles(p, q, dev)
     n_tiles_q = triton.cdiv(q, rc["BLOCK_Q"])
     n_tiles = triton.cdiv(p, rc["BLOCK_P"]) * n_tiles_q
@@ -316,7 +459,8 @@ def clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, 
             grads, clip, partial, b, p, q, p * q, per_split, n_tiles_q, *grads.stride(), clip.stride(0),
             BLOCK_P=rc["BLOCK_P"], BLOCK_Q=rc["BLOCK_Q"], STAGES=rc["num_stages"],
             num_warps=rc["num_warps"], num_stages=rc["num_stages"])
-    out = _finish(partial, splits, p, q, float(noise_std), expected_batch_size, rinv, noise_side, key, dev, config)
+    out = _finish(partial, splits, p, q, float(noise_std), expected_batch_size, rinv, noise_side, key, dev, config,
+                  update)
     return out, config
 
 
@@ -353,10 +497,12 @@ def clip_reduce_noise_fused_launch(left, right, scale, clip, noise_std, expected
 
 def clip_reduce_noise(grads: torch.Tensor, clip: torch.Tensor, noise_std: float, expected_batch_size: float,
                       chol: torch.Tensor | None, noise_side: int, seed: int, step: int, layer: int,
-                      client: int) -> torch.Tensor:
-    """(sum_i clip_i grads_i + noise_std * xi) / expected_batch_size, (p, q) fp32. See the module docstring."""
+                      client: int, *, update_tensors=(), update_hyper=()) -> torch.Tensor:
+    """(sum_i clip_i grads_i + noise_std * xi) / expected_batch_size, (p, q) fp32, optionally with the fused
+    optimizer step of update_tensors' parameter. See the module docstring."""
     out, _ = clip_reduce_noise_launch(grads, clip, noise_std, expected_batch_size, chol, noise_side,
-                                      seed, step, layer, client)
+                                      seed, step, layer, client, update_tensors=update_tensors,
+                                      update_hyper=update_hyper)
     return out
 
 

@@ -313,3 +313,125 @@ def test_cached_inverse_follows_in_place_changes(kern, gen):
     chol.copy_(chol.T.clone())  # same tensor, now lower triangular: validated again, not served from cache
     with pytest.raises(ValueError, match="upper triangular"):
         kern.clip_reduce_noise(g, c, 1.0, 1.0, chol, 0, **KEY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused optimizer step
+# ---------------------------------------------------------------------------------------------
+
+_KIND = {"SGD": 1, "Adam": 2, "AdamW": 3}
+
+
+def _hyper(kind, t, lr, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, betas=(0.9, 0.999),
+           eps=1e-8):
+    """update_hyper for step t (1-based) of torch.optim.<kind>(lr=lr, ...): the step-dependent scalars
+    (first, step_size, bias2_sqrt) formed as torch forms them."""
+    b1, b2 = betas
+    return [_KIND[kind], lr, weight_decay, momentum, dampening, float(nesterov), float(t == 1), b1, b2, eps,
+            lr / (1 - b1 ** t), math.sqrt(1 - b2 ** t)]
+
+
+def _state_names(kind, hp):
+    if kind != "SGD":
+        return ["exp_avg", "exp_avg_sq"]
+    return ["momentum_buffer"] if hp.get("momentum", 0.0) != 0.0 else []
+
+
+def _fused_steps_match_torch(kern, gen, kind, hp, steps, side, p, q, poison=False):
+    """`steps` fused steps of a (p, q) parameter against torch.optim.<kind>(foreach=False) stepping a
+    clone with .grad = the op's output without update for the same key. poison: the last step's
+    per-sample gradients get an inf and a NaN, whose output elements must leave param and state as
+    they were. Returns the last private gradient."""
+    seed = gen.initial_seed()
+    b = 3
+    chol = None if side is None else _chol(p if side == 0 else q, gen).float().to(DEV)
+    # Parameter ~0.1 and steps ~lr * O(1): a 1e-3 relative error in a step exceeds the param tolerance.
+    param = 0.1 * torch.randn(p, q, generator=gen)
+    ref = param.clone().requires_grad_(True)
+    opt = getattr(torch.optim, kind)([ref], foreach=False, **hp)
+    names = _state_names(kind, hp)
+    empty = torch.empty(0, device=DEV)
+    # The SGD buffer starts as NaN: with first = 1 the kernel must overwrite it without reading it.
+    bufs = [torch.full((p, q), float("nan" if kind == "SGD" else 0.0), device=DEV) for _ in names]
+    fused = [param.to(DEV)] + bufs + [empty] * (2 - len(bufs))
+    for t in range(1, steps + 1):
+        grads = torch.randn(b, p, q, generator=gen)
+        if poison and t == steps:
+            grads[1, 2, 3] = float("inf")
+            grads[0, p - 1, q - 1] = float("nan")
+        grads, clip = grads.to(DEV), torch.rand(b, generator=gen).to(DEV)
+        key = dict(KEY, step=t)
+        g = kern.clip_reduce_noise(grads, clip, 0.7, 2.5, chol, side or 0, **key)
+        before = [x.clone() for x in fused]
+        out, cfg = kern.clip_reduce_noise_launch(grads, clip, 0.7, 2.5, chol, side or 0, **key,
+                                                 update_tensors=fused, update_hyper=_hyper(kind, t, **hp))
+        torch.testing.assert_close(out, g, rtol=0, atol=0, equal_nan=True)  # the update leaves the gradient alone
+        assert cfg["finish"]["update"] == kind
+        ref.grad = g.cpu().clone()
+        opt.step()
+    ok = torch.isfinite(g.cpu())
+    assert int((~ok).sum()) == (2 if poison else 0)
+    expected = [ref.detach()] + [opt.state[ref][n] for n in names]
+    for name, x, e, x0 in zip(["param"] + names, fused, expected, before):
+        msg = f"{kind} {hp} side {side}: {name} (seed {seed})"
+        x = x.cpu()
+        torch.testing.assert_close(x[ok], e[ok], rtol=1e-5, atol=1e-7, msg=lambda m: f"{msg}\n{m}")
+        assert torch.equal(x[~ok], x0.cpu()[~ok]), f"{msg}: changed where the gradient is not finite"
+    return g
+
+
+UPDATE_CASES = [("SGD", dict(lr=0.1), 1),
+                ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.05), 3),
+                # torch.optim.SGD refuses nesterov with dampening != 0, so nesterov runs undamped.
+                ("SGD", dict(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.05), 3),
+                # Distinct betas and an eps near sqrt(v): swapped or misplaced scalars fail visibly.
+                ("Adam", dict(lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1), 3),
+                ("AdamW", dict(lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1), 3)]
+
+
+@pytest.mark.parametrize("side,p,q", [(None, 5, 7), (0, 5, 300), (1, 300, 7)])  # 300: two finishing tiles
+@pytest.mark.parametrize("kind,hp,steps", UPDATE_CASES,
+                         ids=["sgd", "sgd-momentum-dampening-wd", "sgd-nesterov-wd", "adam-wd", "adamw-wd"])
+def test_fused_update_matches_torch_optim(kern, gen, kind, hp, steps, side, p, q):
+    _fused_steps_match_torch(kern, gen, kind, hp, steps, side, p, q)
+
+
+@pytest.mark.parametrize("kind,hp,steps", [UPDATE_CASES[1], UPDATE_CASES[3]], ids=["sgd-momentum", "adam"])
+def test_fused_update_skips_non_finite_gradient(kern, gen, kind, hp, steps):
+    _fused_steps_match_torch(kern, gen, kind, hp, steps, None, 5, 7, poison=True)
+
+
+def test_fused_update_bad_inputs_say_what_is_wrong(kern, gen):
+    p, q = 4, 6
+    g = torch.randn(3, p, q, generator=gen).to(DEV)
+    c = torch.rand(3, generator=gen).to(DEV)
+    param, m, v = (torch.randn(p, q, generator=gen).to(DEV) for _ in range(3))
+    adam = _hyper("Adam", 1, lr=0.01)
+    keep = [x.clone() for x in (param, m, v)]
+
+    def call(tensors, hyper):
+        return kern.clip_reduce_noise(g, c, 1.0, 3.0, None, 0, **KEY, update_tensors=tensors, update_hyper=hyper)
+
+    cases = [
+        (ValueError, r"\(4, 6\) like the gradient", [param[:, :5], m, v], adam),
+        (ValueError, r"exp_avg_sq .*cannot be empty", [param, m, torch.empty(0, device=DEV)], adam),
+        (ValueError, "momentum_buffer", [param, torch.empty(0, device=DEV), v], _hyper("SGD", 1, 0.1, momentum=0.9)),
+        (TypeError, "float32", [param.double(), m, v], adam),
+        (TypeError, "float32", [param, m.half(), v], adam),
+        (ValueError, "contiguous", [torch.randn(q, p, generator=gen).to(DEV).T, m, v], adam),
+        (ValueError, "3 tensors", [param, m], adam),
+        (ValueError, "12 update_hyper", [param, m, v], adam[:-1]),
+        (ValueError, "not finite", [param, m, v], [2, float("nan")] + adam[2:]),
+        (ValueError, "kind", [param, m, v], [4] + adam[1:]),
+        (ValueError, "bias2_sqrt", [param, m, v], adam[:-1] + [0.0]),
+    ]
+    for exc, match, tensors, hyper in cases:
+        with pytest.raises(exc, match=match):
+            call(tensors, hyper)
+    for x, x0 in zip((param, m, v), keep):
+        assert torch.equal(x, x0), "a rejected update touched its tensors"
+    # kind 0 is no update; plain SGD never touches its (empty) buffers.
+    out = call([param, m, v], [0] + adam[1:])
+    assert torch.equal(param, keep[0]) and torch.equal(out, call([], []))
+    call([param, torch.empty(0, device=DEV), torch.empty(0, device=DEV)], _hyper("SGD", 1, 0.1))
+    assert torch.allclose(param, keep[0] - 0.1 * out)

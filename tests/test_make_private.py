@@ -412,11 +412,11 @@ def test_one_call_make_private(gen):
     assert opt.engine.get_epsilon(1e-5) > 0 and opt.engine.module is model
 
 
-@pytest.mark.filterwarnings("ignore:noise_multiplier=0")
 @pytest.mark.parametrize("noise", ["isotropic", "regulated"])
 def test_kernel_backend_matches_reference_backend(gen, noise):
     """The engine on the default backend (deer's compiled kernels when built) and on backend='reference'
-    (pure PyTorch) produce the same clipped mean in float32."""
+    (pure PyTorch) produce the same private gradient in float32: the same clipped sum and the same
+    Philox noise for the same key."""
     from deer.ops import available_backends
     base = Net(gen, dtype=torch.float32)
     x = torch.randn(9, 4, 7, generator=gen)
@@ -425,7 +425,7 @@ def test_kernel_backend_matches_reference_backend(gen, noise):
     for backend in ("reference", None):
         m = copy.deepcopy(base)
         _, opt, _ = PrivacyEngine().make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.0),
-                                                 sample_rate=0.1, expected_batch_size=9, noise_multiplier=0.0,
+                                                 sample_rate=0.1, expected_batch_size=9, noise_multiplier=0.8,
                                                  max_grad_norm=0.05, noise=noise, phase="B", lam=0.01,
                                                  backend=backend, seed=0)
         _loss(m, x, y, "mean").backward()
@@ -434,3 +434,46 @@ def test_kernel_backend_matches_reference_backend(gen, noise):
     assert available_backends("cpu")
     for a, b in zip(out["reference"], out[None]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"seed {gen.initial_seed()}")
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda ps: torch.optim.AdamW(ps, lr=0.02, weight_decay=0.1, foreach=False)], ids=["sgd_nesterov", "adamw"])
+@pytest.mark.parametrize("phase,noise", [("AB", "isotropic"), ("B", "regulated")])
+def test_fused_update_equals_unfused(gen, make_opt, phase, noise):
+    """make_private(fused_update=True) steps the LoRA factors inside the clip/noise kernel: the same
+    parameters and optimizer state as writing .grad and calling the optimizer, over three steps with
+    noise, and the optimizer's state dict resumes either way."""
+    base = Net(gen)
+    data = [(torch.randn(6, 4, 7, generator=gen, dtype=D), torch.randint(0, 4, (6,), generator=gen)) for _ in range(3)]
+    runs = {}
+    for fused in (False, True):
+        m = copy.deepcopy(base)
+        opt = make_opt([p for p in m.parameters() if p.requires_grad])
+        _, opt, _ = PrivacyEngine().make_private(module=m, optimizer=opt, sample_rate=0.1, expected_batch_size=6,
+                                                 noise_multiplier=0.9, max_grad_norm=0.3, noise=noise, phase=phase,
+                                                 seed=5, fused_update=fused)
+        for x, y in data:
+            opt.zero_grad()
+            _loss(m, x, y).backward()
+            opt.step()
+            if fused:
+                assert all(p.grad is None for p in m.parameters())
+        runs[fused] = (m, opt)
+    (m0, o0), (m1, o1) = runs[False], runs[True]
+    for a, b in zip(m0.parameters(), m1.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    sd0, sd1 = o0.state_dict(), o1.state_dict()
+    for k, st in sd0["state"].items():
+        assert st.keys() == sd1["state"][k].keys()
+        for name, v in st.items():
+            torch.testing.assert_close(sd1["state"][k][name], v, rtol=1e-10, atol=1e-12)
+    assert o1.engine.get_epsilon(1e-5) == o0.engine.get_epsilon(1e-5) > 0
+
+
+def test_fused_update_refuses_unsupported_optimizer(gen):
+    m = Net(gen)
+    opt = torch.optim.RMSprop([p for p in m.parameters() if p.requires_grad])
+    with pytest.raises(TypeError, match="SGD, Adam and AdamW"):
+        PrivacyEngine().make_private(module=m, optimizer=opt, sample_rate=0.1, expected_batch_size=6,
+                                     noise_multiplier=1.0, max_grad_norm=1.0, fused_update=True)

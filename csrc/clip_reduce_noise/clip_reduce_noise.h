@@ -12,16 +12,26 @@
 // clip_reduce_noise_fused: same output with g_i = scale * L_i^T R_i never materialised:
 //   sum_i clip_i g_i = scale * sum_i clip_i L_i^T R_i, one weighted GEMM over all b*T tokens.
 // Output dtype: fp32 (fp64 when the gradients / factors are fp64).
+//
+// Fused optimizer step (clip_reduce_noise and clip_reduce_noise_grouped): with non-empty
+// update_tensors / update_hyper the op also applies torch.optim's SGD / Adam / AdamW step to each
+// layer's parameter where it writes that element of the output (math in fused_update.h). Per layer:
+// three tensors (param, buf1, buf2; a 0-element tensor for a buffer the optimizer does not use) and
+// kUpdateHyperWidth doubles; param and buffers are (p, q), contiguous, in the output's dtype, on the
+// gradients' device. Empty lists: no update.
 #pragma once
 #include <torch/types.h>
 
 #include <vector>
 
+#include "clip_reduce_noise/fused_update.h"
+
 namespace deer {
 
 at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads, const at::Tensor& clip, double noise_std,
                                  double expected_batch_size, const c10::optional<at::Tensor>& chol,
-                                 int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client);
+                                 int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client,
+                                 at::TensorList update_tensors, at::ArrayRef<double> update_hyper);
 at::Tensor clip_reduce_noise_fused_cpu(const at::Tensor& left, const at::Tensor& right, double scale,
                                        const at::Tensor& clip, double noise_std, double expected_batch_size,
                                        const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,
@@ -35,17 +45,21 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_cpu(at::TensorList grads, at::
                                                       double expected_batch_size,
                                                       const c10::List<c10::optional<at::Tensor>>& chols,
                                                       at::IntArrayRef noise_sides, int64_t seed, int64_t step,
-                                                      at::IntArrayRef layers, int64_t client);
+                                                      at::IntArrayRef layers, int64_t client,
+                                                      at::TensorList update_tensors, at::ArrayRef<double> update_hyper);
 
 #ifdef DEER_WITH_CUDA
 std::vector<at::Tensor> clip_reduce_noise_grouped_cuda(at::TensorList grads, at::TensorList clips, double noise_std,
                                                        double expected_batch_size,
                                                        const c10::List<c10::optional<at::Tensor>>& chols,
                                                        at::IntArrayRef noise_sides, int64_t seed, int64_t step,
-                                                       at::IntArrayRef layers, int64_t client);
+                                                       at::IntArrayRef layers, int64_t client,
+                                                       at::TensorList update_tensors,
+                                                       at::ArrayRef<double> update_hyper);
 at::Tensor clip_reduce_noise_cuda(const at::Tensor& grads, const at::Tensor& clip, double noise_std,
                                   double expected_batch_size, const c10::optional<at::Tensor>& chol,
-                                  int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client);
+                                  int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client,
+                                  at::TensorList update_tensors, at::ArrayRef<double> update_hyper);
 at::Tensor clip_reduce_noise_fused_cuda(const at::Tensor& left, const at::Tensor& right, double scale,
                                         const at::Tensor& clip, double noise_std, double expected_batch_size,
                                         const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed,
@@ -61,6 +75,12 @@ void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips,
                                      double expected_batch_size, const c10::List<c10::optional<at::Tensor>>& chols,
                                      at::IntArrayRef noise_sides, int64_t step, at::IntArrayRef layers,
                                      int64_t client);
+
+// Layer k's fused update from the op's lists (layers entries expected; empty lists give kind none),
+// validated against the layer's (p, q), output dtype and device. Shared by the CPU and CUDA backends.
+UpdateArgs clip_reduce_noise_update_args(const char* what, at::TensorList update_tensors,
+                                         at::ArrayRef<double> update_hyper, int64_t layers, int64_t k, int64_t p,
+                                         int64_t q, at::ScalarType out_dtype, const at::Device& device);
 
 // Shared validation of (p, q, clip, noise arguments); `what` names the op in messages.
 void clip_reduce_noise_check(const char* what, int64_t b, int64_t p, int64_t q, const at::Tensor& clip,

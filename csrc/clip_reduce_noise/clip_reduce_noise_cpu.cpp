@@ -52,6 +52,63 @@ void clip_reduce_noise_check(const char* what, int64_t b, int64_t p, int64_t q, 
   }
 }
 
+UpdateArgs clip_reduce_noise_update_args(const char* what, at::TensorList ts, at::ArrayRef<double> h,
+                                         int64_t layers, int64_t k, int64_t p, int64_t q, at::ScalarType out_dtype,
+                                         const at::Device& device) {
+  UpdateArgs u;
+  if (ts.empty() && h.empty()) return u;
+  DEER_CHECK_ARG(static_cast<int64_t>(ts.size()) == 3 * layers &&
+                     static_cast<int64_t>(h.size()) == kUpdateHyperWidth * layers,
+                 what, ": a fused update needs 3 tensors (param, buf1, buf2) and ", int(kUpdateHyperWidth),
+                 " scalars per layer; got ", ts.size(), " tensors and ", h.size(), " scalars for ", layers,
+                 " layer(s). Build them with deer.ops.FusedUpdate.");
+  const double* hk = h.data() + k * kUpdateHyperWidth;
+  for (int i = 0; i < kUpdateHyperWidth; ++i)
+    DEER_CHECK_ARG(std::isfinite(hk[i]), what, ": fused update scalar ", i, " of layer ", k, " is not finite (",
+                   hk[i], ")");
+  const int kind = static_cast<int>(hk[kHKind]);
+  if (kind == kUpdateNone) return u;
+  DEER_CHECK_ARG(kind == kUpdateSGD || kind == kUpdateAdam || kind == kUpdateAdamW, what, ": fused update kind of layer ",
+                 k, " must be 1 (SGD), 2 (Adam) or 3 (AdamW), got ", hk[kHKind]);
+  const bool adam = kind != kUpdateSGD;
+  const bool needs1 = adam || hk[kHMomentum] != 0, needs2 = adam;
+  const char* names[3] = {"param", adam ? "exp_avg" : "momentum_buffer", "exp_avg_sq"};
+  void* ptrs[3] = {nullptr, nullptr, nullptr};
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor& t = ts[3 * k + i];
+    if (i == 1 && !needs1) continue;
+    if (i == 2 && !needs2) continue;
+    DEER_CHECK_ARG(t.defined() && t.dim() == 2 && t.size(0) == p && t.size(1) == q, what, ": fused update ", names[i],
+                   " of layer ", k, " must be (", p, ", ", q, ") like the gradient, got ",
+                   t.defined() ? t.sizes() : at::IntArrayRef{});
+    DEER_CHECK_ARG(t.scalar_type() == out_dtype, what, ": fused update ", names[i], " of layer ", k, " is ",
+                   t.scalar_type(), " but the private gradient is ", out_dtype,
+                   " (fp32, fp64 for fp64 gradients); keep the LoRA factors in that dtype or step without fusion");
+    DEER_CHECK_ARG(t.device() == device, what, ": fused update ", names[i], " of layer ", k, " is on ", t.device(),
+                   " but the gradients are on ", device);
+    DEER_CHECK_ARG(t.is_contiguous(), what, ": fused update ", names[i], " of layer ", k, " must be contiguous");
+    ptrs[i] = t.data_ptr();
+  }
+  u.kind = kind;
+  u.param = ptrs[0];
+  u.buf1 = ptrs[1];
+  u.buf2 = ptrs[2];
+  u.lr = hk[kHLr];
+  u.weight_decay = hk[kHWeightDecay];
+  u.momentum = hk[kHMomentum];
+  u.dampening = hk[kHDampening];
+  u.nesterov = hk[kHNesterov] != 0;
+  u.first = hk[kHFirst] != 0;
+  u.beta1 = hk[kHBeta1];
+  u.beta2 = hk[kHBeta2];
+  u.eps = hk[kHEps];
+  u.step_size = hk[kHStepSize];
+  u.bias2_sqrt = hk[kHBias2Sqrt];
+  DEER_CHECK_ARG(!adam || u.bias2_sqrt > 0, what, ": fused Adam update of layer ", k,
+                 " needs sqrt(1 - beta2^t) > 0, got ", u.bias2_sqrt);
+  return u;
+}
+
 namespace {
 
 // Grain sizes: a parallel region costs tens of microseconds, and far more on a loaded machine where
@@ -61,14 +118,17 @@ constexpr int64_t kNoiseGrain = 1 << 16; // isotropic noise elements per chunk (
 constexpr int64_t kSumWork = 1 << 18;    // multiply-adds per chunk of the clipped sum
 
 // out (p, q) already holds the clipped sum; add noise_std * xi and divide by the expected batch size.
+// The fused optimizer step (u) runs on each finished block while it is still in L1.
 template <typename out_t>
 void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, double ebs,
-                         const double* R, int64_t side, uint64_t seed, int64_t step, int64_t layer, int64_t client) {
+                         const double* R, int64_t side, uint64_t seed, int64_t step, int64_t layer, int64_t client,
+                         const UpdateArgs& u = UpdateArgs{}) {
   const int64_t P = p * q;
   const double inv = 1.0 / ebs;
   if (noise_std == 0.0) {
     at::parallel_for(0, P, kSumWork, [&](int64_t b0, int64_t b1) {
       for (int64_t e = b0; e < b1; ++e) out[e] = static_cast<out_t>(out[e] * inv);
+      apply_update_range(u, out, b0, b1);
     });
     return;
   }
@@ -83,6 +143,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
         philox::fill_normals(key, b0, b0 + n, z);
         out_t* o = out + b0;
         for (int64_t i = 0; i < n; ++i) o[i] = static_cast<out_t>((o[i] + noise_std * z[i]) * inv);
+        apply_update_range(u, out, b0, b0 + n);
       }
     });
     return;
@@ -107,6 +168,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
           out_t& o = out[a * q + c0 + c];
           o = static_cast<out_t>((o + noise_std * xa[c]) * inv);
         }
+        apply_update_range(u, out, a * q + c0, a * q + c1);
       }
     });
   } else {
@@ -135,6 +197,7 @@ void add_noise_and_scale(out_t* out, int64_t p, int64_t q, double noise_std, dou
           out_t* o = out + (r0 + i) * q;
           for (int64_t c = 0; c < q; ++c) o[c] = static_cast<out_t>((o[c] + noise_std * xt[c * rows + i]) * inv);
         }
+        apply_update_range(u, out, r0 * q, (r0 + nr) * q);
       }
     });
   }
@@ -162,9 +225,12 @@ void clip_reduce_noise_chol_error(const at::Tensor& R) {
                  "factor is rank deficient (B = 0 at initialisation).");
 }
 
-at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads_in, const at::Tensor& clip_in, double noise_std,
-                                 double expected_batch_size, const c10::optional<at::Tensor>& chol,
-                                 int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client) {
+namespace {
+
+at::Tensor crn_cpu_layer(const at::Tensor& grads_in, const at::Tensor& clip_in, double noise_std,
+                         double expected_batch_size, const c10::optional<at::Tensor>& chol, int64_t noise_side,
+                         int64_t seed, int64_t step, int64_t layer, int64_t client, at::TensorList update_tensors,
+                         at::ArrayRef<double> update_hyper, int64_t layers, int64_t k) {
   DEER_CHECK_ARG(grads_in.dim() == 3, "clip_reduce_noise: grads must be (b, p, q) per-sample gradients, got ",
                  grads_in.sizes());
   DEER_CHECK_ARG(at::isFloatingType(grads_in.scalar_type()), "clip_reduce_noise: grads must be floating point, got ",
@@ -174,6 +240,8 @@ at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads_in, const at::Tensor& c
                           chol, noise_side, step, layer, client);
   auto grads = grads_in.contiguous();
   const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const UpdateArgs u = clip_reduce_noise_update_args("clip_reduce_noise", update_tensors, update_hyper, layers, k, p,
+                                                     q, acc, grads.device());
   auto out = at::zeros({p, q}, grads.options().dtype(acc));
   auto clip = clip_in.to(acc).contiguous();
   auto R = chol_as_double(chol);
@@ -191,9 +259,19 @@ at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads_in, const at::Tensor& c
       }
     });
     add_noise_and_scale<acc_t>(o, p, q, noise_std, expected_batch_size, R.defined() ? R.data_ptr<double>() : nullptr,
-                               noise_side, static_cast<uint64_t>(seed), step, layer, client);
+                               noise_side, static_cast<uint64_t>(seed), step, layer, client, u);
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads, const at::Tensor& clip, double noise_std,
+                                 double expected_batch_size, const c10::optional<at::Tensor>& chol,
+                                 int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client,
+                                 at::TensorList update_tensors, at::ArrayRef<double> update_hyper) {
+  return crn_cpu_layer(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client,
+                       update_tensors, update_hyper, 1, 0);
 }
 
 void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips, double noise_std,
@@ -222,17 +300,24 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_cpu(at::TensorList grads, at::
                                                       double expected_batch_size,
                                                       const c10::List<c10::optional<at::Tensor>>& chols,
                                                       at::IntArrayRef noise_sides, int64_t seed, int64_t step,
-                                                      at::IntArrayRef layers, int64_t client) {
+                                                      at::IntArrayRef layers, int64_t client,
+                                                      at::TensorList update_tensors,
+                                                      at::ArrayRef<double> update_hyper) {
   clip_reduce_noise_grouped_check(grads, clips, noise_std, expected_batch_size, chols, noise_sides, step, layers,
                                   client);
   const int64_t L = static_cast<int64_t>(grads.size());
+  // Every layer's update validated before any layer's work (errors are raised on this thread).
+  for (int64_t k = 0; k < L; ++k)
+    clip_reduce_noise_update_args("clip_reduce_noise_grouped", update_tensors, update_hyper, L, k, grads[k].size(1),
+                                  grads[k].size(2), grads[k].scalar_type() == at::kDouble ? at::kDouble : at::kFloat,
+                                  grads[k].device());
   std::vector<at::Tensor> out(L);
   // One parallel region: each thread takes whole layers (the per-layer kernels run inline inside it),
   // instead of a fork/join per layer and stage.
   at::parallel_for(0, L, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k)
-      out[k] = clip_reduce_noise_cpu(grads[k], clips[k], noise_std, expected_batch_size, chols.get(k), noise_sides[k],
-                                     seed, step, layers[k], client);
+      out[k] = crn_cpu_layer(grads[k], clips[k], noise_std, expected_batch_size, chols.get(k), noise_sides[k], seed,
+                             step, layers[k], client, update_tensors, update_hyper, L, k);
   });
   return out;
 }

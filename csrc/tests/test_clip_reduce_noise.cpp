@@ -1,13 +1,16 @@
 // ctest: clip_reduce_noise on the CPU. Philox4x32-10 against ATen's independent engine (same key and
 // counter -> same words), determinism of the keyed stream, distinct keys -> uncorrelated noise, the
 // clipped sum and the fused weighted GEMM against libtorch formulas in float64, the regulated solve
-// against torch's triangular solve, and the input checks. Exits non-zero on any failure.
+// against torch's triangular solve, the fused optimizer step (SGD / Adam / AdamW, fused_update.h)
+// against torch.optim's formulas in float64, and the input checks. Exits non-zero on any failure.
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -22,6 +25,101 @@ using namespace deer::check;
 
 static double rel_err(const at::Tensor& got, const at::Tensor& want) {
   return (got.to(at::kDouble) - want).abs().max().item<double>() / (want.abs().max().item<double>() + 1e-300);
+}
+
+// One fused optimizer step as the op takes it: the kind, torch.optim's hyper-parameters and the step
+// count t after this step (torch.optim's state["step"]), flattened by hyper() into the
+// kUpdateHyperWidth scalars of the op's update_hyper.
+struct Optim {
+  const char* name;
+  int kind;
+  double lr, wd = 0, momentum = 0, dampening = 0;
+  bool nesterov = false, first = false;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  int64_t t = 1;
+
+  bool has_buf1() const { return kind != deer::kUpdateSGD || momentum != 0; }  // momentum_buffer / exp_avg
+  bool has_buf2() const { return kind != deer::kUpdateSGD; }                   // exp_avg_sq
+  std::vector<double> hyper() const {
+    std::vector<double> h(deer::kUpdateHyperWidth);
+    h[deer::kHKind] = kind;
+    h[deer::kHLr] = lr;
+    h[deer::kHWeightDecay] = wd;
+    h[deer::kHMomentum] = momentum;
+    h[deer::kHDampening] = dampening;
+    h[deer::kHNesterov] = nesterov;
+    h[deer::kHFirst] = first;
+    h[deer::kHBeta1] = beta1;
+    h[deer::kHBeta2] = beta2;
+    h[deer::kHEps] = eps;
+    h[deer::kHStepSize] = lr / (1 - std::pow(beta1, t));
+    h[deer::kHBias2Sqrt] = std::sqrt(1 - std::pow(beta2, t));
+    return h;
+  }
+};
+
+// A parameter and its optimizer state; a 0-element tensor for a buffer the optimizer does not use.
+struct OptState {
+  at::Tensor param, buf1, buf2;
+  std::vector<at::Tensor> list() const { return {param, buf1, buf2}; }
+  OptState clone() const { return {param.clone(), buf1.clone(), buf2.clone()}; }
+};
+
+// A random start (not zeros: every term of the formulas matters); exp_avg_sq > 0. Parameters of
+// LoRA-factor size (|p| ~ 0.1): an fp32 step is resolved only to p's rounding (ulp(p) / step), so
+// small p keeps that far below the 1e-5 tolerance with steps of ~lr.
+static OptState random_state(const Optim& o, int64_t p, int64_t q, at::ScalarType dtype) {
+  const auto opt = torch::dtype(dtype);
+  return {0.1 * torch::randn({p, q}, opt), o.has_buf1() ? torch::randn({p, q}, opt) : torch::empty({0}, opt),
+          o.has_buf2() ? 0.01 + torch::rand({p, q}, opt) : torch::empty({0}, opt)};
+}
+
+// The independent reference: torch.optim's single-tensor SGD / Adam / AdamW step (maximize=False,
+// amsgrad=False), written with the tensor ops of torch/optim/{sgd,adam}.py, in float64, applied to
+// state s with gradient grad. Elements whose gradient is not finite keep their old values
+// (fused_update.h's rule).
+static OptState reference_step(const Optim& o, const at::Tensor& grad, const OptState& s) {
+  auto g = grad.to(at::kDouble);
+  const auto ok = torch::isfinite(g);
+  g = torch::where(ok, g, torch::zeros_like(g));
+  const auto p = s.param.to(at::kDouble), b1 = s.buf1.to(at::kDouble), b2 = s.buf2.to(at::kDouble);
+  at::Tensor P, B1 = b1, B2 = b2;
+  if (o.kind == deer::kUpdateSGD) {
+    auto d = o.wd != 0 ? g.add(p, o.wd) : g;
+    if (o.momentum != 0) {
+      B1 = o.first ? d.clone() : b1.mul(o.momentum).add(d, 1 - o.dampening);
+      d = o.nesterov ? d.add(B1, o.momentum) : B1;
+    }
+    P = p.add(d, -o.lr);
+  } else {
+    auto p1 = p;
+    if (o.wd != 0) {
+      if (o.kind == deer::kUpdateAdamW)
+        p1 = p.mul(1 - o.lr * o.wd);
+      else
+        g = g.add(p, o.wd);
+    }
+    B1 = b1.lerp(g, 1 - o.beta1);
+    B2 = b2.mul(o.beta2).addcmul(g, g, 1 - o.beta2);
+    const double bc1 = 1 - std::pow(o.beta1, o.t), bc2 = 1 - std::pow(o.beta2, o.t);
+    P = p1.addcdiv(B1, (B2.sqrt() / std::sqrt(bc2)).add(o.eps), -o.lr / bc1);
+  }
+  auto keep_nonfinite = [&](const at::Tensor& stepped, const at::Tensor& old) {
+    return old.numel() == 0 ? old : torch::where(ok, stepped, old);
+  };
+  return {keep_nonfinite(P, p), keep_nonfinite(B1, b1), keep_nonfinite(B2, b2)};
+}
+
+// The op's fused step (got, from start) against the reference (want, from start): the parameter's
+// step p - p0 (relative to the largest step, so a missing or wrong step cannot hide behind |p|) and
+// each buffer the optimizer uses.
+static void expect_state(const std::string& name, const Optim& o, const OptState& got, const OptState& start,
+                         const OptState& want, double rtol) {
+  const auto p0 = start.param.to(at::kDouble);
+  expect_close(name + " param step", got.param.to(at::kDouble) - p0, want.param - p0, rtol);
+  if (o.has_buf1())
+    expect_close(name + (o.kind == deer::kUpdateSGD ? " momentum_buffer" : " exp_avg"), got.buf1, want.buf1, rtol);
+  if (o.has_buf2()) expect_close(name + " exp_avg_sq", got.buf2, want.buf2, rtol);
 }
 
 int main(int argc, char** argv) {
@@ -82,7 +180,7 @@ int main(int argc, char** argv) {
       auto clip = torch::rand({c.b}, torch::dtype(dtype));
       const double ebs = 7.5;
       auto want = torch::einsum("b,bpq->pq", {clip.to(at::kDouble), g.to(at::kDouble)}) / ebs;
-      auto got = deer::clip_reduce_noise_cpu(g, clip, 0.0, ebs, c10::nullopt, 1, 1, 2, 3, 4);
+      auto got = deer::clip_reduce_noise_cpu(g, clip, 0.0, ebs, c10::nullopt, 1, 1, 2, 3, 4, {}, {});
       char name[128];
       std::snprintf(name, sizeof name, "clipped mean b=%ld p=%ld q=%ld %s", c.b, c.p, c.q,
                     dtype == at::kDouble ? "f64" : "f32");
@@ -111,9 +209,10 @@ int main(int argc, char** argv) {
   auto g = torch::randn({4, p, q}, torch::kFloat);
   auto clip = torch::rand({4});
   const int64_t seed = static_cast<int64_t>(rng() >> 1);
-  auto clean = deer::clip_reduce_noise_cpu(g, clip, 0.0, 1.0, c10::nullopt, 1, seed, 5, 6, 7);
+  auto clean = deer::clip_reduce_noise_cpu(g, clip, 0.0, 1.0, c10::nullopt, 1, seed, 5, 6, 7, {}, {});
   auto z = [&](int64_t s, int64_t st, int64_t l, int64_t cl) {
-    return (deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, c10::nullopt, 1, s, st, l, cl) - clean).to(at::kDouble);
+    return (deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, c10::nullopt, 1, s, st, l, cl, {}, {}) - clean)
+        .to(at::kDouble);
   };
   auto z0 = z(seed, 5, 6, 7);
   expect("same key -> identical noise", torch::equal(z0, z(seed, 5, 6, 7)));
@@ -137,25 +236,164 @@ int main(int argc, char** argv) {
     auto Rc = torch::linalg_cholesky(K).t().contiguous();  // upper, K = R^T R
     auto gg = torch::randn({3, pp, qq}, torch::kDouble);
     auto cc = torch::rand({3}, torch::kDouble);
-    auto base = deer::clip_reduce_noise_cpu(gg, cc, 0.0, 2.0, c10::nullopt, side, seed, 1, 2, 3);
-    auto Z = (deer::clip_reduce_noise_cpu(gg, cc, 1.0, 1.0, c10::nullopt, side, seed, 1, 2, 3) -
-              deer::clip_reduce_noise_cpu(gg, cc, 0.0, 1.0, c10::nullopt, side, seed, 1, 2, 3));
+    auto base = deer::clip_reduce_noise_cpu(gg, cc, 0.0, 2.0, c10::nullopt, side, seed, 1, 2, 3, {}, {});
+    auto Z = (deer::clip_reduce_noise_cpu(gg, cc, 1.0, 1.0, c10::nullopt, side, seed, 1, 2, 3, {}, {}) -
+              deer::clip_reduce_noise_cpu(gg, cc, 0.0, 1.0, c10::nullopt, side, seed, 1, 2, 3, {}, {}));
     auto xi = side == 0 ? torch::linalg_solve_triangular(Rc, Z, true, true, false)
                         : torch::linalg_solve_triangular(Rc.t(), Z, false, false, false);
     auto want = base + 0.7 * xi / 2.0;
-    auto got = deer::clip_reduce_noise_cpu(gg, cc, 0.7, 2.0, Rc, side, seed, 1, 2, 3);
+    auto got = deer::clip_reduce_noise_cpu(gg, cc, 0.7, 2.0, Rc, side, seed, 1, 2, 3, {}, {});
     const double e = rel_err(got, want);
     expect(side == 0 ? "regulated noise side 0 = R^-1 Z" : "regulated noise side 1 = Z R^-T", e <= 1e-12, e);
   }
 
   // 6. Bad input raises with a message naming the problem.
   expect("wrong clip shape rejected", raises([&] {
-    deer::clip_reduce_noise_cpu(g, torch::rand({3}), 1.0, 1.0, c10::nullopt, 1, 0, 0, 0, 0); }, "clip must be (b,)"));
+    deer::clip_reduce_noise_cpu(g, torch::rand({3}), 1.0, 1.0, c10::nullopt, 1, 0, 0, 0, 0, {}, {}); },
+    "clip must be (b,)"));
   expect("wrong chol shape rejected", raises([&] {
-    deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, torch::eye(5), 1, 0, 0, 0, 0); }, "upper Cholesky factor"));
+    deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, torch::eye(5), 1, 0, 0, 0, 0, {}, {}); }, "upper Cholesky factor"));
   expect("step >= 2^32 rejected", raises([&] {
-    deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, c10::nullopt, 1, 0, int64_t(1) << 32, 0, 0); }, "[0, 2^32)"));
+    deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, c10::nullopt, 1, 0, int64_t(1) << 32, 0, 0, {}, {}); },
+    "[0, 2^32)"));
   expect("singular chol rejected", raises([&] {
-    deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, torch::zeros({q, q}), 1, 0, 0, 0, 0); }, "positive definite"));
+    deer::clip_reduce_noise_cpu(g, clip, 1.0, 1.0, torch::zeros({q, q}), 1, 0, 0, 0, 0, {}, {}); },
+    "positive definite"));
+
+  // 7. Fused optimizer step: each kind, every noise path, odd sizes, fp32 and fp64 parameters, from a
+  //    random start, against the float64 torch.optim formulas applied to the op's returned gradient.
+  //    SGD with momentum runs two steps (first = 1 initialises the buffer, then first = 0).
+  const Optim sgd{.name = "SGD", .kind = deer::kUpdateSGD, .lr = 0.1};
+  const Optim sgdm_first{.name = "SGD momentum/nesterov/wd, first", .kind = deer::kUpdateSGD, .lr = 0.05,
+                         .wd = 0.01, .momentum = 0.9, .dampening = 0.1, .nesterov = true, .first = true};
+  const Optim sgdm = [&] {
+    Optim o = sgdm_first;
+    o.name = "SGD momentum/nesterov/wd, next";
+    o.first = false;
+    return o;
+  }();
+  const Optim adam{.name = "Adam L2 wd", .kind = deer::kUpdateAdam, .lr = 0.01, .wd = 0.05, .beta1 = 0.85,
+                   .beta2 = 0.99, .eps = 1e-6, .t = 3};
+  const Optim adamw{.name = "AdamW", .kind = deer::kUpdateAdamW, .lr = 0.05, .wd = 0.1, .beta1 = 0.8,
+                    .beta2 = 0.995, .eps = 1e-7, .t = 5};
+  const std::vector<std::vector<Optim>> runs = {{sgd}, {sgdm_first, sgdm}, {adam}, {adamw}};
+  struct Noise { const char* name; int64_t b, p, q; double sigma; int64_t side; bool regulated; };
+  const Noise noises[] = {{"no noise", 5, 13, 7, 0.0, 1, false},
+                          {"isotropic", 5, 13, 7, 0.8, 1, false},
+                          {"regulated side 0", 4, 6, 41, 0.8, 0, true},
+                          {"regulated side 1", 3, 37, 5, 0.8, 1, true}};
+  bool grad_unchanged = true;
+  for (const auto& nz : noises) {
+    c10::optional<at::Tensor> chol;
+    if (nz.regulated) chol = torch::linalg_cholesky(random_spd(nz.side == 0 ? nz.p : nz.q)).t().contiguous();
+    for (auto dtype : {at::kFloat, at::kDouble}) {
+      const double tol = dtype == at::kDouble ? 1e-12 : 1e-5;
+      for (const auto& run : runs) {
+        OptState state = random_state(run[0], nz.p, nz.q, dtype);
+        for (const auto& o : run) {
+          auto gg = torch::randn({nz.b, nz.p, nz.q}, torch::dtype(dtype));
+          auto cc = 0.1 + torch::rand({nz.b}, torch::dtype(dtype));
+          const int64_t step = static_cast<int64_t>(rng() % 1000);
+          OptState got = state.clone();
+          auto out = deer::clip_reduce_noise_cpu(gg, cc, nz.sigma, 2.0, chol, nz.side, seed, step, 4, 5, got.list(),
+                                                 o.hyper());
+          grad_unchanged = grad_unchanged &&
+                           torch::equal(out, deer::clip_reduce_noise_cpu(gg, cc, nz.sigma, 2.0, chol, nz.side, seed,
+                                                                         step, 4, 5, {}, {}));
+          expect_state(std::string("fused ") + o.name + ", " + nz.name + " " + c10::toString(dtype), o, got, state,
+                       reference_step(o, out, state), tol);
+          state = got;
+        }
+      }
+    }
+  }
+  expect("fused step leaves the returned gradient bit-identical (all cases)", grad_unchanged);
+
+  // A non-finite gradient element (+inf in one per-sample entry): returned as is, that element's
+  // parameter and state untouched, every other element stepped.
+  for (const Optim* o : {&adam, &sgdm}) {
+    const int64_t pp = 9, qq = 11, e = 2 * qq + 3;
+    auto gg = torch::randn({4, pp, qq});
+    gg[1][2][3] = std::numeric_limits<float>::infinity();
+    auto cc = 0.1 + torch::rand({4});
+    const OptState start = random_state(*o, pp, qq, at::kFloat);
+    OptState got = start.clone();
+    auto out = deer::clip_reduce_noise_cpu(gg, cc, 0.8, 2.0, c10::nullopt, 1, seed, 1, 2, 3, got.list(), o->hyper());
+    const std::string name = std::string("non-finite gradient, ") + o->name + ":";
+    expect(name + " returned as +inf", std::isinf(out.view(-1)[e].item<float>()));
+    bool untouched = true;
+    const auto before = start.list(), after = got.list();
+    for (int i = 0; i < 3; ++i)
+      if (before[i].numel() > 0) untouched = untouched && torch::equal(after[i].view(-1)[e], before[i].view(-1)[e]);
+    expect(name + " its param and state untouched", untouched);
+    expect_state(name + " others", *o, got, start, reference_step(*o, out, start), 1e-5);
+  }
+
+  // The grouped op: each layer steps exactly as the single-layer op does; a layer without an update
+  // (kind 0, 0-element tensors) is left alone.
+  {
+    auto g0 = torch::randn({3, 7, 9}), g1 = torch::randn({3, 10, 6});
+    auto c0 = torch::rand({3}), c1 = torch::rand({3});
+    const OptState s0 = random_state(adamw, 7, 9, at::kFloat);
+    OptState grouped = s0.clone(), single = s0.clone();
+    auto none = torch::empty({0});
+    auto h = adamw.hyper();
+    h.resize(2 * deer::kUpdateHyperWidth, 0.0);  // layer 1: kind 0 (no update)
+    c10::List<c10::optional<at::Tensor>> chols;
+    chols.push_back(c10::nullopt);
+    chols.push_back(c10::nullopt);
+    auto outs = deer::clip_reduce_noise_grouped_cpu({g0, g1}, {c0, c1}, 0.8, 2.0, chols, {1, 1}, seed, 3, {0, 1}, 5,
+                                                    {grouped.param, grouped.buf1, grouped.buf2, none, none, none}, h);
+    auto out0 = deer::clip_reduce_noise_cpu(g0, c0, 0.8, 2.0, c10::nullopt, 1, seed, 3, 0, 5, single.list(),
+                                            adamw.hyper());
+    expect("grouped fused step: layer 0 = the single-layer op's step",
+           torch::equal(outs[0], out0) && torch::equal(grouped.param, single.param) &&
+               torch::equal(grouped.buf1, single.buf1) && torch::equal(grouped.buf2, single.buf2));
+  }
+
+  // Bad update arguments raise with a message naming the problem, before anything is stepped.
+  {
+    auto gg = torch::randn({3, 5, 4});
+    auto cc = torch::rand({3});
+    const OptState s = random_state(adam, 5, 4, at::kFloat);
+    const OptState s_before = s.clone();
+    auto call = [&](const std::vector<at::Tensor>& ts, const std::vector<double>& h) {
+      deer::clip_reduce_noise_cpu(gg, cc, 1.0, 1.0, c10::nullopt, 1, 0, 0, 0, 0, ts, h);
+    };
+    auto bad_kind = adam.hyper();
+    bad_kind[deer::kHKind] = 7;
+    auto short_hyper = adam.hyper();
+    short_hyper.pop_back();
+    expect("fused update: wrong param shape rejected", raises([&] {
+      call({torch::zeros({5, 5}), s.buf1, s.buf2}, adam.hyper()); }, "param of layer 0 must be (5, 4)"));
+    expect("fused update: param dtype other than the gradient's rejected", raises([&] {
+      call({s.param.to(at::kDouble), s.buf1, s.buf2}, adam.hyper()); }, "but the private gradient is Float"));
+    expect("fused update: non-contiguous param rejected", raises([&] {
+      call({torch::zeros({4, 5}).t(), s.buf1, s.buf2}, adam.hyper()); }, "param of layer 0 must be contiguous"));
+    expect("fused update: Adam without exp_avg_sq rejected", raises([&] {
+      call({s.param, s.buf1, torch::empty({0})}, adam.hyper()); }, "exp_avg_sq of layer 0 must be (5, 4)"));
+    expect("fused update: SGD momentum without its buffer rejected", raises([&] {
+      call({s.param, torch::empty({0}), torch::empty({0})}, sgdm.hyper()); }, "momentum_buffer of layer 0 must be"));
+    expect("fused update: two tensors for one layer rejected", raises([&] {
+      call({s.param, s.buf1}, adam.hyper()); }, "needs 3 tensors (param, buf1, buf2)"));
+    expect("fused update: a short update_hyper rejected", raises([&] {
+      call(s.list(), short_hyper); }, "needs 3 tensors (param, buf1, buf2)"));
+    expect("fused update: unknown kind rejected", raises([&] {
+      call(s.list(), bad_kind); }, "must be 1 (SGD), 2 (Adam) or 3 (AdamW)"));
+    // Grouped: layer 1's bad param fails the call before layer 0 (valid) steps.
+    c10::List<c10::optional<at::Tensor>> chols;
+    chols.push_back(c10::nullopt);
+    chols.push_back(c10::nullopt);
+    auto h2 = adam.hyper();
+    const auto h1 = adam.hyper();
+    h2.insert(h2.end(), h1.begin(), h1.end());
+    expect("grouped fused update: a bad layer-1 param rejected", raises([&] {
+      deer::clip_reduce_noise_grouped_cpu({gg, gg}, {cc, cc}, 1.0, 1.0, chols, {1, 1}, 0, 0, {0, 1}, 0,
+                                          {s.param, s.buf1, s.buf2, torch::zeros({5}), s.buf1, s.buf2}, h2); },
+      "param of layer 1 must be (5, 4)"));
+    expect("rejected updates stepped nothing", torch::equal(s.param, s_before.param) &&
+                                                   torch::equal(s.buf1, s_before.buf1) &&
+                                                   torch::equal(s.buf2, s_before.buf2));
+  }
   return finish();
 }

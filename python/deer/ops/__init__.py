@@ -114,6 +114,6 @@ from .per_sample_grad_norm import (  # noqa: E402,F401
     per_sample_grad_norm, per_sample_grad_norm_only, per_sample_grad_norm_reference,
     per_sample_grad_norm_only_reference)
 from .clip_reduce_noise import (  # noqa: E402,F401
-    clip_reduce_noise, clip_reduce_noise_fused, clip_reduce_noise_grouped, clip_reduce_noise_reference,
+    FusedUpdate, clip_reduce_noise, clip_reduce_noise_fused, clip_reduce_noise_grouped, clip_reduce_noise_reference,
     clip_reduce_noise_fused_reference,
     philox_normal_reference)

@@ -17,9 +17,17 @@ p * q <= 2^33. noise_std = 0 gives exactly the clipped sum / expected_batch_size
 clip_reduce_noise_fused gives the same result from the factors (left (b, T, p), right (b, T, q),
 g_i = scale * L_i^T R_i) as one weighted GEMM, never materialising per-sample gradients.
 Output: fp32, or fp64 for fp64 inputs.
+
+Fused optimizer step: clip_reduce_noise(..., update=FusedUpdate(...)) and clip_reduce_noise_grouped(...,
+updates=[...]) also apply torch.optim's SGD / Adam / AdamW step to the factor where the kernel writes
+each element of the private gradient (csrc/clip_reduce_noise/fused_update.h), so the gradient never
+goes through .grad and a second optimizer pass. The optimizer state lives in the optimizer's own
+state dict under torch's names, so fused and unfused steps can be mixed and checkpoints load either
+way. An element whose private gradient is not finite is not stepped; the returned gradient shows it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -72,6 +80,137 @@ def philox_normal_reference(shape, seed: int, step: int, layer: int, client: int
     return z.reshape(shape)
 
 
+_UPDATE_KINDS = {"sgd": 1, "adam": 2, "adamw": 3}
+_NO_UPDATE_HYPER = [0.0] * 12   # kUpdateHyperWidth in csrc/clip_reduce_noise/fused_update.h
+
+
+@dataclasses.dataclass
+class FusedUpdate:
+    """One trained factor's optimizer step, fused into clip_reduce_noise.
+
+    param: the factor (fp32, or fp64 with fp64 gradients), stepped in place. state: that optimizer's
+    state dict for the factor (optimizer.state[param]); buffers are created and advanced exactly as
+    torch.optim does. kind: 'sgd' (momentum, dampening, nesterov, weight_decay), 'adam' (L2
+    weight_decay) or 'adamw' (decoupled weight_decay); betas and eps for the Adam kinds.
+    `FusedUpdate.from_optimizer(opt, param)` reads all of it from a torch.optim SGD / Adam / AdamW."""
+    param: torch.Tensor
+    state: dict
+    kind: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, param: torch.Tensor) -> "FusedUpdate":
+        group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+        if group is None:
+            raise ValueError("FusedUpdate.from_optimizer: the parameter is not in any of the optimizer's param groups")
+        name = type(optimizer).__name__
+
+        def refuse(option):
+            raise ValueError(f"fused optimizer step: {name}({option}=True) is not supported (deer fuses plain "
+                             f"SGD / Adam / AdamW steps); construct the optimizer without it, or step unfused "
+                             f"(fused_update=False)")
+        for option in ("maximize", "differentiable"):
+            if group.get(option):
+                refuse(option)
+        f = float
+        if isinstance(optimizer, torch.optim.SGD):
+            return cls(param, optimizer.state[param], "sgd", f(group["lr"]), f(group["weight_decay"]),
+                       f(group["momentum"]), f(group["dampening"]), bool(group["nesterov"]))
+        if isinstance(optimizer, torch.optim.Adam):   # AdamW is an Adam with decoupled weight decay
+            for option in ("amsgrad", "capturable", "fused"):   # (capturable/fused keep `step` on the device)
+                if group.get(option):
+                    refuse(option)
+            decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+            b1, b2 = group["betas"]
+            return cls(param, optimizer.state[param], "adamw" if decoupled else "adam", f(group["lr"]),
+                       f(group["weight_decay"]), betas=(f(b1), f(b2)), eps=f(group["eps"]))
+        raise TypeError(f"fused optimizer step: supports torch.optim.SGD, Adam and AdamW, got {name}; step "
+                        f"unfused (fused_update=False) for other optimizers")
+
+    def pack(self, out_dtype: torch.dtype, shape, device):
+        """(update_tensors, update_hyper, commit) for the kernels; commit() advances the state dict
+        after the op succeeded (a refused call leaves the optimizer state as it was)."""
+        kind = _UPDATE_KINDS.get(self.kind)
+        if kind is None:
+            raise ValueError(f"FusedUpdate.kind must be one of {sorted(_UPDATE_KINDS)}, got {self.kind!r}")
+        p = self.param
+        if p.dtype != out_dtype or tuple(p.shape) != tuple(shape) or p.device != torch.device(device):
+            raise ValueError(f"fused optimizer step: the parameter must match the private gradient: {tuple(shape)} "
+                             f"{out_dtype} on {device} (fp32, or fp64 for fp64 gradients); got {tuple(p.shape)} "
+                             f"{p.dtype} on {p.device}. Keep LoRA factors in fp32 or step unfused.")
+        if not p.is_contiguous():
+            raise ValueError("fused optimizer step: the parameter must be contiguous")
+        st, empty = self.state, p.new_empty(0)
+        first, step_size, bias2_sqrt, new = False, 0.0, 1.0, {}
+        b1 = b2 = empty
+        if kind == 1:
+            if self.momentum != 0:
+                b1 = st.get("momentum_buffer")
+                first = b1 is None
+                if first:       # torch clones d on the first step; the kernel writes every finite element
+                    b1 = torch.zeros_like(p)
+                new["momentum_buffer"] = b1
+        else:
+            if "step" not in st:   # torch's lazy init (Adam._init_group, capturable/fused off)
+                from torch.optim.optimizer import _get_scalar_dtype
+                new["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                new["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                new["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step_t = new.get("step", st.get("step"))
+            b1, b2 = new.get("exp_avg", st.get("exp_avg")), new.get("exp_avg_sq", st.get("exp_avg_sq"))
+            t = float(step_t) + 1.0
+            beta1, beta2 = self.betas
+            step_size = self.lr / (1.0 - beta1 ** t)
+            bias2_sqrt = (1.0 - beta2 ** t) ** 0.5
+        hyper = [float(kind), self.lr, self.weight_decay, self.momentum, self.dampening, float(self.nesterov),
+                 float(first), float(self.betas[0]), float(self.betas[1]), self.eps, step_size, bias2_sqrt]
+
+        def commit():
+            st.update(new)
+            if kind != 1:
+                st["step"] += 1      # in place, as torch advances its step tensor
+            torch.autograd.graph.increment_version([p, b1, b2])
+        return [p, b1, b2], hyper, commit
+
+
+def _apply_update_reference(g, tensors, hyper):
+    """The fused step in PyTorch ops (fused_update.h's formulas, in the parameter's dtype)."""
+    kind = int(hyper[0])
+    if kind == 0:
+        return
+    param, b1, b2 = tensors
+    _, lr, wd, mom, damp, nesterov, first, beta1, beta2, eps, step_size, bias2_sqrt = hyper
+    g = g.to(param.dtype)
+    ok = torch.isfinite(g)
+    g = torch.where(ok, g, 0.0)
+    p = param.clone()
+    if kind == 1:
+        d = g + wd * p if wd != 0 else g
+        if mom != 0:
+            buf = d.clone() if first else mom * b1 + (1.0 - damp) * d
+            b1.copy_(torch.where(ok, buf, b1))
+            d = d + mom * buf if nesterov else buf
+        new = p - lr * d
+    else:
+        if wd != 0:
+            if kind == 3:
+                p = p * (1.0 - lr * wd)
+            else:
+                g = g + wd * p
+        m = b1 + (1.0 - beta1) * (g - b1)
+        v = beta2 * b2 + (1.0 - beta2) * g * g
+        new = p - step_size * (m / (v.sqrt() / bias2_sqrt + eps))
+        b1.copy_(torch.where(ok, m, b1))
+        b2.copy_(torch.where(ok, v, b2))
+    param.copy_(torch.where(ok, new, param))
+
+
 def _check(grads_shape, clip, noise_std, expected_batch_size, chol, noise_side, step, layer, client, what):
     b, p, q = grads_shape
     if clip.dim() != 1 or clip.shape[0] != b:
@@ -94,9 +233,14 @@ def _check(grads_shape, clip, noise_std, expected_batch_size, chol, noise_side, 
 def _noise_reference(S, noise_std, chol, noise_side, seed, step, layer, client):
     if noise_std == 0:
         return S
+    if chol is not None:   # the kernels' rule: a positive, finite diagonal and a finite upper triangle
+        R = chol.to(torch.float64).triu()
+        if not bool((R.diagonal() > 0).all() and torch.isfinite(R).all()):
+            raise ValueError(f"clip_reduce_noise: chol must be the upper Cholesky factor of a positive definite K "
+                             f"(finite, positive diagonal); got diagonal {R.diagonal().cpu()}. Use a ridge lambda > 0 "
+                             f"when the frozen factor is rank deficient (B = 0 at initialisation).")
     Z = philox_normal_reference(tuple(S.shape), seed, step, layer, client, device=S.device)
     if chol is not None:
-        R = chol.to(torch.float64).triu()
         if noise_side == 0:
             Z = torch.linalg.solve_triangular(R, Z, upper=True)
         else:
@@ -122,23 +266,41 @@ def clip_reduce_noise_fused_reference(left, right, scale, clip, noise_std, expec
                                        layer, client)
 
 
+def _out_dtype(grads):
+    return torch.float64 if grads.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
 def clip_reduce_noise(grads: torch.Tensor, clip: torch.Tensor, noise_std: float, expected_batch_size: float,
                       chol: torch.Tensor | None = None, noise_side: int = 1, seed: int = 0, step: int = 0,
-                      layer: int = 0, client: int = 0, backend: str | None = None) -> torch.Tensor:
-    """(sum_i clip_i grads_i + noise_std * xi) / expected_batch_size, see the module docstring."""
+                      layer: int = 0, client: int = 0, backend: str | None = None,
+                      update: FusedUpdate | None = None) -> torch.Tensor:
+    """(sum_i clip_i grads_i + noise_std * xi) / expected_batch_size, see the module docstring.
+    With `update`, also steps update.param in place (the fused optimizer step)."""
     if grads.dim() != 3:
         raise ValueError(f"clip_reduce_noise: grads must be (b, p, q) per-sample gradients, got {tuple(grads.shape)}")
     _check(tuple(grads.shape), clip, float(noise_std), float(expected_batch_size), chol, noise_side, step, layer,
            client, "clip_reduce_noise")
     bk = resolve_backend(grads.device, backend, op="clip_reduce_noise", dtype=grads.dtype)
+    ut, uh, commit = [], [], None
+    if update is not None:
+        ut, uh, commit = update.pack(_out_dtype(grads), grads.shape[1:], grads.device)
     if bk == "reference":
-        return clip_reduce_noise_reference(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed,
-                                           step, layer, client)
-    if bk == "triton":
+        out = clip_reduce_noise_reference(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed,
+                                          step, layer, client)
+        if update is not None:
+            _apply_update_reference(out, ut, uh)
+    elif bk == "triton":
         from deer_kernels.clip_reduce_noise import clip_reduce_noise as triton_op
-        return triton_op(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client)
-    return torch.ops.deer.clip_reduce_noise(grads, clip, float(noise_std), float(expected_batch_size), chol,
-                                            int(noise_side), _seed_i64(seed), int(step), int(layer), int(client))
+        out = triton_op(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client,
+                        update_tensors=ut, update_hyper=uh)
+    else:
+        out = torch.ops.deer.clip_reduce_noise(grads, clip, float(noise_std), float(expected_batch_size), chol,
+                                               int(noise_side), _seed_i64(seed), int(step), int(layer), int(client),
+                                               ut, uh)
+    if commit is not None:
+        commit()
+    return out
 
 
 def clip_reduce_noise_fused(left: torch.Tensor, right: torch.Tensor, scale: float, clip: torch.Tensor,
@@ -175,9 +337,10 @@ def clip_reduce_noise_fused(left: torch.Tensor, right: torch.Tensor, scale: floa
                                                   int(step), int(layer), int(client))
 
 
+@torch.no_grad()
 def clip_reduce_noise_grouped(grads, clips, noise_std: float, expected_batch_size: float, chols=None,
                               noise_sides=1, seed: int = 0, step: int = 0, layers=None, client: int = 0,
-                              backend: str | None = None) -> list[torch.Tensor]:
+                              backend: str | None = None, updates=None) -> list[torch.Tensor]:
     """clip_reduce_noise for every trained factor of a model in one call:
 
         out[k] = clip_reduce_noise(grads[k], clips[k], noise_std, expected_batch_size, chols[k],
@@ -185,7 +348,7 @@ def clip_reduce_noise_grouped(grads, clips, noise_std: float, expected_batch_siz
 
     with the same Philox keys, hence the same noise, as one call per layer. `chols` (default: all None)
     and `noise_sides` / `layers` (an int for all, or one per layer; layers default 0..L-1) follow the
-    per-layer op. The cpu backend runs one parallel region over the layers, cuda one launch over all
+    per-layer op; `updates` (default none) holds one FusedUpdate or None per layer. The cpu backend runs one parallel region over the layers, cuda one launch over all
     layers (when they share a dtype and have enough elements to fill the GPU; else per-layer
     launches); triton and the reference run per layer."""
     grads, clips = list(grads), list(clips)
@@ -193,9 +356,11 @@ def clip_reduce_noise_grouped(grads, clips, noise_std: float, expected_batch_siz
     chols = [None] * L if chols is None else list(chols)
     sides = [int(noise_sides)] * L if isinstance(noise_sides, int) else [int(s) for s in noise_sides]
     layers = list(range(L)) if layers is None else [int(x) for x in layers]
-    if not len(clips) == len(chols) == len(sides) == len(layers) == L:
-        raise ValueError(f"clip_reduce_noise_grouped: grads, clips, chols, noise_sides and layers need one entry per "
-                         f"layer; got {L}, {len(clips)}, {len(chols)}, {len(sides)} and {len(layers)}")
+    updates = [None] * L if updates is None else list(updates)
+    if not len(clips) == len(chols) == len(sides) == len(layers) == len(updates) == L:
+        raise ValueError(f"clip_reduce_noise_grouped: grads, clips, chols, noise_sides, layers and updates need one "
+                         f"entry per layer; got {L}, {len(clips)}, {len(chols)}, {len(sides)}, {len(layers)} and "
+                         f"{len(updates)}")
     if L == 0:
         return []
     for k, g in enumerate(grads):
@@ -209,8 +374,24 @@ def clip_reduce_noise_grouped(grads, clips, noise_std: float, expected_batch_siz
                layers[k], client, f"clip_reduce_noise_grouped (layer {k})")
     bk = resolve_backend(grads[0].device, backend, op="clip_reduce_noise", dtype=grads[0].dtype)
     if bk in ("reference", "triton") or not hasattr(torch.ops.deer, "clip_reduce_noise_grouped"):
-        return [clip_reduce_noise(g, c, noise_std, expected_batch_size, ch, s, seed, step, lid, client, backend=bk)
-                for g, c, ch, s, lid in zip(grads, clips, chols, sides, layers)]
-    return list(torch.ops.deer.clip_reduce_noise_grouped(grads, clips, float(noise_std), float(expected_batch_size),
-                                                         chols, sides, _seed_i64(seed), int(step), layers,
-                                                         int(client)))
+        return [clip_reduce_noise(g, c, noise_std, expected_batch_size, ch, s, seed, step, lid, client, backend=bk,
+                                  update=u)
+                for g, c, ch, s, lid, u in zip(grads, clips, chols, sides, layers, updates)]
+    ut, uh, commits = [], [], []
+    if any(u is not None for u in updates):
+        for g, u in zip(grads, updates):
+            if u is None:
+                empty = g.new_empty(0)
+                ut += [empty, empty, empty]
+                uh += _NO_UPDATE_HYPER
+            else:
+                t, h, commit = u.pack(_out_dtype(g), g.shape[1:], g.device)
+                ut += t
+                uh += h
+                commits.append(commit)
+    out = list(torch.ops.deer.clip_reduce_noise_grouped(grads, clips, float(noise_std), float(expected_batch_size),
+                                                        chols, sides, _seed_i64(seed), int(step), layers, int(client),
+                                                        ut, uh))
+    for commit in commits:
+        commit()
+    return out

@@ -51,7 +51,6 @@ from .. import reference as ref
 from ..nn.inject import NoLoRALayersError, _require_lora, set_phase as _set_phase
 from ..nn.lora import lora_units
 from . import clipping as _clip
-from . import noise as _noise
 
 
 class PrivacyBudgetExceeded(RuntimeError):
@@ -124,55 +123,20 @@ def _would_exceed(accountant, target_epsilon: float, delta: float, noise_multipl
     return float(trial.get_epsilon(delta)) > target_epsilon
 
 
-def _clip_reduce_noise(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer,
-                       client, backend):
-    """deer.ops.clip_reduce_noise (C++/CUDA/Triton kernels, Philox noise) when it exists, else the
-    PyTorch path in privacy.noise. Looked up at call time: the kernels may land after this module."""
-    op = None
-    if backend != "reference":
-        try:
-            from ..ops import clip_reduce_noise as op  # type: ignore[attr-defined]
-        except (ImportError, AttributeError):
-            op = None
-    if op is None:
-        return _noise.clip_reduce_noise_reference(grads, clip, noise_std, expected_batch_size, chol,
-                                                  noise_side, seed, step, layer, client)
-    kwargs = {"backend": backend} if backend is not None and _accepts_backend(op) else {}
-    return op(grads, clip, float(noise_std), float(expected_batch_size), chol, noise_side, seed, step, layer,
-              client, **kwargs)
-
-
 def _clip_reduce_noise_all(grads, clips, noise_std, expected_batch_size, chols, sides, seed, step, layers, client,
-                           backend):
-    """Every trained tensor's release: deer.ops.clip_reduce_noise_grouped (one parallel region / one
-    launch for all layers) when the kernels are there and the tensors share a device, else one
-    _clip_reduce_noise per tensor. Same keys, same noise either way."""
-    if backend != "reference" and grads and len({g.device for g in grads}) == 1:
-        try:
-            from ..ops import clip_reduce_noise_grouped as grouped
-        except (ImportError, AttributeError):
-            grouped = None
-        if grouped is not None:
-            return grouped(grads, clips, float(noise_std), float(expected_batch_size), chols, sides, seed, step,
-                           layers, client, backend=backend)
-    return [_clip_reduce_noise(g, c, noise_std, expected_batch_size, ch, s, seed, step, lid, client, backend)
-            for g, c, ch, s, lid in zip(grads, clips, chols, sides, layers)]
-
-
-_ACCEPTS_BACKEND: dict = {}
-
-
-def _accepts_backend(fn) -> bool:
-    hit = _ACCEPTS_BACKEND.get(fn)
-    if hit is not None:
-        return hit
-    import inspect
-    try:
-        ok = "backend" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        ok = False
-    _ACCEPTS_BACKEND[fn] = ok      # inspect.signature per call and layer cost ~20 us each
-    return ok
+                           backend, updates=None):
+    """Every trained tensor's release through deer.ops (the compiled, Triton or reference backend, all
+    drawing the same Philox noise for the same key): one grouped call (one parallel region / one
+    launch) when the tensors share a device, else one call per tensor. `updates`: FusedUpdate or None
+    per tensor (the fused optimizer step)."""
+    from .. import ops
+    updates = [None] * len(grads) if updates is None else updates
+    if len({g.device for g in grads}) <= 1:
+        return ops.clip_reduce_noise_grouped(grads, clips, float(noise_std), float(expected_batch_size), chols,
+                                             sides, seed, step, layers, client, backend=backend, updates=updates)
+    return [ops.clip_reduce_noise(g, c, float(noise_std), float(expected_batch_size), ch, s, seed, step, lid, client,
+                                  backend=backend, update=u)
+            for g, c, ch, s, lid, u in zip(grads, clips, chols, sides, layers, updates)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,17 +268,25 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 t.grads, c = g0, torch.zeros(1, device=p.device)
             grads.append(t.grads)
             clips.append(c)
+        updates = None
+        if e.fused_update:   # the optimizer's step happens inside the kernel, element by element
+            from ..ops import FusedUpdate
+            updates = [FusedUpdate.from_optimizer(self.original_optimizer, t.param) for t in tensors]
         outs = _clip_reduce_noise_all(grads, clips, std, e.expected_batch_size, chols, [t.noise_side for t in tensors],
-                                      step_seed, e._step_counter, [t.layer_id for t in tensors], e.client, e.backend)
+                                      step_seed, e._step_counter, [t.layer_id for t in tensors], e.client, e.backend,
+                                      updates)
         # One finiteness check for all layers (one host sync on a GPU, not one per layer), before any
-        # .grad is written: a failing step leaves every parameter's gradient untouched.
+        # .grad is written: a failing step leaves every parameter's gradient untouched. (A fused step
+        # has already run; its kernels skip every non-finite element, so no NaN reached the weights.)
         if outs and not bool(torch.stack([torch.isfinite(o).all().to(outs[0].device) for o in outs]).all()):
             bad_names = [t.name for t, o in zip(tensors, outs) if not torch.isfinite(o).all()]
+            fused = (" The fused optimizer step left those elements (and their optimizer state) unchanged and stepped "
+                     "the finite ones." if updates else "")
             raise FloatingPointError(f"deer: the private gradient of {', '.join(bad_names)} is not finite although "
                                      f"every per-sample gradient was; refusing to step (check lam and the frozen "
-                                     f"factor)")
+                                     f"factor).{fused}")
         for t, out in zip(tensors, outs):
-            t.param.grad = out.to(t.param.dtype)
+            t.param.grad = None if updates else out.to(t.param.dtype)
         for _, u in units:
             for f in ("A", "B"):
                 if f not in factors:
@@ -370,6 +342,7 @@ class PrivacyEngine:
         self.optimizer: DPLoRAOptimizer | None = None
         self._step_counter = 0
         self.unaccounted_steps = 0   # steps taken with noise_multiplier = 0 (not private)
+        self.fused_update = False
 
     # ------------------------------------------------------------------------------------------
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader=None, *,
@@ -379,7 +352,8 @@ class PrivacyEngine:
                      noise: str = "isotropic", regulator: str | None = None, lam: float = 1e-3,
                      poisson_sampling: bool = True, phase: str | None = None, seed: int | None = None,
                      backend: str | None = None, loss_reduction: str = "mean", client: int = 0,
-                     sample_rate: float | None = None, expected_batch_size: float | None = None):
+                     sample_rate: float | None = None, expected_batch_size: float | None = None,
+                     fused_update: bool = False):
         """Make LoRA training of `module` private. Returns (module, DPLoRAOptimizer, data_loader).
 
         module: a model with LoRA layers (deer.nn.inject_lora); every trainable parameter must be a
@@ -397,6 +371,10 @@ class PrivacyEngine:
         phase: 'A' | 'B' | 'AB' (default 'B' for regulated noise, which needs a frozen factor; 'AB'
           otherwise). seed: noise key seed (default: OS entropy). client: noise key component.
         loss_reduction: 'mean' (the loss averages over the physical batch) or 'sum'.
+        fused_update: the optimizer (torch.optim SGD, Adam or AdamW, fp32 LoRA factors) steps each
+          factor inside the clip/noise kernel, where it writes the private gradient, instead of a
+          second pass through .grad; the LoRA factors' .grad stays None. Same result, same optimizer
+          state dict (fused and unfused runs can resume each other).
         """
         if noise not in ("isotropic", "regulated"):
             raise ValueError(f"noise must be 'isotropic' or 'regulated', got {noise!r}")
@@ -428,6 +406,12 @@ class PrivacyEngine:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPLoRAOptimizer):
             raise ValueError("this optimizer is already private; pass the original optimizer")
+
+        if fused_update:   # refuse an unsupported optimizer now, not at the first step
+            from ..ops import FusedUpdate
+            for g in optimizer.param_groups:
+                if g["params"]:
+                    FusedUpdate.from_optimizer(optimizer, g["params"][0])
 
         units = _require_lora(module, "make_private")
         phase = phase or ("B" if noise == "regulated" else _current_phase(units))
@@ -503,6 +487,7 @@ class PrivacyEngine:
         self.clipping, self.noise, self.regulator, self.lam = clipping, noise, regulator, float(lam)
         self.sample_rate, self.expected_batch_size = float(sample_rate), float(expected_batch_size)
         self.loss_reduction, self.backend, self.client = loss_reduction, backend, int(client)
+        self.fused_update = bool(fused_update)
         self.seed = int.from_bytes(os.urandom(8), "little") & ((1 << 62) - 1) if seed is None else int(seed)
         for _, u in units:
             u.clear_captured()

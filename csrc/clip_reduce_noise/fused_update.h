@@ -1,0 +1,165 @@
+// The optimizer step of one trained LoRA factor, fused into clip_reduce_noise's last write (host
+// and device code; no torch headers). Where the op writes element e of its private gradient g, it
+// also steps that element of the parameter and its optimizer state, so the gradient is never
+// written to .grad and read back by a separate optimizer pass.
+//
+// The arithmetic is torch.optim's single-tensor step (maximize=False, amsgrad=False), in the
+// parameter's dtype (= the op's output dtype: fp32, or fp64 for fp64 gradients):
+//   SGD    d = g + wd p;  momentum != 0: buf = first ? d : momentum buf + (1 - dampening) d,
+//          d = nesterov ? d + momentum buf : buf;                       p -= lr d
+//   Adam   g += wd p (L2);  AdamW: p *= 1 - lr wd (decoupled)
+//          m += (1 - beta1) (g - m);  v = beta2 v + (1 - beta2) g^2
+//          p -= step_size m / (sqrt(v) / sqrt(1 - beta2^t) + eps),    step_size = lr / (1 - beta1^t)
+// Scalars that depend on the step count t (step_size, sqrt(1 - beta2^t), first) come from the
+// caller, which owns the optimizer's state dict.
+//
+// A non-finite g leaves that element's parameter and state untouched: a NaN never reaches the
+// weights. The caller sees it in the returned gradient and refuses the step loudly.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "clip_reduce_noise/philox.h"  // DEER_HD
+
+namespace deer {
+
+enum UpdateKind : int { kUpdateNone = 0, kUpdateSGD = 1, kUpdateAdam = 2, kUpdateAdamW = 3 };
+
+// Layout of the op's float[] update_hyper: kUpdateHyperWidth doubles per layer, in this order.
+enum UpdateHyper : int {
+  kHKind, kHLr, kHWeightDecay, kHMomentum, kHDampening, kHNesterov, kHFirst, kHBeta1, kHBeta2, kHEps,
+  kHStepSize, kHBias2Sqrt, kUpdateHyperWidth
+};
+
+// One layer's update: the parameter and state buffers (same shape, dtype and contiguous layout as
+// the op's output; buf1 = momentum_buffer or exp_avg, buf2 = exp_avg_sq) and the step's scalars.
+// Plain data, so a CUDA kernel takes it by value or from a per-layer device table.
+struct UpdateArgs {
+  int kind = kUpdateNone;
+  bool nesterov = false, first = false;
+  void* param = nullptr;
+  void* buf1 = nullptr;
+  void* buf2 = nullptr;
+  double lr = 0, weight_decay = 0, momentum = 0, dampening = 0;
+  double beta1 = 0, beta2 = 0, eps = 0, step_size = 0, bias2_sqrt = 1;
+};
+
+// Finite test written as a compare so that a CPU loop of steps stays vectorisable (NaN compares
+// false; deer never builds with -ffinite-math-only).
+template <typename T>
+DEER_HD bool update_isfinite(T x) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(x);
+#else
+  return std::fabs(x) <= std::numeric_limits<T>::max();
+#endif
+}
+
+// a / b correctly rounded: nvcc's --use_fast_math makes a float '/' approximate (2 ulp), torch's is not.
+template <typename T>
+DEER_HD T div_rn(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == sizeof(float)) return __fdiv_rn(a, b);
+#endif
+  return a / b;
+}
+
+// Element e's step with the optimizer's branches resolved at compile time. Branch-free in the
+// element: a non-finite g computes on 0 and every store writes back the old value, so a loop of
+// these is straight-line arithmetic and selects.
+template <int kKind, bool kMomentum, bool kNesterov, bool kFirst, typename T>
+DEER_HD void step_element(const UpdateArgs& u, int64_t e, T g) {
+  T* P = static_cast<T*>(u.param);
+  const bool ok = update_isfinite(g);
+  const T g0 = ok ? g : T(0);
+  const T p_old = P[e];
+  T p = p_old;
+  if constexpr (kKind == kUpdateSGD) {
+    T d = g0;
+    if (u.weight_decay != 0) d = d + static_cast<T>(u.weight_decay) * p;
+    if constexpr (kMomentum) {
+      T* B = static_cast<T*>(u.buf1);
+      const T b_old = B[e];
+      const T buf = kFirst ? d : static_cast<T>(u.momentum) * b_old + static_cast<T>(1.0 - u.dampening) * d;
+      B[e] = ok ? buf : b_old;
+      d = kNesterov ? d + static_cast<T>(u.momentum) * buf : buf;
+    }
+    P[e] = ok ? p - static_cast<T>(u.lr) * d : p_old;
+  } else {  // Adam (L2 decay on g) / AdamW (decoupled decay on p)
+    T gg = g0;
+    if (u.weight_decay != 0) {
+      if constexpr (kKind == kUpdateAdamW)
+        p = p * static_cast<T>(1.0 - u.lr * u.weight_decay);
+      else
+        gg = gg + static_cast<T>(u.weight_decay) * p;
+    }
+    T* M = static_cast<T*>(u.buf1);
+    T* V = static_cast<T*>(u.buf2);
+    const T m_old = M[e], v_old = V[e];
+    const T m = m_old + static_cast<T>(1.0 - u.beta1) * (gg - m_old);
+    const T v = static_cast<T>(u.beta2) * v_old + static_cast<T>(1.0 - u.beta2) * gg * gg;
+    M[e] = ok ? m : m_old;
+    V[e] = ok ? v : v_old;
+    // sqrt in double then rounded: the correctly rounded fp32 sqrt, whatever a device's fast-math
+    // setting does to a float sqrt.
+    const T denom = div_rn(static_cast<T>(sqrt(static_cast<double>(v))), static_cast<T>(u.bias2_sqrt)) +
+                    static_cast<T>(u.eps);
+    P[e] = ok ? p - static_cast<T>(u.step_size) * div_rn(m, denom) : p_old;
+  }
+}
+
+// Calls body.template run<kind, momentum, nesterov, first>() for u's configuration (7 variants).
+template <typename Body>
+DEER_HD void dispatch_update(const UpdateArgs& u, const Body& body) {
+  switch (u.kind) {
+    case kUpdateSGD:
+      if (u.momentum == 0) return body.template run<kUpdateSGD, false, false, false>();
+      if (u.nesterov)
+        return u.first ? body.template run<kUpdateSGD, true, true, true>()
+                       : body.template run<kUpdateSGD, true, true, false>();
+      return u.first ? body.template run<kUpdateSGD, true, false, true>()
+                     : body.template run<kUpdateSGD, true, false, false>();
+    case kUpdateAdam:
+      return body.template run<kUpdateAdam, false, false, false>();
+    case kUpdateAdamW:
+      return body.template run<kUpdateAdamW, false, false, false>();
+    default:
+      return;
+  }
+}
+
+template <typename T>
+struct UpdateOne {
+  const UpdateArgs& u;
+  int64_t e;
+  T g;
+  template <int K, bool M, bool N, bool F>
+  DEER_HD void run() const { step_element<K, M, N, F>(u, e, g); }
+};
+
+template <typename T>
+struct UpdateRange {
+  const UpdateArgs& u;
+  const T* g;
+  int64_t e0, e1;
+  template <int K, bool M, bool N, bool F>
+  DEER_HD void run() const {
+    for (int64_t e = e0; e < e1; ++e) step_element<K, M, N, F>(u, e, g[e]);
+  }
+};
+
+// Steps element e with gradient g (T = the parameter's dtype): one GPU thread's epilogue.
+template <typename T>
+DEER_HD void apply_update(const UpdateArgs& u, int64_t e, T g) {
+  if (u.kind != kUpdateNone) dispatch_update(u, UpdateOne<T>{u, e, g});
+}
+
+// Steps elements [e0, e1) with gradients g[e0, e1): a CPU block's epilogue, run while the block of
+// private gradient it just wrote is still in L1; one dispatch, then a vectorisable loop.
+template <typename T>
+DEER_HD void apply_update_range(const UpdateArgs& u, const T* g, int64_t e0, int64_t e1) {
+  if (u.kind != kUpdateNone) dispatch_update(u, UpdateRange<T>{u, g, e0, e1});
+}
+
+}  // namespace deer
