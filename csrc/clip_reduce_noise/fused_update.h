@@ -65,35 +65,51 @@ DEER_HD T div_rn(T a, T b) {
   return a / b;
 }
 
+// sqrt correctly rounded in T (IEEE sqrt on the CPU; the _rn intrinsic on a device, where fast-math
+// would otherwise approximate a float sqrt).
+template <typename T>
+DEER_HD T sqrt_rn(T a) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == sizeof(float)) return __fsqrt_rn(a);
+  return sqrt(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+
 // Element e's step with the optimizer's branches resolved at compile time. Branch-free in the
 // element: a non-finite g computes on 0 and every store writes back the old value, so a loop of
 // these is straight-line arithmetic and selects.
-template <int kKind, bool kMomentum, bool kNesterov, bool kFirst, typename T>
+// kGuard = false: the caller knows g is finite (a CPU block it has scanned), so no selects remain
+// and the loop's stores are unconditional (GCC will not vectorise a loop of conditional stores).
+template <int kKind, bool kMomentum, bool kNesterov, bool kFirst, bool kGuard, typename T>
 DEER_HD void step_element(const UpdateArgs& u, int64_t e, T g) {
   T* P = static_cast<T*>(u.param);
-  const bool ok = update_isfinite(g);
+  const bool ok = !kGuard || update_isfinite(g);
   const T g0 = ok ? g : T(0);
   const T p_old = P[e];
   T p = p_old;
+  // Weight decay as selects, not branches (loop-invariant, so a CPU loop stays straight-line): with
+  // weight_decay = 0 torch adds nothing, and the select adds an exact 0 (never 0 * p).
+  const bool decay = u.weight_decay != 0;
+  const T wd = static_cast<T>(u.weight_decay);
   if constexpr (kKind == kUpdateSGD) {
-    T d = g0;
-    if (u.weight_decay != 0) d = d + static_cast<T>(u.weight_decay) * p;
+    const T d0 = g0 + (decay ? wd * p : T(0));
+    T d = d0;
     if constexpr (kMomentum) {
       T* B = static_cast<T*>(u.buf1);
       const T b_old = B[e];
-      const T buf = kFirst ? d : static_cast<T>(u.momentum) * b_old + static_cast<T>(1.0 - u.dampening) * d;
+      const T buf = kFirst ? d0 : static_cast<T>(u.momentum) * b_old + static_cast<T>(1.0 - u.dampening) * d0;
       B[e] = ok ? buf : b_old;
-      d = kNesterov ? d + static_cast<T>(u.momentum) * buf : buf;
+      d = kNesterov ? d0 + static_cast<T>(u.momentum) * buf : buf;
     }
     P[e] = ok ? p - static_cast<T>(u.lr) * d : p_old;
   } else {  // Adam (L2 decay on g) / AdamW (decoupled decay on p)
     T gg = g0;
-    if (u.weight_decay != 0) {
-      if constexpr (kKind == kUpdateAdamW)
-        p = p * static_cast<T>(1.0 - u.lr * u.weight_decay);
-      else
-        gg = gg + static_cast<T>(u.weight_decay) * p;
-    }
+    if constexpr (kKind == kUpdateAdamW)
+      p = decay ? p * static_cast<T>(1.0 - u.lr * u.weight_decay) : p;
+    else
+      gg = gg + (decay ? wd * p : T(0));
     T* M = static_cast<T*>(u.buf1);
     T* V = static_cast<T*>(u.buf2);
     const T m_old = M[e], v_old = V[e];
@@ -101,10 +117,7 @@ DEER_HD void step_element(const UpdateArgs& u, int64_t e, T g) {
     const T v = static_cast<T>(u.beta2) * v_old + static_cast<T>(1.0 - u.beta2) * gg * gg;
     M[e] = ok ? m : m_old;
     V[e] = ok ? v : v_old;
-    // sqrt in double then rounded: the correctly rounded fp32 sqrt, whatever a device's fast-math
-    // setting does to a float sqrt.
-    const T denom = div_rn(static_cast<T>(sqrt(static_cast<double>(v))), static_cast<T>(u.bias2_sqrt)) +
-                    static_cast<T>(u.eps);
+    const T denom = div_rn(sqrt_rn(v), static_cast<T>(u.bias2_sqrt)) + static_cast<T>(u.eps);
     P[e] = ok ? p - static_cast<T>(u.step_size) * div_rn(m, denom) : p_old;
   }
 }
@@ -135,7 +148,7 @@ struct UpdateOne {
   int64_t e;
   T g;
   template <int K, bool M, bool N, bool F>
-  DEER_HD void run() const { step_element<K, M, N, F>(u, e, g); }
+  DEER_HD void run() const { step_element<K, M, N, F, true>(u, e, g); }
 };
 
 template <typename T>
@@ -145,7 +158,15 @@ struct UpdateRange {
   int64_t e0, e1;
   template <int K, bool M, bool N, bool F>
   DEER_HD void run() const {
-    for (int64_t e = e0; e < e1; ++e) step_element<K, M, N, F>(u, e, g[e]);
+    // A local copy: the loop's stores cannot alias it, so its scalars stay in registers. A block
+    // with a non-finite gradient (rare: the engine refuses such a step) takes the guarded loop.
+    const UpdateArgs lu = u;
+    int bad = 0;  // an int OR-reduction: GCC vectorises it (not a bool &=)
+    for (int64_t e = e0; e < e1; ++e) bad |= update_isfinite(g[e]) ? 0 : 1;
+    if (bad == 0)
+      for (int64_t e = e0; e < e1; ++e) step_element<K, M, N, F, false>(lu, e, g[e]);
+    else
+      for (int64_t e = e0; e < e1; ++e) step_element<K, M, N, F, true>(lu, e, g[e]);
   }
 };
 
