@@ -17,6 +17,8 @@ Opacus-style (what opacus.GradSampleModule + DPOptimizer do for a Linear A and a
 Paper regulated noise: a full m x n Gaussian draw mapped through the frozen factor's pseudo-inverse
     (B phase xi = N A^T (A A^T)^{-1}) against deer's r-dimensional draw + triangular solve, both with
     the same clipped sum.
+Whole-model release (12 ViT-B qkv B factors): clip_reduce_noise_grouped against one call per layer,
+and the fused optimizer step (AdamW, SGD-momentum) against writing .grad and calling optimizer.step().
 Targets: deer >= 2x faster than Opacus-style (isotropic noise) and >= 10x faster than the paper's
 regulated noise. Group summary at the end of the run: baseline median / deer median.
 """
