@@ -232,12 +232,9 @@ def test_methods_agree_without_noise(layers):
         torch.testing.assert_close(bf, c)
 
 
-@pytest.mark.parametrize("method", ["deer grouped", "deer one call per layer"])
-def test_grouped_model_release(benchmark, quick, method):
-    """The release of every trained factor of a 12-block ViT-B/16-like model in the B phase (qkv:
-    m = 2304, r = 8; b = 32 per-sample gradients, regulated noise): clip_reduce_noise_grouped against
-    one clip_reduce_noise call per layer (the same outputs; see tests/test_clip_reduce_noise.py)."""
-    from deer.ops import clip_reduce_noise_grouped
+def _model_release_inputs(quick):
+    """Per-sample gradients, clip factors and a shared Cholesky factor of the B phase of a 12-block
+    ViT-B/16-like model's qkv LoRA layers (3 blocks with --quick)."""
     sh = _shapes(quick)
     L, b, m, r = (3 if quick else 12), sh["b"], sh["ms"][1], sh["r"]
     g = torch.Generator().manual_seed(5)
@@ -245,6 +242,17 @@ def test_grouped_model_release(benchmark, quick, method):
     clips = [torch.rand(b, generator=g) for _ in range(L)]
     A = torch.randn(r, r, generator=g, dtype=torch.float64)
     chol = torch.linalg.cholesky(A @ A.T + torch.eye(r, dtype=torch.float64)).mT.contiguous().float()
+    return L, b, m, r, grads, clips, chol
+
+
+@pytest.mark.parametrize("method", ["deer grouped", "deer one call per layer"])
+def test_grouped_model_release(benchmark, quick, method):
+    """The release of every trained factor of a 12-block ViT-B/16-like model in the B phase (qkv:
+    m = 2304, r = 8; b = 32 per-sample gradients, regulated noise): clip_reduce_noise_grouped against
+    one clip_reduce_noise call per layer (the same outputs; see tests/test_clip_reduce_noise.py)."""
+    from deer.ops import clip_reduce_noise_grouped
+    sh = _shapes(quick)
+    L, b, m, r, grads, clips, chol = _model_release_inputs(quick)
     if method == "deer grouped":
         fn = lambda: clip_reduce_noise_grouped(grads, clips, SIGMA * C, b, [chol] * L, 1, 3, 1, list(range(L)), 0)
     else:
@@ -262,12 +270,8 @@ def test_fused_optimizer_step(benchmark, quick, method, optimizer):
     against writing .grad and calling torch's optimizer (its default foreach implementation)."""
     from deer.ops import FusedUpdate, clip_reduce_noise_grouped
     sh = _shapes(quick)
-    L, b, m, r = (3 if quick else 12), sh["b"], sh["ms"][1], sh["r"]
-    g = torch.Generator().manual_seed(5)
-    grads = [torch.randn(b, m, r, generator=g) for _ in range(L)]
-    clips = [torch.rand(b, generator=g) for _ in range(L)]
-    A = torch.randn(r, r, generator=g, dtype=torch.float64)
-    chol = torch.linalg.cholesky(A @ A.T + torch.eye(r, dtype=torch.float64)).mT.contiguous().float()
+    L, b, m, r, grads, clips, chol = _model_release_inputs(quick)
+    g = torch.Generator().manual_seed(6)
     params = [torch.nn.Parameter(torch.randn(m, r, generator=g) * 0.1) for _ in range(L)]
     opt = (torch.optim.AdamW(params, lr=1e-3) if optimizer == "AdamW"
            else torch.optim.SGD(params, lr=0.1, momentum=0.9))

@@ -20,43 +20,13 @@
 #include "clip_reduce_noise/philox_normals.h"
 #include "per_sample_grad_norm/psgn_tile.h"
 #include "tests/check.h"
+#include "tests/optim_step.h"
 
 using namespace deer::check;
 
 static double rel_err(const at::Tensor& got, const at::Tensor& want) {
   return (got.to(at::kDouble) - want).abs().max().item<double>() / (want.abs().max().item<double>() + 1e-300);
 }
-
-// One fused optimizer step as the op takes it: the kind, torch.optim's hyper-parameters and the step
-// count t after this step (torch.optim's state["step"]), flattened by hyper() into the
-// kUpdateHyperWidth scalars of the op's update_hyper.
-struct Optim {
-  const char* name;
-  int kind;
-  double lr, wd = 0, momentum = 0, dampening = 0;
-  bool nesterov = false, first = false;
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  int64_t t = 1;
-
-  bool has_buf1() const { return kind != deer::kUpdateSGD || momentum != 0; }  // momentum_buffer / exp_avg
-  bool has_buf2() const { return kind != deer::kUpdateSGD; }                   // exp_avg_sq
-  std::vector<double> hyper() const {
-    std::vector<double> h(deer::kUpdateHyperWidth);
-    h[deer::kHKind] = kind;
-    h[deer::kHLr] = lr;
-    h[deer::kHWeightDecay] = wd;
-    h[deer::kHMomentum] = momentum;
-    h[deer::kHDampening] = dampening;
-    h[deer::kHNesterov] = nesterov;
-    h[deer::kHFirst] = first;
-    h[deer::kHBeta1] = beta1;
-    h[deer::kHBeta2] = beta2;
-    h[deer::kHEps] = eps;
-    h[deer::kHStepSize] = lr / (1 - std::pow(beta1, t));
-    h[deer::kHBias2Sqrt] = std::sqrt(1 - std::pow(beta2, t));
-    return h;
-  }
-};
 
 // A parameter and its optimizer state; a 0-element tensor for a buffer the optimizer does not use.
 struct OptState {
@@ -65,13 +35,9 @@ struct OptState {
   OptState clone() const { return {param.clone(), buf1.clone(), buf2.clone()}; }
 };
 
-// A random start (not zeros: every term of the formulas matters); exp_avg_sq > 0. Parameters of
-// LoRA-factor size (|p| ~ 0.1): an fp32 step is resolved only to p's rounding (ulp(p) / step), so
-// small p keeps that far below the 1e-5 tolerance with steps of ~lr.
 static OptState random_state(const Optim& o, int64_t p, int64_t q, at::ScalarType dtype) {
-  const auto opt = torch::dtype(dtype);
-  return {0.1 * torch::randn({p, q}, opt), o.has_buf1() ? torch::randn({p, q}, opt) : torch::empty({0}, opt),
-          o.has_buf2() ? 0.01 + torch::rand({p, q}, opt) : torch::empty({0}, opt)};
+  const auto v = o.start(p, q, dtype);
+  return {v[0], v[1], v[2]};
 }
 
 // The independent reference: torch.optim's single-tensor SGD / Adam / AdamW step (maximize=False,

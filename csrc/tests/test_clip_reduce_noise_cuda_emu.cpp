@@ -18,6 +18,7 @@
 
 #include "clip_reduce_noise/clip_reduce_noise_cuda.cuh"
 #include "tests/check.h"
+#include "tests/optim_step.h"
 
 using namespace deer::check;
 
@@ -30,42 +31,6 @@ static at::Tensor philox_z(int64_t p, int64_t q, uint64_t seed, int64_t step, in
   for (int64_t e = 0; e < p * q; ++e) z[e] = deer::philox::normal_at(key, static_cast<uint64_t>(e));
   return Z;
 }
-
-// One fused optimizer step for the op's lists: the kind and torch.optim's hyper-parameters, t the
-// step count after this step. hyper() gives the layer's kUpdateHyperWidth scalars (fused_update.h);
-// start() a random parameter (|p| ~ 0.1, a LoRA factor's size) and the buffers the kind uses
-// (exp_avg_sq > 0), 0-element tensors for the others.
-struct Update {
-  const char* name;
-  int kind;
-  double lr, wd = 0, momentum = 0, dampening = 0;
-  bool nesterov = false;
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  int64_t t = 1;
-
-  std::vector<double> hyper() const {
-    std::vector<double> h(deer::kUpdateHyperWidth);
-    h[deer::kHKind] = kind;
-    h[deer::kHLr] = lr;
-    h[deer::kHWeightDecay] = wd;
-    h[deer::kHMomentum] = momentum;
-    h[deer::kHDampening] = dampening;
-    h[deer::kHNesterov] = nesterov;
-    h[deer::kHFirst] = 0;  // first = 1 only swaps the momentum buffer's source (test_clip_reduce_noise)
-    h[deer::kHBeta1] = beta1;
-    h[deer::kHBeta2] = beta2;
-    h[deer::kHEps] = eps;
-    h[deer::kHStepSize] = lr / (1 - std::pow(beta1, t));
-    h[deer::kHBias2Sqrt] = std::sqrt(1 - std::pow(beta2, t));
-    return h;
-  }
-  std::vector<at::Tensor> start(int64_t p, int64_t q, at::ScalarType dtype) const {
-    const auto opt = torch::dtype(dtype);
-    const bool adam = kind != deer::kUpdateSGD;
-    return {0.1 * torch::randn({p, q}, opt), adam || momentum != 0 ? torch::randn({p, q}, opt) : torch::empty({0}, opt),
-            adam ? 0.01 + torch::rand({p, q}, opt) : torch::empty({0}, opt)};
-  }
-};
 
 static std::vector<at::Tensor> clones(const std::vector<at::Tensor>& ts) {
   std::vector<at::Tensor> out;
@@ -230,7 +195,7 @@ int main() {
   // sum kernel, b > 1 the split path, whose second kernel updates). Against the CPU backend's fused
   // step (itself checked against torch.optim's float64 formulas in test_clip_reduce_noise) on clones
   // of the same random start; fp32 parameters for fp32 / bf16 gradients, fp64 for fp64.
-  const Update updates[] = {
+  const Optim updates[] = {
       {.name = "SGD", .kind = deer::kUpdateSGD, .lr = 0.1},
       {.name = "SGD momentum/nesterov/wd", .kind = deer::kUpdateSGD, .lr = 0.05, .wd = 0.01, .momentum = 0.9,
        .dampening = 0.1, .nesterov = true},
@@ -304,7 +269,7 @@ int main() {
                                     : c10::nullopt);
         sides.push_back(L.side);
         layer_ids.push_back(3 * static_cast<int64_t>(k) + 1);
-        const Update& u = updates[L.update >= 0 ? L.update : 2];
+        const Optim& u = updates[L.update >= 0 ? L.update : 2];
         auto h = u.hyper();
         if (L.update < 0) h[deer::kHKind] = deer::kUpdateNone;
         hyper.insert(hyper.end(), h.begin(), h.end());
