@@ -171,6 +171,9 @@ import torch, triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 
+FLOATS = ("scale", "noise_std", "expected_batch_size",   # and the fused optimizer step's scalars
+          "lr", "wd", "momentum", "damp_c", "beta1_c", "beta2", "beta2_c", "eps", "step_size", "bias2_sqrt", "decay")
+
 def aot(fn, ptrs, consts, num_warps, num_stages):
     """Compile fn for sm_90 as a launch with aligned tensors and dims divisible by 16 would be."""
     sig, attrs = {}, {}
@@ -179,8 +182,7 @@ def aot(fn, ptrs, consts, num_warps, num_stages):
         if n in consts:
             sig[n] = "constexpr"
             continue
-        sig[n] = ptrs.get(n) or ("fp32" if n in ("scale", "noise_std", "expected_batch_size")
-                                 else "i64" if n == "key" else "i32")
+        sig[n] = ptrs.get(n) or ("fp32" if n in FLOATS else "i64" if n == "key" else "i32")
         if sig[n][0] in "*i" and n not in ("T", "B", "key", "step", "layer", "client"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
@@ -210,8 +212,16 @@ out["fused_bf16"] = aot(crn._clip_reduce_fused_kernel, dict(L="*bf16", R="*bf16"
                         dict(s_lp=1, s_rq=1, COMPUTE=tl.bfloat16, DOT_PRECISION="tf32", BLOCK_T=gc["BLOCK_T"],
                              BLOCK_P=gc["BLOCK_P"], BLOCK_Q=gc["BLOCK_Q"]), gc["num_warps"], gc["num_stages"])
 fc = C.noise_tiles(16, 768, 0, cuda)
-out["finish"] = aot(crn._finish_kernel, dict(Part="*fp32", Out="*fp32", Rinv="*fp32"),
-                    dict(NOISE=2, BLOCK_P=fc["BLOCK_P"], BLOCK_Q=fc["BLOCK_Q"]), fc["num_warps"], fc["num_stages"])
+fin_ptrs = dict(Part="*fp32", Out="*fp32", Rinv="*fp32", Param="*fp32", Buf1="*fp32", Buf2="*fp32")
+no_update = dict(UPDATE=0, DECAY=False, MOMENTUM=False, NESTEROV=False, FIRST=False)
+out["finish"] = aot(crn._finish_kernel, fin_ptrs, dict(NOISE=2, BLOCK_P=fc["BLOCK_P"], BLOCK_Q=fc["BLOCK_Q"], **no_update),
+                    fc["num_warps"], fc["num_stages"])
+# The fused optimizer step's epilogue (AdamW with decay; SGD with nesterov momentum) on isotropic noise.
+fi = C.noise_tiles(768, 16, None, cuda)
+for tag, upd in (("finish_iso", no_update), ("finish_adamw", dict(no_update, UPDATE=3, DECAY=True)),
+                 ("finish_sgd", dict(no_update, UPDATE=1, DECAY=True, MOMENTUM=True, NESTEROV=True))):
+    out[tag] = aot(crn._finish_kernel, fin_ptrs, dict(NOISE=1, BLOCK_P=fi["BLOCK_P"], BLOCK_Q=fi["BLOCK_Q"], **upd),
+                   fi["num_warps"], fi["num_stages"])
 try:  # kernels built for the GPU (TRITON_INTERPRET unset at import) must refuse CPU tensors clearly
     psg.per_sample_grad_norm(torch.randn(2, 3, 4), torch.randn(2, 3, 5), 1.0)
     cpu_error = ""
@@ -239,7 +249,8 @@ def run_aot(code: str) -> dict:
 
 
 def test_kernels_compile_for_hopper_on_tensor_cores():
-    """Both ops' kernels (per_sample_grad_norm, clip_reduce_noise: reduce, fused, finish)."""
+    """Both ops' kernels (per_sample_grad_norm, clip_reduce_noise: reduce, fused, finish with and without
+    the fused optimizer step)."""
     res = run_aot(AOT_KERNELS)
     assert "TRITON_INTERPRET=1" in res.pop("cpu_error"), "CPU tensors without the interpreter: unclear error"
     tc = {k: v["wgmma.mma_async"] + v["mma.sync"] for k, v in res.items()}
@@ -251,3 +262,7 @@ def test_kernels_compile_for_hopper_on_tensor_cores():
         assert res[k]["ld.local"] == 0, f"{k} uses local memory: {res}"
     # The regulated-noise product with R^-1 stays in full fp32 (no TF32 tensor-core rounding).
     assert tc["finish"] == 0, res
+    # The optimizer epilogue keeps to registers: no local memory beyond what the float64 Box-Muller's
+    # sin/cos argument reduction already has in the same kernel without it.
+    for k in ("finish_adamw", "finish_sgd"):
+        assert res[k]["ld.local"] == res["finish_iso"]["ld.local"], f"{k} spills: {res}"
