@@ -70,7 +70,7 @@ build() {
 stage build 400 build || { printf '%s\n' "${summary[@]}"; exit 1; }
 
 # compute-sanitizer (memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory
-# hazards) on one call of each CUDA op at odd shapes.
+# hazards) on one call of each CUDA op at odd shapes, and a grouped release with fused AdamW / SGD steps.
 sanitize() {
   local py='import torch, deer.ops as o
 for (b,T,p,q) in [(3,97,2304,8),(2,33,8,129),(2,5,37,64)]:
@@ -78,6 +78,10 @@ for (b,T,p,q) in [(3,97,2304,8),(2,33,8,129),(2,5,37,64)]:
     o.per_sample_grad_norm(L,R,0.5,K,1,backend="cuda")
     g,_=o.per_sample_grad_norm(L,R,0.5,None,1,backend="cuda")
     o.clip_reduce_noise(g,torch.rand(b,device="cuda"),1.0,4.0,torch.linalg.cholesky(K).mT.contiguous(),1,1,2,3,4,backend="cuda")
+    W=[torch.nn.Parameter(torch.zeros(p,q,device="cuda")) for _ in range(8)]  # 8 layers: the grouped kernel
+    opt=torch.optim.AdamW(W[:4]); sgd=torch.optim.SGD(W[4:],lr=0.1,momentum=0.9)
+    o.clip_reduce_noise_grouped([g]*8,[torch.rand(b,device="cuda")]*8,1.0,4.0,None,1,1,2,list(range(8)),4,backend="cuda",
+        updates=[o.FusedUpdate.from_optimizer(opt if k<4 else sgd,W[k]) for k in range(8)])
 torch.cuda.synchronize(); print("sanitized calls done")'
   compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -c "$py" &&
     compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -c "$py"
@@ -86,7 +90,7 @@ stage sanitize 180 sanitize
 
 stage tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_per_sample_grad_norm.py \
   tests/test_per_sample_grad_norm_triton.py tests/test_clip_reduce_noise.py tests/test_clip_reduce_noise_triton.py \
-  tests/test_ops_dispatch.py --junitxml="$DEST/tests.xml"
+  tests/test_clip_reduce_noise_update.py tests/test_ops_dispatch.py --junitxml="$DEST/tests.xml"
 
 stage roofline 180 "$PY" -m bench.roofline --device cuda $QUICK_FLAG --out "$DEST"
 
