@@ -170,3 +170,27 @@ def test_nonfinite_private_gradient_refused_before_any_grad_is_written(gen, monk
     for n, p in model.named_parameters():
         assert p.grad is None, f"{n} got a gradient from a refused step"
         torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=n)
+
+
+def test_nonfinite_private_gradient_with_fused_step_is_charged_and_raises(gen, monkeypatch):
+    """With fused_update the kernels have stepped the finite elements before the check can run: the
+    step still raises, names the layer, keeps NaN/Inf out of the weights, and is charged to the
+    accountant (its noise reached the weights), so a resumed run never forgets it."""
+    import deer.privacy.engine as engine_mod
+    torch.manual_seed(gen.initial_seed())
+    model = inject_lora(_mlp(), ["0", "3"], r=2)
+    eng, opt = _private(model, noise_multiplier=0.5, max_grad_norm=1.0, seed=3, fused_update=True)
+    real = engine_mod._clip_reduce_noise_all
+
+    def poisoned(*args, **kw):
+        outs = real(*args, **kw)
+        outs[1] = outs[1].clone()
+        outs[1].view(-1)[0] = float("nan")
+        return outs
+    monkeypatch.setattr(engine_mod, "_clip_reduce_noise_all", poisoned)
+    F.cross_entropy(model(torch.randn(5, 6, generator=gen)), torch.randint(0, 3, (5,), generator=gen)).backward()
+    assert eng.get_epsilon(1e-5) == 0
+    with pytest.raises(FloatingPointError, match=r"lora_B is not finite.*charged to the accountant"):
+        opt.step()
+    assert opt.steps_taken == 1 and eng.get_epsilon(1e-5) > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())

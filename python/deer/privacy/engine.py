@@ -280,8 +280,11 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         # has already run; its kernels skip every non-finite element, so no NaN reached the weights.)
         if outs and not bool(torch.stack([torch.isfinite(o).all().to(outs[0].device) for o in outs]).all()):
             bad_names = [t.name for t, o in zip(tensors, outs) if not torch.isfinite(o).all()]
-            fused = (" The fused optimizer step left those elements (and their optimizer state) unchanged and stepped "
-                     "the finite ones." if updates else "")
+            fused = ""
+            if updates:   # the finite elements did reach the weights: this release is spent and charged
+                self._charge(eff)
+                fused = (" The fused optimizer step left those elements (and their optimizer state) unchanged, "
+                         "stepped the finite ones, and this step was charged to the accountant.")
             raise FloatingPointError(f"deer: the private gradient of {', '.join(bad_names)} is not finite although "
                                      f"every per-sample gradient was; refusing to step (check lam and the frozen "
                                      f"factor).{fused}")
@@ -292,18 +295,23 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 if f not in factors:
                     u.factor(f).grad = None
 
-        if eff > 0:
-            e.accountant.step(noise_multiplier=eff, sample_rate=e.sample_rate)
-        else:   # no noise: not private at all; get_epsilon reports inf from now on
-            e.unaccounted_steps += 1
-        e._step_counter += 1
-        self.steps_taken += 1
+        self._charge(eff)
         clipped = None
         if batch > 0 and cs[0] is not None:
             clipped = float((torch.stack(cs) < 1).any(0).float().mean())
         self.last_step = {"batch_size": batch, "noise_multiplier_effective": eff, "sensitivity": sens,
                           "noise_std": std, "clipped_fraction": clipped, "dropped_nonfinite": nbad,
                           "per_sample_norms": total_norm}
+
+    def _charge(self, eff: float) -> None:
+        """Charge one release with multiplier eff and move the noise key to the next step."""
+        e = self._engine
+        if eff > 0:
+            e.accountant.step(noise_multiplier=eff, sample_rate=e.sample_rate)
+        else:   # no noise: not private at all; get_epsilon reports inf from now on
+            e.unaccounted_steps += 1
+        e._step_counter += 1
+        self.steps_taken += 1
 
     @torch.no_grad()
     def step(self, closure=None):
