@@ -167,3 +167,44 @@ def test_step_is_poisson_sampled_mean_over_expected_batch(job, gen):
         torch.testing.assert_close(upd.adapters[name]["B"], expected, rtol=1e-4, atol=1e-6)
         assert torch.equal(upd.adapters[name]["A"], start[name]["A"])
     set_adapters(model, job.init_adapters)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_private_step_drops_nonfinite_samples(job, gen, backend):
+    """A record whose loss gradient is NaN is dropped from the private sum with a warning (as the
+    PrivacyEngine does): the release equals the one where that record contributes nothing, and no NaN
+    reaches it. A non-finite release is refused with the layer's name."""
+    if backend is None:
+        _kernel_backend()
+    spec = method_spec("deer")
+    layers, start, captured = _prepare(job, gen, "B")
+    poisoned = [(X, U, G.clone()) for X, U, G in captured]
+    poisoned[0][2][4] = float("nan")          # sample 4's output gradient in the first LoRA layer
+    zeroed = [(X, U, G.clone()) for X, U, G in captured]
+    for c in zeroed:
+        c[2][4] = 0.0                          # sample 4 contributes nothing anywhere
+    cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=0.7, max_grad_norm=0.05, lam=0.1, backend=backend)
+    key = NoiseKey(gen.initial_seed(), 2, 1)
+    with pytest.warns(RuntimeWarning, match="1 sample"):
+        got, _ = private_step(layers, "B", spec, cfg, 8.0, start, key, captured=poisoned)
+    want, _ = private_step(layers, "B", spec, cfg, 8.0, start, key, captured=zeroed)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g["B"]).all()
+        torch.testing.assert_close(g["B"], w["B"], rtol=1e-6, atol=1e-9)
+
+
+def test_private_step_refuses_a_nonfinite_release(job, gen, monkeypatch):
+    import deer.fed.client as client_mod
+    _kernel_backend()
+    layers, start, captured = _prepare(job, gen, "B")
+    real = client_mod.clip_reduce_noise_grouped
+
+    def poisoned(*args, **kw):
+        outs = real(*args, **kw)
+        outs[-1] = outs[-1].clone()
+        outs[-1].view(-1)[0] = float("inf")
+        return outs
+    monkeypatch.setattr(client_mod, "clip_reduce_noise_grouped", poisoned)
+    cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=0.7, max_grad_norm=0.05, lam=0.1)
+    with pytest.raises(FloatingPointError, match=r"lora_B is not finite"):
+        private_step(layers, "B", method_spec("deer"), cfg, 8.0, start, NoiseKey(3, 0, 0), captured=captured)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -135,7 +136,21 @@ def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: Lo
         clip = None
     else:
         total = torch.stack([n.to(torch.float64 if reference else n.dtype) for _, _, _, n, _ in tensors]).sum(0)
+        # A sample with a NaN/Inf gradient in any trained tensor is dropped from the sum (as the
+        # PrivacyEngine does): zeroed gradient (where, not a product: 0 * NaN is NaN) and clip factor 0.
+        # Dropping a sample only removes a term, so the sensitivity and the charge stay the same.
+        bad = ~torch.isfinite(total)
+        nbad = int(bad.sum())
+        if nbad:
+            warnings.warn(f"deer: {nbad} sample(s) of client {key.client} had NaN/Inf per-sample gradients at step "
+                          f"{key.step} and were dropped from the private sum; check those records' inputs and loss.",
+                          RuntimeWarning, stacklevel=2)
+            tensors = [(li, f, torch.where(bad.view(-1, 1, 1), torch.zeros_like(g), g), n, K)
+                       for li, f, g, n, K in tensors]
+            total = torch.where(bad, torch.zeros_like(total), total)
         clip = ref.clip_factors(total, C)
+        if nbad:
+            clip = torch.where(bad, torch.zeros_like(clip), clip)
 
     out: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     clips, chols, sides, layer_ids = [], [], [], []
@@ -153,6 +168,12 @@ def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: Lo
     else:   # every trained tensor's release in one grouped call (same keys as one call per tensor)
         res = clip_reduce_noise_grouped(grads, clips, sigma * C, float(expected_batch), chols, sides, key.seed,
                                         key.step, layer_ids, key.client, backend=backend)
+    # One finiteness check for the whole release, before anything reaches the weights.
+    if res and not bool(torch.stack([torch.isfinite(r).all().to(res[0].device) for r in res]).all()):
+        names = [f"{layers[li].name}.lora_{f}" for (li, f, *_), r in zip(tensors, res) if not torch.isfinite(r).all()]
+        raise FloatingPointError(f"deer: the private gradient of {', '.join(names)} is not finite although every "
+                                 f"per-sample gradient was (client {key.client}, step {key.step}); refusing the step "
+                                 f"(check lam and the frozen factor)")
     for (li, f, *_), r in zip(tensors, res):
         out[li][f] = r
     eff = ref.effective_multiplier(sigma, spec.metric, spec.noise, [K for *_, K in tensors]) if sigma > 0 else sigma
