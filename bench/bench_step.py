@@ -63,12 +63,15 @@ def _deer_backends(device: str) -> list[str]:
     return bs
 
 
-def _methods(device: str, backends: list[str], phase_noise=True) -> list[dict]:
-    """Every compared method for one configuration."""
+def _methods(device: str, backends: list[str], fused: bool = False) -> list[dict]:
+    """Every compared method for one configuration (fused: also deer with the fused optimizer step,
+    isotropic noise, on the compiled / Triton backends)."""
     out = [dict(method="nonprivate", noise="none")]
     for b in backends:
         for noise in ("isotropic", "regulated"):
             out.append(dict(method="deer", backend=b, noise=noise))
+        if fused and b != "reference":
+            out.append(dict(method="deer", backend=b, noise="isotropic", fused=True))
     out += [dict(method="opacus_hooks", noise="isotropic"), dict(method="opacus_ghost", noise="isotropic"),
             dict(method="deer_on_opacus", noise="paper")]
     return out
@@ -87,17 +90,17 @@ def cases_for(device: str, quick: bool) -> list[Case]:
         fast_backends = backends
     cases: list[Case] = []
 
-    def add(cfg: dict, phases=("B",), backs=None):
+    def add(cfg: dict, phases=("B",), backs=None, fused=False):
         for phase in phases:
-            for m in _methods(device, backs if backs is not None else fast_backends):
+            for m in _methods(device, backs if backs is not None else fast_backends, fused):
                 cases.append(Case(device=device, phase=phase, **cfg, **m))
 
     if quick:
-        add(QUICK, phases=("A", "B"), backs=backends)
+        add(QUICK, phases=("A", "B"), backs=backends, fused=True)
         return cases
     if device == "cpu":
         c = CPU_CENTER
-        add(c, phases=("A", "B"), backs=backends)
+        add(c, phases=("A", "B"), backs=backends, fused=True)
         add(_with(c, model="small"), phases=("A", "B"))
         for b in (8, 16, 64):
             add(_with(c, batch=b))
@@ -108,9 +111,9 @@ def cases_for(device: str, quick: bool) -> list[Case]:
         add(_with(c, targets="all"))
     else:
         c = CUDA_CENTER
-        add(c, phases=("A", "B"), backs=backends)
+        add(c, phases=("A", "B"), backs=backends, fused=True)
         for b in (128, 256):
-            add(_with(c, batch=b))
+            add(_with(c, batch=b), fused=b == 256)
         for r in (4, 32):
             add(_with(c, rank=r))
         add(_with(c, targets="all"))

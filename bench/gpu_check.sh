@@ -36,7 +36,7 @@ STAGES=${STAGES:-build sanitize tests roofline step}
 DEST="${OUT:-bench/results}/gpu_check-$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$DEST"
 QUICK_FLAG=""
-CASES='^cuda-base-b(64|256)-img224-r8-qkv-[AB]-(nonprivate|deer\[cuda\]|opacus_hooks)'
+CASES='^cuda-base-b(64|256)-img224-r8-qkv-[AB]-(nonprivate|deer\[cuda\]|opacus_hooks)-[a-z]+$|^cuda-base-b256-img224-r8-qkv-B-deer\[cuda\]-isotropic-fused$'
 if [ "${QUICK:-0}" = "1" ]; then QUICK_FLAG="--quick"; CASES='^cuda-'; fi
 export PY DEST
 status=0

@@ -76,6 +76,7 @@ class Case:
     sigma: float = 1.0
     max_grad_norm: float = 1.0
     lam: float = 1e-2
+    fused: bool = False             # deer: make_private(fused_update=True), the optimizer step in the kernel
 
     @property
     def tokens(self) -> int:
@@ -85,7 +86,7 @@ class Case:
         meth = self.method if self.backend == "-" else f"{self.method}[{self.backend}]"
         d = f"-d{self.depth}" if self.depth is not None else ""
         return (f"{self.device}-{self.model}{d}-b{self.batch}-img{self.img}-r{self.rank}-{self.targets}-"
-                f"{self.phase}-{meth}-{self.noise}")
+                f"{self.phase}-{meth}-{self.noise}" + ("-fused" if self.fused else ""))
 
     def as_row(self) -> dict:
         row = asdict(self)
@@ -281,6 +282,8 @@ def build_deer_step(case: Case, model, layers, x, y, lr: float = 1e-3):
     opt = torch.optim.SGD(trainable(model), lr=lr)
     if deer_engine_available():
         return _build_deer_engine_step(case, model, opt, x, y, backend), "PrivacyEngine"
+    if case.fused:
+        raise RuntimeError("the fused optimizer step needs deer.privacy.PrivacyEngine")
     gen = torch.Generator(device=case.device).manual_seed(3)
 
     def step(zero_grad: bool = True):
@@ -303,7 +306,7 @@ def _build_deer_engine_step(case, model, opt, x, y, backend):
         model_p, opt_p, _ = PrivacyEngine().make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=case.sigma,
             max_grad_norm=case.max_grad_norm, clipping="flat", noise=case.noise, lam=case.lam,
-            poisson_sampling=False, phase=case.phase, backend=backend, seed=3, **kw)
+            poisson_sampling=False, phase=case.phase, backend=backend, seed=3, fused_update=case.fused, **kw)
 
     def step(zero_grad: bool = True):
         with stage("forward"):

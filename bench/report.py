@@ -47,7 +47,7 @@ def load_rows(path: str) -> tuple[list[dict], dict]:
 def label(r: dict) -> str:
     m = r["method"]
     if m == "deer":
-        return f"deer[{r['backend']}] {r['noise']}"
+        return f"deer[{r['backend']}] {r['noise']}" + (" fused step" if r.get("fused") else "")
     return {"nonprivate": "non-private", "opacus_hooks": "Opacus hooks", "opacus_ghost": "Opacus ghost",
             "deer_on_opacus": "DEeR on Opacus (paper noise)"}.get(m, m)
 
@@ -124,7 +124,7 @@ _ORDER = {"nonprivate": 0, "deer": 1, "opacus_hooks": 2, "opacus_ghost": 3, "dee
 
 
 def _method_sort(r):
-    return (_ORDER.get(r["method"], 9), r.get("backend", ""), r.get("noise", ""))
+    return (_ORDER.get(r["method"], 9), r.get("backend", ""), r.get("noise", ""), bool(r.get("fused")))
 
 
 def _cfg_sort(cfg):
