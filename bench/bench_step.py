@@ -13,7 +13,9 @@ the centre, both phases; then one knob at a time: model small, batch 8/16/64, im
 LoRA on every Linear of the blocks. After its own rounds every case runs up to 5 more,
 interleaved with the non-private step of its configuration (`paired_overhead` in its row: the
 median per-pair time ratio - 1, which a shared machine's drifting load barely moves). CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
-tiny/small at batch 32, every deer backend available. DEER_BENCH_ROUNDS sets the timed rounds per
+tiny/small at batch 32, every deer backend available. At the centre configurations (and CUDA batch 256)
+deer also runs with the fused optimizer step (make_private(fused_update=True), id suffix '-fused').
+DEER_BENCH_ROUNDS sets the timed rounds per
 case (default 7 on CPU, 20 on CUDA), DEER_BENCH_THREADS torch's intra-op threads; each case's 1-minute
 load average is recorded (shared machines); DEER_BENCH_CASES (a regular expression on the case id)
 runs a subset. `--quick` (or DEER_BENCH_QUICK=1): a 2-block
