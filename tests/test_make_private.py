@@ -443,7 +443,7 @@ def test_kernel_backend_matches_reference_backend(gen, noise):
 def test_fused_update_equals_unfused(gen, make_opt, phase, noise):
     """make_private(fused_update=True) steps the LoRA factors inside the clip/noise kernel: the same
     parameters and optimizer state as writing .grad and calling the optimizer, over three steps with
-    noise, and the optimizer's state dict resumes either way."""
+    noise and a learning-rate schedule, and the optimizer's state dict resumes either way."""
     base = Net(gen)
     data = [(torch.randn(6, 4, 7, generator=gen, dtype=D), torch.randint(0, 4, (6,), generator=gen)) for _ in range(3)]
     runs = {}
@@ -453,10 +453,12 @@ def test_fused_update_equals_unfused(gen, make_opt, phase, noise):
         _, opt, _ = PrivacyEngine().make_private(module=m, optimizer=opt, sample_rate=0.1, expected_batch_size=6,
                                                  noise_multiplier=0.9, max_grad_norm=0.3, noise=noise, phase=phase,
                                                  seed=5, fused_update=fused)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)   # the fused step reads each lr
         for x, y in data:
             opt.zero_grad()
             _loss(m, x, y).backward()
             opt.step()
+            sched.step()
             if fused:
                 assert all(p.grad is None for p in m.parameters())
         runs[fused] = (m, opt)
