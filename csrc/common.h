@@ -12,4 +12,9 @@ namespace deer {
 template <typename T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 
+// The same choice as a dtype: the accumulation and output dtype of an op whose inputs are t's dtype.
+inline at::ScalarType acc_dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 }  // namespace deer

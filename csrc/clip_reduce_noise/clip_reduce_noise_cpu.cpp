@@ -227,21 +227,14 @@ void clip_reduce_noise_chol_error(const at::Tensor& R) {
 
 namespace {
 
+// One layer on validated inputs (clip_reduce_noise_check / clip_reduce_noise_grouped_check and the
+// parsed update u): shared by the single-layer op and each layer of the grouped op.
 at::Tensor crn_cpu_layer(const at::Tensor& grads_in, const at::Tensor& clip_in, double noise_std,
                          double expected_batch_size, const c10::optional<at::Tensor>& chol, int64_t noise_side,
-                         int64_t seed, int64_t step, int64_t layer, int64_t client, at::TensorList update_tensors,
-                         at::ArrayRef<double> update_hyper, int64_t layers, int64_t k) {
-  DEER_CHECK_ARG(grads_in.dim() == 3, "clip_reduce_noise: grads must be (b, p, q) per-sample gradients, got ",
-                 grads_in.sizes());
-  DEER_CHECK_ARG(at::isFloatingType(grads_in.scalar_type()), "clip_reduce_noise: grads must be floating point, got ",
-                 grads_in.scalar_type());
+                         int64_t seed, int64_t step, int64_t layer, int64_t client, const UpdateArgs& u) {
   const int64_t b = grads_in.size(0), p = grads_in.size(1), q = grads_in.size(2);
-  clip_reduce_noise_check("clip_reduce_noise", b, p, q, clip_in, grads_in.device(), noise_std, expected_batch_size,
-                          chol, noise_side, step, layer, client);
   auto grads = grads_in.contiguous();
-  const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const UpdateArgs u = clip_reduce_noise_update_args("clip_reduce_noise", update_tensors, update_hyper, layers, k, p,
-                                                     q, acc, grads.device());
+  const auto acc = acc_dtype_of(grads);
   auto out = at::zeros({p, q}, grads.options().dtype(acc));
   auto clip = clip_in.to(acc).contiguous();
   auto R = chol_as_double(chol);
@@ -270,8 +263,16 @@ at::Tensor clip_reduce_noise_cpu(const at::Tensor& grads, const at::Tensor& clip
                                  double expected_batch_size, const c10::optional<at::Tensor>& chol,
                                  int64_t noise_side, int64_t seed, int64_t step, int64_t layer, int64_t client,
                                  at::TensorList update_tensors, at::ArrayRef<double> update_hyper) {
-  return crn_cpu_layer(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client,
-                       update_tensors, update_hyper, 1, 0);
+  DEER_CHECK_ARG(grads.dim() == 3, "clip_reduce_noise: grads must be (b, p, q) per-sample gradients, got ",
+                 grads.sizes());
+  DEER_CHECK_ARG(at::isFloatingType(grads.scalar_type()), "clip_reduce_noise: grads must be floating point, got ",
+                 grads.scalar_type());
+  const int64_t b = grads.size(0), p = grads.size(1), q = grads.size(2);
+  clip_reduce_noise_check("clip_reduce_noise", b, p, q, clip, grads.device(), noise_std, expected_batch_size, chol,
+                          noise_side, step, layer, client);
+  const UpdateArgs u = clip_reduce_noise_update_args("clip_reduce_noise", update_tensors, update_hyper, 1, 0, p, q,
+                                                     acc_dtype_of(grads), grads.device());
+  return crn_cpu_layer(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed, step, layer, client, u);
 }
 
 void clip_reduce_noise_grouped_check(at::TensorList grads, at::TensorList clips, double noise_std,
@@ -306,18 +307,19 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_cpu(at::TensorList grads, at::
   clip_reduce_noise_grouped_check(grads, clips, noise_std, expected_batch_size, chols, noise_sides, step, layers,
                                   client);
   const int64_t L = static_cast<int64_t>(grads.size());
-  // Every layer's update validated before any layer's work (errors are raised on this thread).
+  // Every layer's update parsed and validated once, before any layer's work (errors on this thread).
+  std::vector<UpdateArgs> upds(L);
   for (int64_t k = 0; k < L; ++k)
-    clip_reduce_noise_update_args("clip_reduce_noise_grouped", update_tensors, update_hyper, L, k, grads[k].size(1),
-                                  grads[k].size(2), grads[k].scalar_type() == at::kDouble ? at::kDouble : at::kFloat,
-                                  grads[k].device());
+    upds[k] = clip_reduce_noise_update_args("clip_reduce_noise_grouped", update_tensors, update_hyper, L, k,
+                                            grads[k].size(1), grads[k].size(2), acc_dtype_of(grads[k]),
+                                            grads[k].device());
   std::vector<at::Tensor> out(L);
   // One parallel region: each thread takes whole layers (the per-layer kernels run inline inside it),
   // instead of a fork/join per layer and stage.
   at::parallel_for(0, L, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k)
       out[k] = crn_cpu_layer(grads[k], clips[k], noise_std, expected_batch_size, chols.get(k), noise_sides[k], seed,
-                             step, layers[k], client, update_tensors, update_hyper, L, k);
+                             step, layers[k], client, upds[k]);
   });
   return out;
 }
@@ -337,7 +339,7 @@ at::Tensor clip_reduce_noise_fused_cpu(const at::Tensor& left_in, const at::Tens
   const int64_t b = left_in.size(0), T = left_in.size(1), p = left_in.size(2), q = right_in.size(2);
   clip_reduce_noise_check("clip_reduce_noise_fused", b, p, q, clip_in, left_in.device(), noise_std,
                           expected_batch_size, chol, noise_side, step, layer, client);
-  const auto acc = left_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype_of(left_in);
   auto L = left_in.to(acc).contiguous();
   auto Rt = right_in.to(acc).contiguous();
   auto clip = clip_in.to(acc).contiguous();

@@ -38,11 +38,6 @@
 namespace deer {
 namespace crn_cuda {
 
-// Accumulation / output dtype: fp32, fp64 for fp64 gradients.
-inline at::ScalarType crn_acc_dtype(const at::Tensor& grads) {
-  return grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The last write of output element e (value v, computed in double) and the fused optimizer step of
 // that element from the rounded value (u == nullptr: no update).
 template <typename acc_t>
@@ -223,7 +218,7 @@ at::Tensor crn_launch(const at::Tensor& grads, const at::Tensor& clip, double no
                       const c10::optional<at::Tensor>& chol, int64_t noise_side, int64_t seed, int64_t step,
                       int64_t layer, int64_t client, const UpdateArgs& u, Stream stream) {
   const int64_t b = grads.size(0), p = grads.size(1), q = grads.size(2), P = p * q;
-  auto out = at::empty({p, q}, grads.options().dtype(crn_acc_dtype(grads)));
+  auto out = at::empty({p, q}, grads.options().dtype(acc_dtype_of(grads)));
   if (P == 0) return out;
   const bool regulated = noise_std != 0.0 && chol.has_value() && chol->defined();
   at::Tensor z, R;
@@ -283,7 +278,7 @@ at::Tensor clip_reduce_noise_launch(const at::Tensor& grads_in, const at::Tensor
   const int64_t b = grads_in.size(0), p = grads_in.size(1), q = grads_in.size(2);
   clip_reduce_noise_check("clip_reduce_noise", b, p, q, clip_in, grads_in.device(), noise_std, expected_batch_size,
                           chol, noise_side, step, layer, client);
-  const auto acc = crn_acc_dtype(grads_in);
+  const auto acc = acc_dtype_of(grads_in);
   const UpdateArgs u = clip_reduce_noise_update_args("clip_reduce_noise", update_tensors, update_hyper, 1, 0, p, q,
                                                      acc, grads_in.device());
   return crn_launch(grads_in.contiguous(), clip_in.to(acc).contiguous(), noise_std, expected_batch_size, chol,
@@ -304,7 +299,7 @@ at::Tensor clip_reduce_noise_fused_launch(const at::Tensor& left_in, const at::T
   const int64_t b = left_in.size(0), T = left_in.size(1), p = left_in.size(2), q = right_in.size(2);
   clip_reduce_noise_check("clip_reduce_noise_fused", b, p, q, clip_in, left_in.device(), noise_std,
                           expected_batch_size, chol, noise_side, step, layer, client);
-  const auto acc = crn_acc_dtype(left_in);
+  const auto acc = acc_dtype_of(left_in);
   // fp32 GEMM (TF32 off by torch default for matmul) on clip-weighted rows: sum_i clip_i scale L_i^T R_i.
   auto w = (clip_in.to(acc) * scale).view({b, 1, 1});
   auto Lw = (left_in.to(acc) * w).reshape({b * T, p});
@@ -333,7 +328,7 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_launch(at::TensorList grads_in
   bool any_update = false;
   for (int64_t k = 0; k < L; ++k) {
     upds[k] = clip_reduce_noise_update_args("clip_reduce_noise_grouped", update_tensors, update_hyper, L, k,
-                                            grads_in[k].size(1), grads_in[k].size(2), crn_acc_dtype(grads_in[k]),
+                                            grads_in[k].size(1), grads_in[k].size(2), acc_dtype_of(grads_in[k]),
                                             grads_in[k].device());
     any_update = any_update || upds[k].kind != kUpdateNone;
   }
@@ -347,11 +342,11 @@ std::vector<at::Tensor> clip_reduce_noise_grouped_launch(at::TensorList grads_in
   }
   if (!same_dtype || total_pairs < (int64_t(1) << 16)) {  // inputs already checked above
     for (int64_t k = 0; k < L; ++k)
-      out[k] = crn_launch(grads_in[k].contiguous(), clips[k].to(crn_acc_dtype(grads_in[k])).contiguous(), noise_std,
+      out[k] = crn_launch(grads_in[k].contiguous(), clips[k].to(acc_dtype_of(grads_in[k])).contiguous(), noise_std,
                           expected_batch_size, chols.get(k), sides[k], seed, step, layers[k], client, upds[k], stream);
     return out;
   }
-  const auto acc = crn_acc_dtype(grads_in[0]);
+  const auto acc = acc_dtype_of(grads_in[0]);
   const auto opts = grads_in[0].options();
   std::vector<at::Tensor> keep;  // contiguous inputs, clips, Z and R: alive until the launches are queued
   keep.reserve(4 * L);

@@ -111,8 +111,6 @@ bool per_sample_gemm(const acc_t* L, const acc_t* R, int64_t b, int64_t T, int64
   return fuse_norm;
 }
 
-at::ScalarType acc_dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 }  // namespace
 
 at::Tensor per_sample_sq_norms_cpu(const at::Tensor& g_in, const at::Tensor& K_in, int64_t gram_side) {

@@ -287,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_norm_launch(const at::Tensor&
   auto [b, T, p, q] = per_sample_grad_norm_check(left_in, right_in, gram, gram_side);
   auto left = left_in.contiguous();
   auto right = right_in.contiguous();
-  const auto acc_dtype = left.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_dtype_of(left);
   auto opts = left.options().dtype(acc_dtype);
   auto grads = at::empty({b, p, q}, opts);
   auto norms = at::empty({b}, opts);
