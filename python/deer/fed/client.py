@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from .. import reference as ref
 from ..nn.lora import LoRALinear
 from ..ops import clip_reduce_noise_grouped, clip_reduce_noise_reference
-from ..privacy.clipping import cholesky_upper, chunk_grads
+from ..privacy.clipping import (cholesky_upper, chunk_grads, nonfinite_outputs, nonfinite_sample_mask,
+                                zero_samples)
 from .config import MethodSpec
 from .model import AdapterState, get_adapters, named_lora, set_adapters, set_phase
 
@@ -135,22 +136,19 @@ def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: Lo
     if empty:
         clip = None
     else:
-        total = torch.stack([n.to(torch.float64 if reference else n.dtype) for _, _, _, n, _ in tensors]).sum(0)
         # A sample with a NaN/Inf gradient in any trained tensor is dropped from the sum (as the
-        # PrivacyEngine does): zeroed gradient (where, not a product: 0 * NaN is NaN) and clip factor 0.
-        # Dropping a sample only removes a term, so the sensitivity and the charge stay the same.
-        bad = ~torch.isfinite(total)
-        nbad = int(bad.sum())
-        if nbad:
-            warnings.warn(f"deer: {nbad} sample(s) of client {key.client} had NaN/Inf per-sample gradients at step "
-                          f"{key.step} and were dropped from the private sum; check those records' inputs and loss.",
-                          RuntimeWarning, stacklevel=2)
-            tensors = [(li, f, torch.where(bad.view(-1, 1, 1), torch.zeros_like(g), g), n, K)
-                       for li, f, g, n, K in tensors]
-            total = torch.where(bad, torch.zeros_like(total), total)
+        # PrivacyEngine does): zeroed gradient and norm, clip factor 0. Dropping a sample only removes
+        # a term, so the sensitivity and the charge stay the same.
+        bad = nonfinite_sample_mask([n for _, _, _, n, _ in tensors])
+        if bad is not None:
+            warnings.warn(f"deer: {int(bad.sum())} sample(s) of client {key.client} had NaN/Inf per-sample gradients "
+                          f"at step {key.step} and were dropped from the private sum; check those records' inputs "
+                          f"and loss.", RuntimeWarning, stacklevel=2)
+            tensors = [(li, f, zero_samples(g, bad), zero_samples(n, bad), K) for li, f, g, n, K in tensors]
+        total = torch.stack([n.to(torch.float64 if reference else n.dtype) for _, _, _, n, _ in tensors]).sum(0)
         clip = ref.clip_factors(total, C)
-        if nbad:
-            clip = torch.where(bad, torch.zeros_like(clip), clip)
+        if bad is not None:
+            clip = zero_samples(clip, bad)
 
     out: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     clips, chols, sides, layer_ids = [], [], [], []
@@ -169,8 +167,9 @@ def private_step(layers: list[LoRALinear], phase: str, spec: MethodSpec, cfg: Lo
         res = clip_reduce_noise_grouped(grads, clips, sigma * C, float(expected_batch), chols, sides, key.seed,
                                         key.step, layer_ids, key.client, backend=backend)
     # One finiteness check for the whole release, before anything reaches the weights.
-    if res and not bool(torch.stack([torch.isfinite(r).all().to(res[0].device) for r in res]).all()):
-        names = [f"{layers[li].name}.lora_{f}" for (li, f, *_), r in zip(tensors, res) if not torch.isfinite(r).all()]
+    bad_out = nonfinite_outputs(res)
+    if bad_out:
+        names = [f"{layers[tensors[k][0]].name}.lora_{tensors[k][1]}" for k in bad_out]
         raise FloatingPointError(f"deer: the private gradient of {', '.join(names)} is not finite although every "
                                  f"per-sample gradient was (client {key.client}, step {key.step}); refusing the step "
                                  f"(check lam and the frozen factor)")

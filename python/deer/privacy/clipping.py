@@ -144,23 +144,40 @@ def cholesky_upper(K: torch.Tensor) -> torch.Tensor:
     return R
 
 
-def drop_nonfinite(tensors: Sequence[TensorGrads]) -> torch.Tensor | None:
-    """Mask (b,) of samples whose gradient in any trained tensor is NaN/Inf. Those samples' gradients
-    and norms are zeroed in place (their clip factor is then forced to 0 by the caller), so a NaN
-    never reaches the sum: 0 * NaN would still be NaN, hence torch.where rather than a product."""
+def nonfinite_sample_mask(sq_norms: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """Mask (b,) of the samples whose squared norm in any trained tensor is NaN/Inf (what a NaN/Inf
+    gradient gives), or None when there is none (one host sync). Shared by the PrivacyEngine and the
+    federated client's private step."""
     bad = None
-    for t in tensors:
-        if t.sq_norms is None:
-            continue
-        b = ~torch.isfinite(t.sq_norms)
-        bad = b if bad is None else bad | b
-    if bad is None or not bool(bad.any()):
-        return bad
-    for t in tensors:
-        if t.sq_norms is None:
-            continue
-        t.sq_norms = torch.where(bad, torch.zeros_like(t.sq_norms), t.sq_norms)
-        t.grads = torch.where(bad.view(-1, 1, 1), torch.zeros_like(t.grads), t.grads)
+    for n in sq_norms:
+        if n is not None:
+            b = ~torch.isfinite(n)
+            bad = b if bad is None else bad | b
+    return bad if bad is not None and bool(bad.any()) else None
+
+
+def zero_samples(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """x with the samples (dim 0) in `bad` set to 0: torch.where, since 0 * NaN would still be NaN."""
+    return torch.where(bad.view((-1,) + (1,) * (x.dim() - 1)), torch.zeros_like(x), x)
+
+
+def nonfinite_outputs(outs: Sequence[torch.Tensor]) -> list[int]:
+    """Indices of the tensors in `outs` holding a NaN/Inf: one host sync for all of them (not one per
+    tensor) in the usual case where every one is finite."""
+    if not outs or bool(torch.stack([torch.isfinite(o).all().to(outs[0].device) for o in outs]).all()):
+        return []
+    return [k for k, o in enumerate(outs) if not torch.isfinite(o).all()]
+
+
+def drop_nonfinite(tensors: Sequence[TensorGrads]) -> torch.Tensor | None:
+    """Mask (b,) of samples whose gradient in any trained tensor is NaN/Inf (None: no such sample).
+    Those samples' gradients and norms are zeroed in place (their clip factor is then forced to 0 by
+    the caller), so a NaN never reaches the sum."""
+    bad = nonfinite_sample_mask([t.sq_norms for t in tensors])
+    if bad is not None:
+        for t in tensors:
+            if t.sq_norms is not None:
+                t.sq_norms, t.grads = zero_samples(t.sq_norms, bad), zero_samples(t.grads, bad)
     return bad
 
 
@@ -181,7 +198,7 @@ def clip_factors(tensors: Sequence[TensorGrads], clipping: str, max_grad_norm, b
         total = torch.stack(norms).sum(0)
         c = ref.clip_factors(total, C)
         if bad is not None:
-            c = torch.where(bad, torch.zeros_like(c), c)
+            c = zero_samples(c, bad)
         return [c] * len(tensors), C, total.sqrt()
     if clipping == "per_layer":
         bounds = ref.per_layer_bounds(max_grad_norm, len(tensors))
@@ -189,7 +206,7 @@ def clip_factors(tensors: Sequence[TensorGrads], clipping: str, max_grad_norm, b
         for n, Cl in zip(norms, bounds):
             c = ref.clip_factors(n, Cl)
             if bad is not None:
-                c = torch.where(bad, torch.zeros_like(c), c)
+                c = zero_samples(c, bad)
             cs.append(c)
         return cs, math.sqrt(sum(b * b for b in bounds)), torch.stack(norms).sum(0).sqrt()
     raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")

@@ -278,8 +278,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         # One finiteness check for all layers (one host sync on a GPU, not one per layer), before any
         # .grad is written: a failing step leaves every parameter's gradient untouched. (A fused step
         # has already run; its kernels skip every non-finite element, so no NaN reached the weights.)
-        if outs and not bool(torch.stack([torch.isfinite(o).all().to(outs[0].device) for o in outs]).all()):
-            bad_names = [t.name for t, o in zip(tensors, outs) if not torch.isfinite(o).all()]
+        bad_out = _clip.nonfinite_outputs(outs)
+        if bad_out:
+            bad_names = [tensors[k].name for k in bad_out]
             fused = ""
             if updates:   # the finite elements did reach the weights: this release is spent and charged
                 self._charge(eff)
