@@ -82,6 +82,13 @@ def unavailable_reason(backend: str, device_type: str, op: str | None = None) ->
     return None if device_type == "cuda" else f"the 'cuda' backend needs CUDA tensors, got {device_type}"
 
 
+def acc_dtype(dtype):
+    """Accumulation and output dtype of an op on `dtype` inputs: fp32 for fp16/bf16/fp32, fp64 for fp64
+    (the C++ kernels' acc_dtype_of)."""
+    import torch
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def resolve_backend(device, backend: str | None = None, op: str | None = None, dtype=None) -> str:
     """The backend `op` will use for tensors on `device` (raises BackendUnavailable, saying why, when
     the requested backend cannot run). Automatic choice never routes float64 to Triton (its kernels

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from . import resolve_backend
+from . import acc_dtype, resolve_backend
 
 _MASK32 = 0xFFFFFFFF
 _U32 = 1 << 32
@@ -253,21 +253,17 @@ def clip_reduce_noise_reference(grads, clip, noise_std, expected_batch_size, cho
     """PyTorch-ops twin of clip_reduce_noise (same Philox stream); float64 in -> float64 out."""
     _check(tuple(grads.shape), clip, noise_std, expected_batch_size, chol, noise_side, step, layer, client,
            "clip_reduce_noise")
-    acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grads.dtype)
     S = torch.einsum("b,bpq->pq", clip.to(acc), grads.to(acc))
     return _noise_reference(S, noise_std, chol, noise_side, seed, step, layer, client) / expected_batch_size
 
 
 def clip_reduce_noise_fused_reference(left, right, scale, clip, noise_std, expected_batch_size, chol=None,
                                       noise_side=1, seed=0, step=0, layer=0, client=0):
-    acc = torch.float64 if left.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(left.dtype)
     g = scale * torch.einsum("btp,btq->bpq", left.to(acc), right.to(acc))
     return clip_reduce_noise_reference(g, clip, noise_std, expected_batch_size, chol, noise_side, seed, step,
                                        layer, client)
-
-
-def _out_dtype(grads):
-    return torch.float64 if grads.dtype == torch.float64 else torch.float32
 
 
 @torch.no_grad()
@@ -284,7 +280,7 @@ def clip_reduce_noise(grads: torch.Tensor, clip: torch.Tensor, noise_std: float,
     bk = resolve_backend(grads.device, backend, op="clip_reduce_noise", dtype=grads.dtype)
     ut, uh, commit = [], [], None
     if update is not None:
-        ut, uh, commit = update.pack(_out_dtype(grads), grads.shape[1:], grads.device)
+        ut, uh, commit = update.pack(acc_dtype(grads.dtype), grads.shape[1:], grads.device)
     if bk == "reference":
         out = clip_reduce_noise_reference(grads, clip, noise_std, expected_batch_size, chol, noise_side, seed,
                                           step, layer, client)
@@ -327,7 +323,7 @@ def clip_reduce_noise_fused(left: torch.Tensor, right: torch.Tensor, scale: floa
             return tk.clip_reduce_noise_fused(left, right, scale, clip, noise_std, expected_batch_size, chol,
                                               noise_side, seed, step, layer, client)
         # No fused Triton kernel: weighted GEMM in torch, noise from the Triton kernel with b = 1.
-        acc = torch.float64 if left.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(left.dtype)
         w = (clip.to(acc) * scale).view(-1, 1, 1)
         S = torch.einsum("btp,btq->pq", left.to(acc) * w, right.to(acc))
         return tk.clip_reduce_noise(S.unsqueeze(0), torch.ones(1, dtype=acc, device=S.device), noise_std,
@@ -385,7 +381,7 @@ def clip_reduce_noise_grouped(grads, clips, noise_std: float, expected_batch_siz
                 ut += [empty, empty, empty]
                 uh += _NO_UPDATE_HYPER
             else:
-                t, h, commit = u.pack(_out_dtype(g), g.shape[1:], g.device)
+                t, h, commit = u.pack(acc_dtype(g.dtype), g.shape[1:], g.device)
                 ut += t
                 uh += h
                 commits.append(commit)

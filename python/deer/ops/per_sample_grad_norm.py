@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import resolve_backend
+from . import acc_dtype, resolve_backend
 
 
 def _tokens(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -30,7 +30,7 @@ def _tokens(t: torch.Tensor, name: str) -> torch.Tensor:
 
 def per_sample_grad_norm_reference(left, right, scale, gram=None, gram_side=1):
     left, right = _tokens(left, "left"), _tokens(right, "right")
-    acc = torch.float64 if left.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(left.dtype)
     g = scale * torch.einsum("btp,btq->bpq", left.to(acc), right.to(acc))
     if gram is None:
         n = g.flatten(1).pow(2).sum(1)
@@ -71,7 +71,7 @@ def per_sample_grad_norm_only_reference(left, right, scale, gram=None, gram_side
         method = "ghost" if ghost_pays(left.shape[1], left.shape[2], right.shape[2]) else "materialise"
     if method != "ghost":
         return per_sample_grad_norm_reference(left, right, scale, gram, gram_side)[1]
-    acc = torch.float64 if left.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(left.dtype)
     L, R = left.to(acc), right.to(acc)
     LL = (L @ gram.to(acc) if gram is not None and gram_side == 0 else L) @ L.mT
     RR = (R @ gram.to(acc) if gram is not None and gram_side == 1 else R) @ R.mT
