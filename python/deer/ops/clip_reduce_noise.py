@@ -105,8 +105,12 @@ class FusedUpdate:
     eps: float = 1e-8
 
     @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer, param: torch.Tensor) -> "FusedUpdate":
-        group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict | None = None
+                       ) -> "FusedUpdate":
+        """`group`: param's group when the caller knows it (a per-step loop over many factors), else
+        looked up."""
+        if group is None:
+            group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
         if group is None:
             raise ValueError("FusedUpdate.from_optimizer: the parameter is not in any of the optimizer's param groups")
         name = type(optimizer).__name__

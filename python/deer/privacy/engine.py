@@ -271,7 +271,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         updates = None
         if e.fused_update:   # the optimizer's step happens inside the kernel, element by element
             from ..ops import FusedUpdate
-            updates = [FusedUpdate.from_optimizer(self.original_optimizer, t.param) for t in tensors]
+            opt = self.original_optimizer
+            group_of = {id(p): g for g in opt.param_groups for p in g["params"]}   # one pass, not one per factor
+            updates = [FusedUpdate.from_optimizer(opt, t.param, group_of.get(id(t.param))) for t in tensors]
         outs = _clip_reduce_noise_all(grads, clips, std, e.expected_batch_size, chols, [t.noise_side for t in tensors],
                                       step_seed, e._step_counter, [t.layer_id for t in tensors], e.client, e.backend,
                                       updates)
