@@ -22,6 +22,14 @@
 
 #include "clip_reduce_noise/philox.h"  // DEER_HD
 
+// Forced inlining on the host: the CPU backend compiles the block loop a second time for AVX2+FMA
+// (clip_reduce_noise_cpu.cpp), and only code inlined into that clone gets its instructions.
+#if defined(__CUDACC__)
+#define DEER_UPDATE_HD DEER_HD
+#else
+#define DEER_UPDATE_HD inline __attribute__((always_inline))
+#endif
+
 namespace deer {
 
 enum UpdateKind : int { kUpdateNone = 0, kUpdateSGD = 1, kUpdateAdam = 2, kUpdateAdamW = 3 };
@@ -48,7 +56,7 @@ struct UpdateArgs {
 // Finite test written as a compare so that a CPU loop of steps stays vectorisable (NaN compares
 // false; deer never builds with -ffinite-math-only).
 template <typename T>
-DEER_HD bool update_isfinite(T x) {
+DEER_UPDATE_HD bool update_isfinite(T x) {
 #if defined(__CUDA_ARCH__)
   return isfinite(x);
 #else
@@ -58,17 +66,31 @@ DEER_HD bool update_isfinite(T x) {
 
 // a / b correctly rounded: nvcc's --use_fast_math makes a float '/' approximate (2 ulp), torch's is not.
 template <typename T>
-DEER_HD T div_rn(T a, T b) {
+DEER_UPDATE_HD T div_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
   if constexpr (sizeof(T) == sizeof(float)) return __fdiv_rn(a, b);
 #endif
   return a / b;
 }
 
+// a * b + c rounded once: torch.optim's add(..., alpha=) and lerp are fused multiply-adds, and where
+// g + wd p nearly cancels (Adam's L2 decay) a second rounding would be a large relative error that
+// Adam's m / sqrt(v) then amplifies. On the CPU, std::fma is one instruction inside the AVX2+FMA
+// clone of the block loop (clip_reduce_noise_cpu.cpp) and glibc's correctly rounded call elsewhere.
+template <typename T>
+DEER_UPDATE_HD T fma_rn(T a, T b, T c) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == sizeof(float)) return fmaf(a, b, c);
+  return fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 // sqrt correctly rounded in T (IEEE sqrt on the CPU; the _rn intrinsic on a device, where fast-math
 // would otherwise approximate a float sqrt).
 template <typename T>
-DEER_HD T sqrt_rn(T a) {
+DEER_UPDATE_HD T sqrt_rn(T a) {
 #if defined(__CUDA_ARCH__)
   if constexpr (sizeof(T) == sizeof(float)) return __fsqrt_rn(a);
   return sqrt(a);
@@ -83,7 +105,7 @@ DEER_HD T sqrt_rn(T a) {
 // kGuard = false: the caller knows g is finite (a CPU block it has scanned), so no selects remain
 // and the loop's stores are unconditional (GCC will not vectorise a loop of conditional stores).
 template <int kKind, bool kMomentum, bool kNesterov, bool kFirst, bool kGuard, typename T>
-DEER_HD void step_element(const UpdateArgs& u, int64_t e, T g) {
+DEER_UPDATE_HD void step_element(const UpdateArgs& u, int64_t e, T g) {
   T* P = static_cast<T*>(u.param);
   const bool ok = !kGuard || update_isfinite(g);
   const T g0 = ok ? g : T(0);
@@ -93,27 +115,33 @@ DEER_HD void step_element(const UpdateArgs& u, int64_t e, T g) {
   // weight_decay = 0 torch adds nothing, and the select adds an exact 0 (never 0 * p).
   const bool decay = u.weight_decay != 0;
   const T wd = static_cast<T>(u.weight_decay);
+  // Each multiply-add below is one of torch's fused ones (add with alpha, lerp): fma_rn.
   if constexpr (kKind == kUpdateSGD) {
-    const T d0 = g0 + (decay ? wd * p : T(0));
+    const T d0 = decay ? fma_rn(wd, p, g0) : g0;                           // grad.add(param, alpha=wd)
     T d = d0;
     if constexpr (kMomentum) {
       T* B = static_cast<T*>(u.buf1);
       const T b_old = B[e];
-      const T buf = kFirst ? d0 : static_cast<T>(u.momentum) * b_old + static_cast<T>(1.0 - u.dampening) * d0;
+      const T mom = static_cast<T>(u.momentum);
+      // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+      const T buf = kFirst ? d0 : fma_rn(static_cast<T>(1.0 - u.dampening), d0, mom * b_old);
       B[e] = ok ? buf : b_old;
-      d = kNesterov ? d0 + static_cast<T>(u.momentum) * buf : buf;
+      d = kNesterov ? fma_rn(mom, buf, d0) : buf;                          // grad.add(buf, alpha=momentum)
     }
-    P[e] = ok ? p - static_cast<T>(u.lr) * d : p_old;
+    P[e] = ok ? fma_rn(static_cast<T>(-u.lr), d, p) : p_old;              // param.add_(grad, alpha=-lr)
   } else {  // Adam (L2 decay on g) / AdamW (decoupled decay on p)
     T gg = g0;
     if constexpr (kKind == kUpdateAdamW)
       p = decay ? p * static_cast<T>(1.0 - u.lr * u.weight_decay) : p;
     else
-      gg = gg + (decay ? wd * p : T(0));
+      gg = decay ? fma_rn(wd, p, g0) : g0;                                 // grad.add(param, alpha=wd)
     T* M = static_cast<T*>(u.buf1);
     T* V = static_cast<T*>(u.buf2);
     const T m_old = M[e], v_old = V[e];
-    const T m = m_old + static_cast<T>(1.0 - u.beta1) * (gg - m_old);
+    // exp_avg.lerp_(grad, w), w = 1 - beta1: torch's lerp is m + w (g - m) for w < 0.5, else
+    // g - (1 - w) (g - m), each one fused multiply-add.
+    const T w = static_cast<T>(1.0 - u.beta1);
+    const T m = w < T(0.5) ? fma_rn(w, gg - m_old, m_old) : fma_rn(-(T(1) - w), gg - m_old, gg);
     const T v = static_cast<T>(u.beta2) * v_old + static_cast<T>(1.0 - u.beta2) * gg * gg;
     M[e] = ok ? m : m_old;
     V[e] = ok ? v : v_old;
@@ -124,7 +152,7 @@ DEER_HD void step_element(const UpdateArgs& u, int64_t e, T g) {
 
 // Calls body.template run<kind, momentum, nesterov, first>() for u's configuration (7 variants).
 template <typename Body>
-DEER_HD void dispatch_update(const UpdateArgs& u, const Body& body) {
+DEER_UPDATE_HD void dispatch_update(const UpdateArgs& u, const Body& body) {
   switch (u.kind) {
     case kUpdateSGD:
       if (u.momentum == 0) return body.template run<kUpdateSGD, false, false, false>();
@@ -148,7 +176,7 @@ struct UpdateOne {
   int64_t e;
   T g;
   template <int K, bool M, bool N, bool F>
-  DEER_HD void run() const { step_element<K, M, N, F, true>(u, e, g); }
+  DEER_UPDATE_HD void run() const { step_element<K, M, N, F, true>(u, e, g); }
 };
 
 template <typename T>
@@ -157,7 +185,7 @@ struct UpdateRange {
   const T* g;
   int64_t e0, e1;
   template <int K, bool M, bool N, bool F>
-  DEER_HD void run() const {
+  DEER_UPDATE_HD void run() const {
     // A local copy: the loop's stores cannot alias it, so its scalars stay in registers. A block
     // with a non-finite gradient (rare: the engine refuses such a step) takes the guarded loop.
     const UpdateArgs lu = u;
@@ -179,7 +207,7 @@ DEER_HD void apply_update(const UpdateArgs& u, int64_t e, T g) {
 // Steps elements [e0, e1) with gradients g[e0, e1): a CPU block's epilogue, run while the block of
 // private gradient it just wrote is still in L1; one dispatch, then a vectorisable loop.
 template <typename T>
-DEER_HD void apply_update_range(const UpdateArgs& u, const T* g, int64_t e0, int64_t e1) {
+DEER_UPDATE_HD void apply_update_range(const UpdateArgs& u, const T* g, int64_t e0, int64_t e1) {
   if (u.kind != kUpdateNone) dispatch_update(u, UpdateRange<T>{u, g, e0, e1});
 }
 

@@ -184,7 +184,8 @@ class FusedUpdate:
 
 
 def _apply_update_reference(g, tensors, hyper):
-    """The fused step in PyTorch ops (fused_update.h's formulas, in the parameter's dtype)."""
+    """The fused step in PyTorch ops: torch.optim's own tensor ops (add with alpha, lerp, addcmul,
+    addcdiv: fused_update.h's formulas and roundings), in the parameter's dtype."""
     kind = int(hyper[0])
     if kind == 0:
         return
@@ -195,21 +196,21 @@ def _apply_update_reference(g, tensors, hyper):
     g = torch.where(ok, g, 0.0)
     p = param.clone()
     if kind == 1:
-        d = g + wd * p if wd != 0 else g
+        d = g.add(p, alpha=wd) if wd != 0 else g
         if mom != 0:
-            buf = d.clone() if first else mom * b1 + (1.0 - damp) * d
+            buf = d.clone() if first else b1.mul(mom).add(d, alpha=1.0 - damp)
             b1.copy_(torch.where(ok, buf, b1))
-            d = d + mom * buf if nesterov else buf
-        new = p - lr * d
+            d = d.add(buf, alpha=mom) if nesterov else buf
+        new = p.add(d, alpha=-lr)
     else:
         if wd != 0:
             if kind == 3:
-                p = p * (1.0 - lr * wd)
+                p = p.mul(1.0 - lr * wd)
             else:
-                g = g + wd * p
-        m = b1 + (1.0 - beta1) * (g - b1)
-        v = beta2 * b2 + (1.0 - beta2) * g * g
-        new = p - step_size * (m / (v.sqrt() / bias2_sqrt + eps))
+                g = g.add(p, alpha=wd)
+        m = b1.lerp(g, 1.0 - beta1)
+        v = b2.mul(beta2).addcmul(g, g, value=1.0 - beta2)
+        new = p.addcdiv(m, (v.sqrt() / bias2_sqrt).add(eps), value=-step_size)
         b1.copy_(torch.where(ok, m, b1))
         b2.copy_(torch.where(ok, v, b2))
     param.copy_(torch.where(ok, new, param))
