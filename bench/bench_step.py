@@ -1,4 +1,4 @@
-"""End-to-end private LoRA training step: deer vs Opacus vs non-private LoRA (issue 6).
+"""End-to-end private LoRA training step: deer vs Opacus vs non-private LoRA.
 
 One case = one full step (forward, backward, per-sample clipping, noise, optimizer step) of a timm ViT
 with LoRA on the attention qkv projection (or qkv + proj + MLP), timed by pytest-benchmark, with its

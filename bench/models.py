@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -34,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deer import reference as ref
-from deer.nn.lora import LoRALinear, lora_layers
-from deer.ops import per_sample_grad_norm, resolve_backend
+from deer.nn import LoRAConfig, LoRALinear, inject_lora, lora_layers
+from deer.ops import resolve_backend
 
 # timm ViT sizes (embed dim, depth, heads): the ViT-Ti/S/B of "How to train your ViT", built with timm's
 # VisionTransformer class so nothing is downloaded. mlp_ratio 4, patch 16 unless a case says otherwise.
@@ -126,19 +125,18 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def inject_deer_lora(vit: nn.Module, rank: int, targets: str = "qkv", seed: int = 1) -> list[LoRALinear]:
-    """Wrap the target Linears of every block in deer's LoRALinear (alpha = 2 r). B gets random values
-    (std 1/sqrt(m)) so both phases are non-trivial, as after a few rounds of training."""
+    """deer.nn.inject_lora on the target Linears of every block (one LoRALinear each, a fused qkv
+    included; alpha = 2 r, A drawn from `seed`). B gets random values (std 1/sqrt(m)) so both phases
+    are non-trivial, as after a few rounds of training."""
     if targets not in LORA_TARGETS:
         raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {tuple(LORA_TARGETS)}")
+    inject_lora(vit, LoRAConfig(LORA_TARGETS[targets], r=rank, alpha=2 * rank, qkv_slices=None), seed=seed)
     g = torch.Generator().manual_seed(seed)
-    for i, blk in enumerate(vit.blocks):
-        for path in LORA_TARGETS[targets]:
-            base = _get(blk, path)
-            lyr = LoRALinear(base, r=rank, alpha=2 * rank, name=f"blocks.{i}.{path}")
-            with torch.no_grad():
-                lyr.lora_B.copy_(torch.randn(lyr.lora_B.shape, generator=g) / math.sqrt(lyr.out_features))
-            _set(blk, path, lyr)
-    return lora_layers(vit)
+    layers = lora_layers(vit)
+    with torch.no_grad():
+        for lyr in layers:
+            lyr.lora_B.copy_(torch.randn(lyr.lora_B.shape, generator=g) / math.sqrt(lyr.out_features))
+    return layers
 
 
 class OpacusLoRALinear(nn.Module):
@@ -198,115 +196,25 @@ def trainable(model: nn.Module) -> list[torch.nn.Parameter]:
 
 
 # ------------------------------------------------------------------------------------------------
-# deer's DP step. One place decides how deer runs: deer.privacy.PrivacyEngine when it is importable
-# and DEER_BENCH_ENGINE != 0, else the interim step below (LoRALinear capture + the
-# per_sample_grad_norm kernel + clipping + noise), which is the same computation the engine runs.
+# deer's DP step: deer.privacy.PrivacyEngine as a user writes it.
 # ------------------------------------------------------------------------------------------------
 
-def deer_engine_available() -> bool:
-    if os.environ.get("DEER_BENCH_ENGINE", "1") == "0":
-        return False
-    try:
-        from deer.privacy import PrivacyEngine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def deer_interim_step(model, layers, opt, x, y, *, phase: str, noise: str, max_grad_norm: float,
-                      sigma: float, lam: float, backend: str, generator=None, zero_grad: bool = True):
-    """Fallback when deer.privacy is not importable (or DEER_BENCH_ENGINE=0): one DP-SGD step on the
-    LoRA factor trained in `phase` ('A' or 'B') from the LoRALinear captures and the
-    per_sample_grad_norm kernel. noise='isotropic': Euclidean clipping + N(0, I) noise;
-    noise='regulated': clipping in the regulated metric K = frozen^T frozen + lam I and noise with
-    covariance K^{-1} in the low-cost Cholesky form (r x max(m, n) random numbers per layer)."""
-    for lyr in layers:
-        lyr.capture = True
-    try:
-        # Sum reduction: the captured output gradient of sample i is then dL_i/dy_i exactly.
-        with stage("forward"):
-            loss = F.cross_entropy(model(x), y, reduction="sum")
-        with stage("backward"):
-            loss.backward()
-    finally:
-        for lyr in layers:
-            lyr.capture = False
-    with stage("step"):
-        _interim_dp_update(layers, opt, x.shape[0], phase=phase, noise=noise, max_grad_norm=max_grad_norm,
-                           sigma=sigma, lam=lam, backend=backend, generator=generator)
-    if zero_grad:
-        opt.zero_grad(set_to_none=True)
-    return loss
-
-
-def _interim_dp_update(layers, opt, b, *, phase, noise, max_grad_norm, sigma, lam, backend, generator):
-    regulated = noise == "regulated"
-    per_layer = []
-    total = None
-    for lyr in layers:
-        (X, U, G), = lyr.pop_captured()
-        A, B = lyr.lora_A.detach(), lyr.lora_B.detach()
-        if phase == "B":
-            K = A @ A.T if regulated else None
-            left, right, side = G, U, 1
-        else:
-            K = B.T @ B if regulated else None
-            left, right, side = G @ B, X, 0
-        if K is not None:
-            K = K + lam * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
-        g, n = per_sample_grad_norm(left, right, lyr.scale, K, side, backend=backend)
-        per_layer.append((lyr, g, K))
-        total = n if total is None else total + n
-    if not torch.isfinite(total).all():
-        raise FloatingPointError("deer interim step: non-finite per-sample gradient norms")
-    c = ref.clip_factors(total, max_grad_norm)
-    for lyr, g, K in per_layer:
-        p = lyr.lora_A if phase == "A" else lyr.lora_B
-        S = torch.einsum("b,bpq->pq", c.to(g.dtype), g)
-        if sigma > 0:
-            if regulated:
-                other = S.shape[1] if phase == "A" else S.shape[0]
-                xi = ref.regulated_noise_cholesky(K, phase, other, generator)
-            else:
-                xi = torch.randn(S.shape, generator=generator, dtype=S.dtype, device=S.device)
-            S = S + (sigma * max_grad_norm) * xi
-        p.grad = (S / b).to(p.dtype)
-    opt.step()
-
-
 def build_deer_step(case: Case, model, layers, x, y, lr: float = 1e-3):
-    """The deer step for `case` as a callable step(zero_grad=True); the single switch point between
-    deer.privacy.PrivacyEngine (used whenever importable) and the interim implementation.
-    Returns (step, impl_name)."""
-    backend = resolve_backend(torch.device(case.device), None if case.backend == "-" else case.backend)
-    opt = torch.optim.SGD(trainable(model), lr=lr)
-    if deer_engine_available():
-        return _build_deer_engine_step(case, model, opt, x, y, backend), "PrivacyEngine"
-    if case.fused:
-        raise RuntimeError("the fused optimizer step needs deer.privacy.PrivacyEngine")
-    gen = torch.Generator(device=case.device).manual_seed(3)
-
-    def step(zero_grad: bool = True):
-        return deer_interim_step(model, layers, opt, x, y, phase=case.phase, noise=case.noise,
-                                 max_grad_norm=case.max_grad_norm, sigma=case.sigma, lam=case.lam,
-                                 backend=backend, generator=gen, zero_grad=zero_grad)
-    return step, "interim"
-
-
-def _build_deer_engine_step(case, model, opt, x, y, backend):
-    """deer.privacy.PrivacyEngine().make_private(...) as a user writes it (mean loss, fixed batches).
-    Regulated noise uses the metric regulator (deer's sound default)."""
+    """The deer step for `case` as a callable step(zero_grad=True): PrivacyEngine().make_private(...)
+    with a mean loss and fixed batches; regulated noise uses the metric regulator (deer's sound
+    default). Returns (step, impl_name)."""
     import warnings
 
     from deer.privacy import PrivacyEngine
+    backend = resolve_backend(torch.device(case.device), None if case.backend == "-" else case.backend)
+    opt = torch.optim.SGD(trainable(model), lr=lr)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=case.batch)
-    kw = dict(regulator="metric") if case.noise == "regulated" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # poisson_sampling=False: fixed batches, timed only
         model_p, opt_p, _ = PrivacyEngine().make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=case.sigma,
-            max_grad_norm=case.max_grad_norm, clipping="flat", noise=case.noise, lam=case.lam,
-            poisson_sampling=False, phase=case.phase, backend=backend, seed=3, fused_update=case.fused, **kw)
+            max_grad_norm=case.max_grad_norm, mechanism="regulated_metric" if case.noise == "regulated" else "isotropic",
+            lam=case.lam, poisson_sampling=False, phase=case.phase, backend=backend, seed=3, fused_update=case.fused)
 
     def step(zero_grad: bool = True):
         with stage("forward"):
@@ -318,7 +226,7 @@ def _build_deer_engine_step(case, model, opt, x, y, backend):
         if zero_grad:
             opt_p.zero_grad(set_to_none=True)
         return loss
-    return step
+    return step, "PrivacyEngine"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,7 +361,7 @@ def _opacus_version() -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Fairness: with the noise off, every method's clipped, averaged gradient of the same LoRA parameters
-# on the same batch must agree (acceptance 3 of issue 6).
+# on the same batch must agree (tests/test_bench_smoke.py).
 # ------------------------------------------------------------------------------------------------
 
 def clipped_grads(case: Case, model, x, y, methods=("deer", "opacus_hooks", "opacus_ghost",

@@ -4,7 +4,7 @@
 
 Writes into DIR (default bench/results/<date>-<device>/): report.md (every case: median step time,
 DP overhead = time / non-private time - 1 (paired rounds when recorded), peak memory and its ratio to non-private; deer's ratios to
-non-private, Opacus hooks and Opacus ghost; the targets of issue 6, met or missed), README_section.md
+non-private, Opacus hooks and Opacus ghost; the step-time and memory targets, met or missed), README_section.md
 (the compact table for the README), time_vs_batch_<device>.png and memory_vs_batch_<device>.png, and a
 copy of the JSON (benchmark.json). When a target is missed the report profiles the deer step
 (torch.profiler: time per stage and the top operators) next to the non-private step, so it says where
@@ -155,7 +155,8 @@ def ratio_table(by_cfg: dict) -> str:
 
 
 def targets(by_cfg: dict) -> tuple[str, list[dict]]:
-    """Issue 6's targets against the measurement. Returns (markdown, missed deer rows)."""
+    """The step-time and memory targets (CPU_TARGET, GPU_TARGET, GPU_MEM_TARGET) against the
+    measurement. Returns (markdown, missed deer rows)."""
     lines, missed = [], []
     for cfg in sorted(by_cfg, key=_cfg_sort):
         d = dict(zip(CONFIG_KEYS, cfg))
@@ -442,7 +443,7 @@ def main(argv=None) -> int:
 
     tgt, missed = targets(by_cfg)
     parts = [header(rows, data, a.note), "",
-             "## Targets (issue 6)", "", tgt, "",
+             "## Targets", "", tgt, "",
              "## deer against the others", "", ratio_table(by_cfg), "",
              "## Every case", "", main_table(by_cfg), ""]
     pngs = plots(rows, outdir)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 
 import torch
 import triton
@@ -296,18 +295,8 @@ def _check_common(p, q, clip, b, noise_std, expected_batch_size, chol, noise_sid
     return _inverse_of_chol(chol)
 
 
-# R^{-1} per chol tensor. The frozen factor (hence chol) is fixed for a whole sub-round, so this
-# saves the validation's host sync on every later step. Entries are keyed by id() but only used
-# while a weak reference still points at that very tensor and its in-place version is unchanged:
-# a freed tensor whose address or id is reused can never hit a stale inverse.
-_RINV_CACHE: dict[int, tuple] = {}
-_RINV_CACHE_MAX = 256
-
-
 def _inverse_of_chol(chol: torch.Tensor) -> torch.Tensor:
-    hit = _RINV_CACHE.get(id(chol))
-    if hit is not None and hit[0]() is chol and hit[1] == chol._version:
-        return hit[2]
+    """R^{-1} (fp32) from chol, formed and validated in float64 on every call (r x r, r <= MAX_GRAM)."""
     r = chol.shape[0]
     R = chol.to(torch.float64)
     rinv = torch.linalg.solve_triangular(R, torch.eye(r, dtype=torch.float64, device=R.device), upper=True)
@@ -322,12 +311,7 @@ def _inverse_of_chol(chol: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{_OP}: chol must have a positive, finite diagonal and a finite inverse (K positive "
                          "definite); K = frozen^T frozen + lambda I needs a ridge lambda > 0 when the frozen "
                          "factor is rank deficient")
-    rinv = rinv.to(torch.float32)
-    if len(_RINV_CACHE) >= _RINV_CACHE_MAX:
-        for k in [k for k, v in _RINV_CACHE.items() if v[0]() is None] or list(_RINV_CACHE)[:1]:
-            del _RINV_CACHE[k]
-    _RINV_CACHE[id(chol)] = (weakref.ref(chol), chol._version, rinv)
-    return rinv
+    return rinv.to(torch.float32)
 
 
 # update_hyper's layout, shared with the C++ backends (fused_update.h, enum UpdateHyper).

@@ -1,4 +1,4 @@
-"""Fairness of the end-to-end benchmark (issue 6, acceptance 3): with the noise off, deer, Opacus hooks,
+"""Fairness of the end-to-end benchmark: with the noise off, deer, Opacus hooks,
 Opacus ghost clipping and "DEeR on Opacus" hand the optimizer the same clipped, averaged gradient of
 the same LoRA parameters on the same batch, and that gradient is the float64 reference's.
 

@@ -63,6 +63,10 @@ def test_bad_mode_combinations():
         _private(model, noise="regulated", phase="AB")
     with pytest.raises(ValueError, match="regulator applies to noise='regulated'"):
         _private(model, regulator="paper")
+    with pytest.raises(ValueError, match="noise is 'isotropic' or 'regulated'"):
+        _private(model, noise="gaussian")
+    with pytest.raises(ValueError, match="not both"):
+        _private(model, mechanism="isotropic", noise="regulated")
     with pytest.raises(ValueError, match="noise_multiplier, or target_epsilon"):
         _private(model, noise_multiplier=None)
     with pytest.raises(ValueError, match="target_delta"):
@@ -145,7 +149,7 @@ def test_nonfinite_private_gradient_refused_before_any_grad_is_written(gen, monk
     """If a layer's noisy sum is not finite (finite per-sample gradients, but e.g. an overflowing
     regulated solve), the step raises naming that layer, and no parameter (not even the layers
     computed before it) gets a gradient or an update."""
-    import deer.privacy.engine as engine_mod
+    import deer.ops as ops_mod
     torch.manual_seed(gen.initial_seed())
     model = inject_lora(_mlp(), ["0", "3"], r=2)
     with torch.no_grad():
@@ -153,7 +157,7 @@ def test_nonfinite_private_gradient_refused_before_any_grad_is_written(gen, monk
             u.lora_B.normal_()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     eng, opt = _private(model, noise_multiplier=0.5, max_grad_norm=1.0, seed=3)
-    real = engine_mod._clip_reduce_noise_all
+    real = ops_mod.clip_reduce_noise_grouped
     calls = []
 
     def poisoned(*args, **kw):
@@ -162,7 +166,7 @@ def test_nonfinite_private_gradient_refused_before_any_grad_is_written(gen, monk
         outs[1] = outs[1].clone()
         outs[1].view(-1)[0] = float("inf")   # the second tensor's release overflows
         return outs
-    monkeypatch.setattr(engine_mod, "_clip_reduce_noise_all", poisoned)
+    monkeypatch.setattr(ops_mod, "clip_reduce_noise_grouped", poisoned)   # the release's one call
     F.cross_entropy(model(torch.randn(5, 6, generator=gen)), torch.randint(0, 3, (5,), generator=gen)).backward()
     with pytest.raises(FloatingPointError, match=r"private gradient of .*lora_B is not finite"):
         opt.step()
@@ -176,18 +180,18 @@ def test_nonfinite_private_gradient_with_fused_step_is_charged_and_raises(gen, m
     """With fused_update the kernels have stepped the finite elements before the check can run: the
     step still raises, names the layer, keeps NaN/Inf out of the weights, and is charged to the
     accountant (its noise reached the weights), so a resumed run never forgets it."""
-    import deer.privacy.engine as engine_mod
+    import deer.ops as ops_mod
     torch.manual_seed(gen.initial_seed())
     model = inject_lora(_mlp(), ["0", "3"], r=2)
     eng, opt = _private(model, noise_multiplier=0.5, max_grad_norm=1.0, seed=3, fused_update=True)
-    real = engine_mod._clip_reduce_noise_all
+    real = ops_mod.clip_reduce_noise_grouped
 
     def poisoned(*args, **kw):
         outs = real(*args, **kw)
         outs[1] = outs[1].clone()
         outs[1].view(-1)[0] = float("nan")
         return outs
-    monkeypatch.setattr(engine_mod, "_clip_reduce_noise_all", poisoned)
+    monkeypatch.setattr(ops_mod, "clip_reduce_noise_grouped", poisoned)   # the release's one call
     F.cross_entropy(model(torch.randn(5, 6, generator=gen)), torch.randint(0, 3, (5,), generator=gen)).backward()
     assert eng.get_epsilon(1e-5) == 0
     with pytest.raises(FloatingPointError, match=r"lora_B is not finite.*charged to the accountant"):

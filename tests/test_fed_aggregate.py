@@ -10,8 +10,16 @@ from deer.fed.config import method_spec
 
 
 def _state(gen, layers, r):
-    return {n: {"A": torch.randn(r, nn_, generator=gen, dtype=torch.float64),
-                "B": torch.randn(m, r, generator=gen, dtype=torch.float64)} for n, (m, nn_) in layers.items()}
+    """A flat LoRA state (deer.nn.get_lora_state names: '<layer>.lora_A' / '.lora_B')."""
+    out = {}
+    for n, (m, nn_) in layers.items():
+        out[_k(n, "A")] = torch.randn(r, nn_, generator=gen, dtype=torch.float64)
+        out[_k(n, "B")] = torch.randn(m, r, generator=gen, dtype=torch.float64)
+    return out
+
+
+def _k(layer, factor):
+    return f"{layer}.lora_{factor}"
 
 
 LAYERS = {"l0": (7, 5), "l1": (3, 11)}
@@ -21,11 +29,12 @@ def test_fedavg_weighted_mean_only_trained_factor(gen):
     g0 = _state(gen, LAYERS, 3)
     ups = [_state(gen, LAYERS, 3) for _ in range(4)]
     w = [3.0, 1.0, 5.0, 2.0]
-    res = aggregate(g0, ups, w, "B", method_spec("deer"))
+    res = aggregate(g0, ups, w, "B", method_spec("deer").mechanism)
     for n in LAYERS:
-        exp = sum(wk * u[n]["B"] for wk, u in zip(w, ups)) / sum(w)
-        torch.testing.assert_close(res.adapters[n]["B"], exp)
-        assert torch.equal(res.adapters[n]["A"], g0[n]["A"])       # frozen factor untouched
+        exp = sum(wk * u[_k(n, "B")] for wk, u in zip(w, ups)) / sum(w)
+        torch.testing.assert_close(res.adapters[_k(n, "B")], exp)
+        assert torch.equal(res.adapters[_k(n, "A")], g0[_k(n, "A")])       # frozen factor untouched
+    assert set(res.adapters) == set(g0)
 
 
 @pytest.mark.parametrize("method,phase", [("fedavg", "AB"), ("deer", "B"), ("deer", "A")])
@@ -35,10 +44,11 @@ def test_client_level_clipping_whole_update(gen, method, phase):
     g0 = _state(gen, LAYERS, 3)
     ups = []
     for k in range(5):  # updates of very different sizes: some clipped, some not
-        u = {n: {f: t + (0.05 * 4 ** k) * torch.randn(t.shape, generator=gen, dtype=torch.float64)
-                 for f, t in d.items()} for n, d in g0.items()}
+        u = {key: t + (0.05 * 4 ** k) * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+             for key, t in g0.items()}
         ups.append(u)
-    res = aggregate(g0, ups, [1.0] * 5, phase, spec, privacy="client", noise_multiplier=0.0, max_grad_norm=C, lam=lam)
+    res = aggregate(g0, ups, [1.0] * 5, phase, spec.mechanism.replace(lam=lam), privacy="client", noise_multiplier=0.0,
+                    max_grad_norm=C)
     factors = ("A", "B") if phase == "AB" else (phase,)
     # hand computation: the norm of the whole update in the metric, all layers together
     norms = []
@@ -46,12 +56,12 @@ def test_client_level_clipping_whole_update(gen, method, phase):
         tot = 0.0
         for n in LAYERS:
             for f in factors:
-                d = u[n][f] - g0[n][f]
-                if spec.metric == "regulated":
+                d = u[_k(n, f)] - g0[_k(n, f)]
+                if spec.mechanism.metric == "regulated":
                     if f == "B":   # ||dB A||^2 + lam ||dB||^2
-                        tot += float((d @ g0[n]["A"]).pow(2).sum() + lam * d.pow(2).sum())
+                        tot += float((d @ g0[_k(n, "A")]).pow(2).sum() + lam * d.pow(2).sum())
                     else:          # ||B dA||^2 + lam ||dA||^2
-                        tot += float((g0[n]["B"] @ d).pow(2).sum() + lam * d.pow(2).sum())
+                        tot += float((g0[_k(n, "B")] @ d).pow(2).sum() + lam * d.pow(2).sum())
                 else:
                     tot += float(d.pow(2).sum())
         norms.append(math.sqrt(tot))
@@ -59,8 +69,8 @@ def test_client_level_clipping_whole_update(gen, method, phase):
     assert min(c) < 1 and max(c) == 1, (gen.initial_seed(), norms)
     for n in LAYERS:
         for f in factors:
-            exp = g0[n][f] + sum(ck * (u[n][f] - g0[n][f]) for ck, u in zip(c, ups)) / 5
-            torch.testing.assert_close(res.adapters[n][f], exp, msg=f"seed {gen.initial_seed()}")
+            exp = g0[_k(n, f)] + sum(ck * (u[_k(n, f)] - g0[_k(n, f)]) for ck, u in zip(c, ups)) / 5
+            torch.testing.assert_close(res.adapters[_k(n, f)], exp, msg=f"seed {gen.initial_seed()}")
     assert res.noise_multiplier == 0.0
 
 
@@ -76,12 +86,12 @@ def test_client_level_noise_law(gen, noise_method):
     spec = method_spec(noise_method)
     draws = []
     for t in range(10):
-        res = aggregate(g0, [g0] * m_cli, [1.0] * m_cli, "B", spec, privacy="client", noise_multiplier=sigma,
-                        max_grad_norm=C, lam=lam, generator=torch.Generator().manual_seed(gen.initial_seed() + t))
-        draws.append((res.adapters["l"]["B"] - g0["l"]["B"]) / (sigma * C / m_cli))   # rows ~ N(0, Sigma)
+        res = aggregate(g0, [g0] * m_cli, [1.0] * m_cli, "B", spec.mechanism.replace(lam=lam), privacy="client",
+                        noise_multiplier=sigma, max_grad_norm=C, generator=torch.Generator().manual_seed(gen.initial_seed() + t))
+        draws.append((res.adapters["l.lora_B"] - g0["l.lora_B"]) / (sigma * C / m_cli))   # rows ~ N(0, Sigma)
     X = torch.cat(draws)                                                              # 4000 x r rows
     emp = X.T @ X / X.shape[0]
-    A = g0["l"]["A"]
+    A = g0["l.lora_A"]
     K_inv = torch.linalg.inv(A @ A.T + lam * torch.eye(r, dtype=torch.float64))
     expected, other = (K_inv, torch.eye(r, dtype=torch.float64)) if noise_method == "deer" else \
         (torch.eye(r, dtype=torch.float64), K_inv)
@@ -99,24 +109,26 @@ def test_client_level_fixed_denominator_and_empty_sum(gen, method):
     phase = "B"
     C, sigma, D = 0.7, 1.5, 2.5
     g0 = _state(gen, LAYERS, 3)
-    ups = [{n: {f: t + torch.randn(t.shape, generator=gen, dtype=torch.float64) for f, t in d.items()}
-            for n, d in g0.items()} for _ in range(4)]
+    ups = [{k: t + torch.randn(t.shape, generator=gen, dtype=torch.float64) for k, t in g0.items()}
+           for _ in range(4)]
     seed = gen.initial_seed()
-    got = aggregate(g0, ups, [1.0] * 4, phase, spec, privacy="client", noise_multiplier=sigma, max_grad_norm=C,
-                    lam=0.2, generator=torch.Generator().manual_seed(seed), denominator=D)
-    noise_only = aggregate(g0, [], [], phase, spec, privacy="client", noise_multiplier=sigma, max_grad_norm=C,
-                           lam=0.2, generator=torch.Generator().manual_seed(seed), denominator=D)
-    clean = aggregate(g0, ups, [1.0] * 4, phase, spec, privacy="client", noise_multiplier=0.0, max_grad_norm=C,
-                      lam=0.2, denominator=D)
-    ref_mean = aggregate(g0, ups, [1.0] * 4, phase, spec, privacy="client", noise_multiplier=0.0, max_grad_norm=C,
-                         lam=0.2)                                          # no denominator: the realised 4
+    mech = spec.mechanism.replace(lam=0.2)
+    got = aggregate(g0, ups, [1.0] * 4, phase, mech, privacy="client", noise_multiplier=sigma, max_grad_norm=C,
+                    generator=torch.Generator().manual_seed(seed), denominator=D)
+    noise_only = aggregate(g0, [], [], phase, mech, privacy="client", noise_multiplier=sigma, max_grad_norm=C,
+                           generator=torch.Generator().manual_seed(seed), denominator=D)
+    clean = aggregate(g0, ups, [1.0] * 4, phase, mech, privacy="client", noise_multiplier=0.0, max_grad_norm=C,
+                      denominator=D)
+    ref_mean = aggregate(g0, ups, [1.0] * 4, phase, mech, privacy="client", noise_multiplier=0.0,
+                         max_grad_norm=C)                                  # no denominator: the realised 4
     assert noise_only.noise_multiplier == got.noise_multiplier == sigma and noise_only.clip_fraction is None
     for n in LAYERS:
-        clipped_sum = (ref_mean.adapters[n][phase] - g0[n][phase]) * 4
-        torch.testing.assert_close(clean.adapters[n][phase], g0[n][phase] + clipped_sum / D)
-        noise = noise_only.adapters[n][phase] - g0[n][phase]
+        k = _k(n, phase)
+        clipped_sum = (ref_mean.adapters[k] - g0[k]) * 4
+        torch.testing.assert_close(clean.adapters[k], g0[k] + clipped_sum / D)
+        noise = noise_only.adapters[k] - g0[k]
         assert noise.abs().max() > 0
-        torch.testing.assert_close(got.adapters[n][phase], g0[n][phase] + clipped_sum / D + noise)
-        assert torch.equal(noise_only.adapters[n]["A"], g0[n]["A"])
+        torch.testing.assert_close(got.adapters[k], g0[k] + clipped_sum / D + noise)
+        assert torch.equal(noise_only.adapters[_k(n, "A")], g0[_k(n, "A")])
     with pytest.raises(ValueError, match="at least one client update"):
-        aggregate(g0, [], [], phase, spec, privacy="client", noise_multiplier=sigma, max_grad_norm=C)
+        aggregate(g0, [], [], phase, spec.mechanism, privacy="client", noise_multiplier=sigma, max_grad_norm=C)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from deer.fed import prepare_job
 from deer.fed.client import LocalTrainConfig, NoiseKey, local_train, private_step
+from deer.privacy.release import FrozenMetric
 from deer.fed.config import method_spec
-from deer.fed.model import get_adapters, named_lora, set_adapters, set_phase
+from deer.nn import lora_units, set_lora_state, set_phase
 from deer.ops import resolve_backend
 
 from test_fed_engine import tiny_cfg
@@ -36,11 +37,11 @@ def _prepare(job, gen, phase):
     """Global adapters with a non-zero B (so that A-phase gradients and K = B^T B + lam I are generic),
     and the captured (X, U, G) of one batch of 13 samples of client 0."""
     model = job.model
-    start = {n: {"A": d["A"].clone(), "B": 0.3 * torch.randn(d["B"].shape, generator=gen)}
-             for n, d in job.init_adapters.items()}
-    set_adapters(model, start)
+    start = {k: t.clone() if k.endswith(".lora_A") else 0.3 * torch.randn(t.shape, generator=gen)
+             for k, t in job.init_adapters.items()}
+    set_lora_state(model, start, strict=True)
     set_phase(model, phase)
-    layers = list(named_lora(model).values())
+    layers = [u for _, u in lora_units(model)]
     x, y = job.data.clients[0].x[:13], job.data.clients[0].y[:13]
     for l in layers:
         l.capture = True
@@ -49,6 +50,17 @@ def _prepare(job, gen, phase):
         l.capture = False
     captured = [l.pop_captured()[0] for l in layers]
     return layers, start, captured
+
+
+def _step(layers, phase, spec, cfg, expected_batch, start, key, captured):
+    """private_step with the sub-round's FrozenMetric, built (as local_train does) from the layers'
+    values now, which _prepare set to `start`."""
+    for l in layers:
+        for f in ("A", "B"):
+            assert torch.equal(l.factor(f).detach(), start[f"{l.name}.lora_{f}"])
+    mech = spec.mechanism.replace(lam=cfg.lam)
+    metric = FrozenMetric([(l.name, l) for l in layers], phase, mech)
+    return private_step(layers, phase, mech, cfg, expected_batch, metric, key, captured=captured)
 
 
 CASES = [("deer", "B"), ("deer", "A"), ("deer_no_de", "AB"), ("fedavg", "AB"), ("ffa", "B")]
@@ -65,7 +77,7 @@ def test_private_step_kernels_equal_reference(job, gen, method, phase):
         outs = {}
         for b in (None, backend, "reference"):
             cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=sigma, max_grad_norm=C, lam=0.1, backend=b)
-            outs[b] = private_step(layers, phase, spec, cfg, 8.0, start, key, captured=captured)
+            outs[b] = _step(layers, phase, spec, cfg, 8.0, start, key, captured=captured)
         (kg, keff), (rg, reff) = outs[backend], outs["reference"]
         assert keff == reff == sigma
         for li, (kd, rd, nd) in enumerate(zip(kg, rg, outs[None][0])):
@@ -78,7 +90,7 @@ def test_private_step_kernels_equal_reference(job, gen, method, phase):
                                            msg=f"{method} {phase} layer {li} {f} sigma={sigma} C={C} seed {seed}")
     # the noise is really there and keyed: another step number gives other noise
     cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=1.3, max_grad_norm=0.05, lam=0.1, backend=backend)
-    other, _ = private_step(layers, phase, spec, cfg, 8.0, start, NoiseKey(key.seed, 6, 3), captured=captured)
+    other, _ = _step(layers, phase, spec, cfg, 8.0, start, NoiseKey(key.seed, 6, 3), captured=captured)
     diff = max(float((a[f] - b[f]).abs().max()) for a, b in zip(other, kg) for f in a)
     assert diff > 1e-3
 
@@ -94,18 +106,18 @@ def test_noise_law_and_empty_batch(job, gen, method, phase):
     sigma, C, b = 1e6, 1.0, 8.0
     cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=sigma, max_grad_norm=C, lam=0.1)
     seed = gen.initial_seed()
-    full, _ = private_step(layers, phase, spec, cfg, b, start, NoiseKey(seed, 0, 0), captured=captured)
+    full, _ = _step(layers, phase, spec, cfg, b, start, NoiseKey(seed, 0, 0), captured=captured)
     z = []
     for step in range(24):   # independent keys: enough entries for a tight test
-        empty, eff = private_step(layers, phase, spec, cfg, b, start, NoiseKey(seed, step, 0), captured=[])
+        empty, eff = _step(layers, phase, spec, cfg, b, start, NoiseKey(seed, step, 0), captured=[])
         assert eff == sigma
         for l, fd, ed in zip(layers, full, empty):
             for f in ed:
                 if step == 0:
                     torch.testing.assert_close(fd[f], ed[f], rtol=1e-5, atol=1e-5 * float(ed[f].abs().max()))
                 xi = ed[f].double() * b / (sigma * C)
-                if spec.noise == "regulated":
-                    A0, B0 = start[l.name]["A"].double(), start[l.name]["B"].double()
+                if spec.mechanism.noise == "regulated":
+                    A0, B0 = start[f"{l.name}.lora_A"].double(), start[f"{l.name}.lora_B"].double()
                     K = (A0 @ A0.T if f == "B" else B0.T @ B0) + 0.1 * torch.eye(A0.shape[0], dtype=torch.float64)
                     R = torch.linalg.cholesky(K).mT
                     xi = xi @ R.T if f == "B" else R @ xi
@@ -124,7 +136,7 @@ def test_local_train_kernels_equal_reference_and_accounting(job, gen):
     seed = gen.initial_seed()
     cd = job.data.clients[1]
     n = len(cd.y)
-    start = {k: {f: t.clone() for f, t in d.items()} for k, d in job.init_adapters.items()}
+    start = {k: t.clone() for k, t in job.init_adapters.items()}
     for phase in ("B", "A"):
         ends = {}
         for backend in (None, "reference"):
@@ -134,10 +146,10 @@ def test_local_train_kernels_equal_reference_and_accounting(job, gen):
                               torch.Generator().manual_seed(seed), noise_seed=seed + 1, client=1)
             assert upd.releases == [(0.9, 16 / n, 3)]
             ends[backend] = upd.adapters
+        assert set(ends[None]) == set(ends["reference"]) == set(start)
         for k in start:
-            for f in "AB":
-                torch.testing.assert_close(ends[None][k][f], ends["reference"][k][f], rtol=1e-4, atol=1e-6,
-                                           msg=f"{phase} {k}.{f} seed {seed}")
+            torch.testing.assert_close(ends[None][k], ends["reference"][k], rtol=1e-4, atol=1e-6,
+                                       msg=f"{phase} {k} seed {seed}")
         start = ends[None]
 
 
@@ -150,23 +162,24 @@ def test_step_is_poisson_sampled_mean_over_expected_batch(job, gen):
     cd = job.data.clients[0]
     n, bsz, lr = len(cd.y), 16, 0.1
     q = bsz / n
-    start = {k: {f: t.clone() for f, t in d.items()} for k, d in job.init_adapters.items()}
+    start = {k: t.clone() for k, t in job.init_adapters.items()}
     cfg = LocalTrainConfig(1, bsz, lr, "sample", noise_multiplier=0.0, max_grad_norm=1e9, lam=0.1, local_steps=1)
     upd = local_train(job.model, start, cd.x, cd.y, "B", method_spec("ffa"), cfg, torch.Generator().manual_seed(seed),
                       noise_seed=1, client=0)
     assert upd.releases == [(0.0, q, 1)]
     idx = (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < q).nonzero().squeeze(1)
     model = job.model
-    set_adapters(model, start)
+    set_lora_state(model, start, strict=True)
     set_phase(model, "B")
-    layers = named_lora(model)
-    params = [l.lora_B for l in layers.values()]
+    layers = lora_units(model)
+    params = [l.lora_B for _, l in layers]
     grads = torch.autograd.grad(F.cross_entropy(model(cd.x[idx]), cd.y[idx], reduction="sum"), params)
-    for (name, _), g in zip(layers.items(), grads):
-        expected = start[name]["B"] - lr * g / (q * n)
-        torch.testing.assert_close(upd.adapters[name]["B"], expected, rtol=1e-4, atol=1e-6)
-        assert torch.equal(upd.adapters[name]["A"], start[name]["A"])
-    set_adapters(model, job.init_adapters)
+    assert set(upd.adapters) == set(start)
+    for (name, _), g in zip(layers, grads):
+        expected = start[f"{name}.lora_B"] - lr * g / (q * n)
+        torch.testing.assert_close(upd.adapters[f"{name}.lora_B"], expected, rtol=1e-4, atol=1e-6)
+        assert torch.equal(upd.adapters[f"{name}.lora_A"], start[f"{name}.lora_A"])
+    set_lora_state(model, job.init_adapters, strict=True)
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])
@@ -186,25 +199,25 @@ def test_private_step_drops_nonfinite_samples(job, gen, backend):
     cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=0.7, max_grad_norm=0.05, lam=0.1, backend=backend)
     key = NoiseKey(gen.initial_seed(), 2, 1)
     with pytest.warns(RuntimeWarning, match="1 sample"):
-        got, _ = private_step(layers, "B", spec, cfg, 8.0, start, key, captured=poisoned)
-    want, _ = private_step(layers, "B", spec, cfg, 8.0, start, key, captured=zeroed)
+        got, _ = _step(layers, "B", spec, cfg, 8.0, start, key, captured=poisoned)
+    want, _ = _step(layers, "B", spec, cfg, 8.0, start, key, captured=zeroed)
     for g, w in zip(got, want):
         assert torch.isfinite(g["B"]).all()
         torch.testing.assert_close(g["B"], w["B"], rtol=1e-6, atol=1e-9)
 
 
 def test_private_step_refuses_a_nonfinite_release(job, gen, monkeypatch):
-    import deer.fed.client as client_mod
+    import deer.ops as ops_mod
     _kernel_backend()
     layers, start, captured = _prepare(job, gen, "B")
-    real = client_mod.clip_reduce_noise_grouped
+    real = ops_mod.clip_reduce_noise_grouped
 
     def poisoned(*args, **kw):
         outs = real(*args, **kw)
         outs[-1] = outs[-1].clone()
         outs[-1].view(-1)[0] = float("inf")
         return outs
-    monkeypatch.setattr(client_mod, "clip_reduce_noise_grouped", poisoned)
+    monkeypatch.setattr(ops_mod, "clip_reduce_noise_grouped", poisoned)   # the release's one call
     cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=0.7, max_grad_norm=0.05, lam=0.1)
     with pytest.raises(FloatingPointError, match=r"lora_B is not finite"):
-        private_step(layers, "B", method_spec("deer"), cfg, 8.0, start, NoiseKey(3, 0, 0), captured=captured)
+        _step(layers, "B", method_spec("deer"), cfg, 8.0, start, NoiseKey(3, 0, 0), captured=captured)

@@ -11,6 +11,7 @@ import torch
 
 from deer.fed import FedConfig, prepare_job, run_method
 from deer.fed.accounting import ReleaseJournal, epsilon
+from deer.nn import lora_key
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +28,9 @@ def tiny_cfg(seed, **kw):
 
 
 def _products(state):
-    return {n: d["B"].double() @ d["A"].double() for n, d in state.items()}
+    units = {lora_key(k)[0] for k in state}
+    assert set(state) == {f"{u}.lora_{f}" for u in units for f in "AB"}
+    return {u: state[f"{u}.lora_B"].double() @ state[f"{u}.lora_A"].double() for u in units}
 
 
 def _deviation(info):
@@ -95,7 +98,8 @@ def test_faults_raise_nan_timeout_and_min_clients(gen):
     assert res["releases"] == 3
     assert res["epsilon"] == pytest.approx(epsilon([(1.0, 1.0, 3)], cfg.delta), rel=1e-9)
     # the run finished: both rounds evaluated, all numbers finite
-    assert len(res["history"]) == 2 and all(torch.isfinite(t).all() for d in res["adapters"].values() for t in d.values())
+    assert set(res["adapters"]) == set(job.init_adapters)
+    assert len(res["history"]) == 2 and all(torch.isfinite(t).all() for t in res["adapters"].values())
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -132,9 +136,9 @@ def test_kill_mid_round_and_resume(tmp_path, gen):
     assert [h["round"] for h in res["history"]] == [1, 2, 3]
     # keyed random streams: the resumed run ends where an uninterrupted one does
     ref = run_method(job, "deer", None, log=lambda *a: None)
-    for n, d in ref["adapters"].items():
-        for f in "AB":
-            torch.testing.assert_close(res["adapters"][n][f], d[f], rtol=1e-5, atol=1e-6)
+    assert set(res["adapters"]) == set(ref["adapters"]) == set(job.init_adapters)
+    for k, t in ref["adapters"].items():
+        torch.testing.assert_close(res["adapters"][k], t, rtol=1e-5, atol=1e-6)
     assert ref["epsilon"] < res["epsilon"]
     # run directory contents
     assert {"adapter.safetensors", "metrics.json", "releases.jsonl", "state.pt"} <= set(os.listdir(tmp_path / "deer"))
@@ -179,11 +183,12 @@ def test_client_level_divides_by_expected_count(gen):
     assert [i["phase"] for i in infos] == ["B", "A"] * 3
     for info in infos:
         assert info["ids"] == info["sampled"]
-        for n, d in info["after"].items():
-            f = info["phase"]
-            delta = sum((c[n][f].double() - info["before"][n][f].double() for c in info["clients"]),
-                        torch.zeros_like(d[f], dtype=torch.float64))
-            torch.testing.assert_close(d[f].double(), info["before"][n][f].double() + delta / 2.0,
+        trained = [k for k in info["after"] if lora_key(k)[1] == info["phase"]]
+        assert len(trained) == len(info["after"]) // 2
+        for k in trained:
+            delta = sum((c[k].double() - info["before"][k].double() for c in info["clients"]),
+                        torch.zeros_like(info["after"][k], dtype=torch.float64))
+            torch.testing.assert_close(info["after"][k].double(), info["before"][k].double() + delta / 2.0,
                                        rtol=1e-5, atol=1e-6)
 
 
@@ -206,7 +211,8 @@ def test_client_level_poisson_never_skips_after_the_draw(gen):
     empty = infos[2]
     assert empty["ids"] == [] and all(f"client {c} left out" in "\n".join(logs) for c in empty["sampled"])
     # noise alone moved the trained factor; the frozen one did not move
-    for n, d in empty["after"].items():
-        assert not torch.equal(d["B"], empty["before"][n]["B"]) and torch.equal(d["A"], empty["before"][n]["A"])
+    assert set(empty["after"]) == set(empty["before"]) == set(job.init_adapters)
+    for k, t in empty["after"].items():
+        assert torch.equal(t, empty["before"][k]) == (lora_key(k)[1] == "A")
     assert res["releases"] == 4
     assert res["epsilon"] == pytest.approx(epsilon([(1.0, 0.5, 4)], cfg.delta), rel=1e-9)

@@ -5,8 +5,9 @@ import torch.nn.functional as F
 
 from deer.fed import prepare_job, run_method
 from deer.fed.client import LocalTrainConfig, NoiseKey, private_step
+from deer.privacy.release import FrozenMetric
 from deer.fed.config import method_spec
-from deer.fed.model import get_adapters, named_lora, set_phase
+from deer.nn import lora_key, lora_layers, set_phase
 
 from test_fed_engine import tiny_cfg
 
@@ -31,17 +32,19 @@ def test_methods_schedule_frozen_factors_and_budget(gen, privacy, methods):
 
         def check(info, seen=seen):
             seen.append(info["phase"])
-            for n, d in info["after"].items():
-                for f in "AB":
-                    changed = not torch.equal(d[f], info["before"][n][f])
-                    assert changed == (f in info["phase"]), (method, info["phase"], n, f, seed)
+            assert set(info["after"]) == set(info["before"]) == set(job.init_adapters)
+            for k, t in info["after"].items():
+                changed = not torch.equal(t, info["before"][k])
+                assert changed == (lora_key(k)[1] in info["phase"]), (method, info["phase"], k, seed)
 
         res = run_method(job, method, log=lambda *a: None, on_aggregate=check)
         assert seen == sched * cfg.rounds, (method, seen)
         assert 3.0 < res["epsilon"] <= 4.0, (method, res["epsilon"], seed)
         if method == "ffa":  # A stays at its random initialisation for the whole run
-            for n, d in res["adapters"].items():
-                assert torch.equal(d["A"], job.init_adapters[n]["A"])
+            a_keys = [k for k in job.init_adapters if lora_key(k)[1] == "A"]
+            assert a_keys and set(res["adapters"]) == set(job.init_adapters)
+            for k in a_keys:
+                assert torch.equal(res["adapters"][k], job.init_adapters[k])
 
 
 def test_joint_regulated_step_without_clipping_or_noise_is_the_gradient(gen):
@@ -51,11 +54,10 @@ def test_joint_regulated_step_without_clipping_or_noise_is_the_gradient(gen):
     job = prepare_job(cfg, log=lambda *a: None)
     model = job.model
     with torch.no_grad():  # non-zero B so that both factors get gradients
-        for l in named_lora(model).values():
+        for l in lora_layers(model):
             l.lora_B.normal_(generator=gen)
-    frozen = get_adapters(model)
     set_phase(model, "AB")
-    layers = list(named_lora(model).values())
+    layers = lora_layers(model)
     x, y = job.data.clients[0].x[:9], job.data.clients[0].y[:9]
     loss = F.cross_entropy(model(x), y, reduction="sum")
     params = [p for l in layers for p in (l.lora_A, l.lora_B)]
@@ -69,8 +71,9 @@ def test_joint_regulated_step_without_clipping_or_noise_is_the_gradient(gen):
     for backend in (None, "reference"):   # deer's kernels, and the float64 oracle
         tcfg = LocalTrainConfig(1, 9, 0.1, "sample", noise_multiplier=0.0, max_grad_norm=1e12, lam=0.1,
                                 backend=backend)
-        grads, sigma = private_step(layers, "AB", method_spec("deer_no_de"), tcfg, 9.0, frozen, NoiseKey(seed, 0),
-                                    captured=captured)
+        mech = method_spec("deer_no_de").mechanism.replace(lam=0.1)
+        metric = FrozenMetric([(l.name, l) for l in layers], "AB", mech.validate("AB", frozen_at_start=True))
+        grads, sigma = private_step(layers, "AB", mech, tcfg, 9.0, metric, NoiseKey(seed, 0), captured=captured)
         got = [g for d in grads for g in (d["A"], d["B"])]
         for e, g in zip(expected, got):
             torch.testing.assert_close(g.float(), e / 9.0, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,6 @@
 """Acceptance 2: DEeR on a real Flower deployment (one flower-superlink, two flower-supernode processes
 on 127.0.0.1) gives the same global adapters as the in-process engine with the same seeds."""
+import json
 import os
 import shutil
 import signal
@@ -13,9 +14,11 @@ import torch
 
 pytest.importorskip("flwr")
 
+from safetensors.torch import load_file  # noqa: E402
+
 from deer.fed import FedConfig, run_method  # noqa: E402
-from deer.fed.engine import load_adapters  # noqa: E402
 from deer.fed.flower_app import write_job  # noqa: E402
+from deer.nn import lora_key  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,29 +155,53 @@ insecure = true
             assert time.monotonic() < deadline, f"Flower run did not finish in time:\n{logs}"
             time.sleep(1)
         time.sleep(0.5)
-        got = load_adapters(str(out_dir / "adapter.safetensors"))
+        got = load_file(str(out_dir / "adapter.safetensors"))     # deer.nn.get_lora_state names
     finally:
         stopped = _stop(procs)
     assert all(p.poll() is not None for p, _ in procs)
     assert not [v.pid for v in stopped if v.is_running() and v.status() != "zombie"]
-    assert set(got) == set(expected)
-    for n, d in expected.items():
-        for f in ("A", "B"):
-            torch.testing.assert_close(got[n][f], d[f], rtol=1e-5, atol=1e-6, msg=f"{n}.{f} (seed {seed})")
-        # and training moved both factors away from their initial values
-        assert not torch.equal(d["B"], job.init_adapters[n]["B"])
+    assert set(got) == set(expected) == set(job.init_adapters)
+    for k, t in expected.items():
+        torch.testing.assert_close(got[k], t, rtol=1e-5, atol=1e-6, msg=f"{k} (seed {seed})")
+        # and training moved both factors (DEeR's B and A sub-rounds) away from their initial values
+        assert not torch.equal(t, job.init_adapters[k]), k
 
 
-def test_strategy_matches_engine_client_level_poisson(gen):
-    """The ServerApp's strategy (DeerStrategy) applies the engine's client-level rules: Poisson client
+class _Relay:
+    """What FlowerClients and the ClientApp (_client_train) do, without processes: the global adapters
+    and the replies travel as Flower ArrayRecords, the releases as JSON, and only the trained factors
+    come back. `up`: how many SuperNodes report as connected."""
+
+    def __init__(self, job, up):
+        self.job, self.up, self.asked = job, up, 0
+
+    def available(self):
+        return self.up
+
+    def train(self, cids, rnd, si, phase, spec, sigma, start):
+        from deer.fed.client import ClientUpdate
+        from deer.fed.engine import train_client
+        from deer.fed.flower_app import _from_record, _to_record
+        from deer.nn import set_lora_state
+        out = {}
+        for cid in cids:
+            self.asked += 1
+            upd = train_client(self.job, cid, rnd, si, phase, spec, sigma, _from_record(_to_record(start)))
+            set_lora_state(self.job.model, start)
+            factors = {k: t for k, t in upd.adapters.items() if lora_key(k)[1] in phase}
+            out[cid] = ClientUpdate(_from_record(_to_record(factors)), upd.num_examples, upd.steps, upd.loss,
+                                    [tuple(r) for r in json.loads(json.dumps(upd.releases))])
+        return out
+
+
+def test_flower_transport_matches_in_process_client_level_poisson(gen, tmp_path):
+    """The ServerApp runs the engine's own round loop with Flower as the transport: Poisson client
     sampling redrawn every sub-round, clipped sum + noise over q N, one release per sub-round, and the
-    min_clients rule only before the draw (on the clients available). Driven in-process here (the real
-    Flower deployment is the test above): same adapters and the same privacy journal as run_method."""
+    min_clients rule only before the draw (on the SuperNodes connected). Driven in-process through
+    Flower's records here (the real deployment is the test above): the same adapters and the same
+    privacy journal as the in-process clients."""
     from deer.fed import prepare_job
     from deer.fed.accounting import ReleaseJournal
-    from deer.fed.engine import train_client
-    from deer.fed.flower_app import DeerStrategy
-    from deer.fed.model import unflatten_adapters
     seed = gen.initial_seed() % 100000
     cfg = FedConfig(rounds=2, dataset="digits", image_size=8, num_clients=4, clients_per_round=2, partition="iid",
                     public_fraction=0.2, public_classes=None, pretrain_epochs=1, local_steps=2, batch_size=16,
@@ -184,22 +211,19 @@ def test_strategy_matches_engine_client_level_poisson(gen):
                                   "mlp_ratio": 2.0}).validate()
     job = prepare_job(cfg, log=lambda *a: None)
     expected = run_method(job, "deer", log=lambda *a: None)
-    strategy = DeerStrategy(job, "deer", ReleaseJournal(None), log=lambda *a: None)
-    for rnd in range(cfg.rounds):
-        for si, phase in enumerate(strategy.spec.phases):
-            sampled, flat, config = strategy.configure(rnd, si, phase, available=cfg.num_clients)
-            replies = {}
-            for cid in sampled:   # what _client_train does on each SuperNode
-                upd = train_client(job, cid, rnd, si, phase, strategy.spec, float(config["noise-multiplier"]),
-                                   unflatten_adapters(flat))
-                replies[cid] = {"factors": {f"{n}.lora_{phase}": d[phase] for n, d in upd.adapters.items()},
-                                "num_examples": upd.num_examples, "releases": upd.releases}
-            strategy.aggregate(rnd, si, phase, replies)
-    for n, d in expected["adapters"].items():
-        for f in "AB":
-            assert torch.equal(strategy.adapters[n][f], d[f]), (n, f, seed)
-    assert strategy.journal.releases("server") == [(1.1, 0.5, 1)] * 4 and strategy.skipped == []
-    assert strategy.journal.epsilon(cfg.delta) == pytest.approx(expected["epsilon"], rel=1e-12)
-    # fewer clients connected than min_clients: skipped before anyone is asked, nothing released
-    assert strategy.configure(2, 0, "B", available=1) is None
-    assert strategy.skipped == [{"round": 2, "phase": "B", "valid": 0}] and len(strategy.journal.entries) == 4
+    relay = _Relay(job, up=cfg.num_clients)
+    got = run_method(job, "deer", str(tmp_path / "flower"), log=lambda *a: None, clients=relay)
+    assert relay.asked > 0
+    assert set(got["adapters"]) == set(expected["adapters"]) == set(job.init_adapters)
+    for k, t in expected["adapters"].items():
+        assert torch.equal(got["adapters"][k], t), (k, seed)
+    journal = ReleaseJournal(str(tmp_path / "flower" / "releases.jsonl"))
+    assert journal.releases("server") == [(1.1, 0.5, 1)] * 4 and got["skipped"] == expected["skipped"] == []
+    assert got["epsilon"] == pytest.approx(expected["epsilon"], rel=1e-12)
+    assert [r["accuracy"] for r in got["history"]] == [r["accuracy"] for r in expected["history"]]
+    # fewer SuperNodes connected than min_clients: every sub-round skipped before anyone is asked
+    down = _Relay(job, up=1)
+    res = run_method(job, "deer", str(tmp_path / "down"), log=lambda *a: None, clients=down)
+    assert down.asked == 0 and res["releases"] == 0 and res["epsilon"] == 0.0
+    assert res["skipped"] == [{"round": r, "phase": p, "valid": 0} for r in range(2) for p in ("B", "A")]
+    assert all(torch.equal(res["adapters"][k], t) for k, t in job.init_adapters.items())

@@ -1,5 +1,6 @@
-"""inject_lora on timm ViT (fused qkv -> per-slice factors), HF BERT (query/key/value), name/regex/type
-targets, phases and the LoRA state exchange the federated trainer uses."""
+"""inject_lora on timm ViT (fused qkv: one LoRALinear by default, or per-slice factors), HF BERT
+(query/key/value), name/regex/type targets, phases and the LoRA state exchange the federated trainer
+uses."""
 import pytest
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ def test_vit_qkv_slices_and_head(gen):
     model = tiny_vit().eval()
     x = torch.randn(2, 3, 16, 16, generator=gen)
     y0 = model(x)
-    inject_lora(model, ["qkv", "head"], r=4, alpha=8)
+    inject_lora(model, ["qkv", "head"], r=4, alpha=8, qkv_slices=("q", "k", "v"))
     for blk in model.blocks:
         assert isinstance(blk.attn.qkv, LoRAQKV) and tuple(blk.attn.qkv.slices) == ("q", "k", "v")
     assert isinstance(model.head, LoRALinear)
@@ -41,6 +42,8 @@ def test_vit_qkv_subset_and_plain():
     assert tuple(model.blocks[1].attn.qkv.slices) == ("q", "v")
     model = inject_lora(tiny_vit(), "qkv", r=2, qkv_slices=None)
     assert type(model.blocks[0].attn.qkv) is LoRALinear
+    model = inject_lora(tiny_vit(), "qkv", r=2)           # the default: one LoRALinear on the fused qkv
+    assert all(type(b.attn.qkv) is LoRALinear for b in model.blocks)
 
 
 def test_bert_attention_projections(gen):

@@ -85,7 +85,7 @@ def test_mixed_ranks_use_rank_pattern(gen, tmp_path):
 def test_qkv_slices_are_refused_and_deer_format_works(gen, tmp_path):
     from timm.models.vision_transformer import VisionTransformer
     vit = VisionTransformer(img_size=16, patch_size=8, num_classes=3, embed_dim=24, depth=1, num_heads=2)
-    model = inject_lora(vit, ["qkv", "head"], r=2)
+    model = inject_lora(vit, ["qkv", "head"], r=2, qkv_slices=("q", "k", "v"))
     with pytest.raises(ValueError, match="qkv_slices=None"):
         save_adapter(model, str(tmp_path / "peft"))
     set_phase(model, "B")
@@ -94,7 +94,7 @@ def test_qkv_slices_are_refused_and_deer_format_works(gen, tmp_path):
             u.lora_B.normal_()
     save_lora_state(model, str(tmp_path / "deer.safetensors"))
     fresh = VisionTransformer(img_size=16, patch_size=8, num_classes=3, embed_dim=24, depth=1, num_heads=2)
-    fresh = inject_lora(fresh, ["qkv", "head"], r=2)
+    fresh = inject_lora(fresh, ["qkv", "head"], r=2, qkv_slices=("q", "k", "v"))
     load_lora_state(fresh, str(tmp_path / "deer.safetensors"))
     for k, v in get_lora_state(model).items():
         torch.testing.assert_close(get_lora_state(fresh)[k], v)

@@ -1,4 +1,4 @@
-"""The float64 reference of DESIGN.md section 2 against independent formulations."""
+"""The float64 reference (docs/design.md sections 1-6) against independent formulations."""
 import math
 
 import pytest

@@ -16,7 +16,7 @@ from . import reference  # noqa: F401,E402  (pure PyTorch, always available)
 # public name -> submodule that defines it
 _LAZY = {
     "inject_lora": "nn", "set_phase": "nn", "get_phase": "nn", "get_lora_state": "nn",
-    "set_lora_state": "nn", "LoRALinear": "nn", "LoRAQKV": "nn", "NoLoRALayersError": "nn",
+    "set_lora_state": "nn", "LoRALinear": "nn", "LoRAQKV": "nn", "NoLoRALayersError": "nn", "LoRAConfig": "nn",
     "PrivacyEngine": "privacy", "make_private": "privacy", "DPLoRAOptimizer": "privacy",
     "PrivacyBudgetExceeded": "privacy", "save_adapter": "privacy", "load_adapter": "privacy",
 }

@@ -58,13 +58,10 @@ from scipy import stats
 
 from deer import reference as ref
 from deer.privacy.accountant import DeerAccountant, check_delta
+from deer.privacy.mechanism import PRESETS, Mechanism
 
-# mode -> (clipping metric, noise kind) of deer.reference.dp_step
-MODES: dict[str, dict[str, str]] = {
-    "isotropic": {"metric": "euclidean", "noise": "isotropic"},           # Euclidean clip, isotropic noise
-    "regulated-metric": {"metric": "regulated", "noise": "regulated"},    # deer's default
-    "regulated-paper": {"metric": "euclidean", "noise": "regulated"},     # the paper's mechanism
-}
+# the audited modes: deer.privacy.mechanism's presets, spelled with hyphens on the command line
+MODES: dict[str, Mechanism] = {name.replace("_", "-"): m for name, m in PRESETS.items()}
 LEVELS = ("sample", "client")
 
 
@@ -253,9 +250,9 @@ class _Setup:
         self.evals = evals.flip(0)
         mode = MODES[cfg.mode]
         # noise whitening: regulated noise has covariance K^{-1} (per column / row) -> R makes it isotropic
-        self.Rw = ref.cholesky_upper(self.K) if mode["noise"] == "regulated" else torch.eye(r, dtype=torch.float64)
+        self.Rw = ref.cholesky_upper(self.K) if mode.noise == "regulated" else torch.eye(r, dtype=torch.float64)
         # clipping norm of the unit direction v_k (x) e_j: sqrt(lambda_k) in the regulated metric, 1 otherwise
-        self.clip_norm = self.evals.sqrt() if mode["metric"] == "regulated" else torch.ones(r, dtype=torch.float64)
+        self.clip_norm = self.evals.sqrt() if mode.metric == "regulated" else torch.ones(r, dtype=torch.float64)
         # orthonormal whitened basis vectors b_k = Rw v_k / ||Rw v_k|| (orthogonal because v_k are K's eigvecs)
         Wv = self.Rw @ self.evecs
         self.basis = Wv / Wv.norm(dim=0, keepdim=True)               # (r, r), column k = b_k
@@ -304,13 +301,13 @@ def fed_aggregate_step(**kw):
     g = ref.per_sample_grads(lb.x, lb.grad_out, lb.A, lb.B, lb.scale, phase)[phase]
     base = {"A": lb.A, "B": lb.B}
     m = g.shape[0]
-    glob = {"audit": {f: t.clone() for f, t in base.items()}}
-    updates = [{"audit": {**base, phase: base[phase] + g[i]}} for i in range(m)]
-    res = aggregate(glob, updates, [1.0] * m, phase, SimpleNamespace(metric=kw["metric"], noise=kw["noise"]),
+    glob = {f"audit.lora_{f}": t.clone() for f, t in base.items()}     # a deer.nn.get_lora_state dict
+    updates = [{**glob, f"audit.lora_{phase}": base[phase] + g[i]} for i in range(m)]
+    res = aggregate(glob, updates, [1.0] * m, phase, Mechanism(kw["metric"], kw["noise"], lam=kw["lam"]),
                     privacy="client", noise_multiplier=kw["noise_multiplier"],
-                    max_grad_norm=kw["max_grad_norm"], lam=kw["lam"], generator=kw["generator"],
+                    max_grad_norm=kw["max_grad_norm"], generator=kw["generator"],
                     denominator=kw["expected_batch_size"])
-    noisy_mean = res.adapters["audit"][phase].to(torch.float64) - base[phase]
+    noisy_mean = res.adapters[f"audit.lora_{phase}"].to(torch.float64) - base[phase]
     eff = res.noise_multiplier if res.noise_multiplier is not None else kw["noise_multiplier"]
     return SimpleNamespace(grads=[{phase: noisy_mean}], noise_multiplier_effective=eff)
 
@@ -333,16 +330,12 @@ def engine_step(**kw):
         layer.lora_A.copy_(lb.A)
         layer.lora_B.copy_(lb.B)
     opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.0)
-    regulated = kw["noise"] == "regulated"
-    regulator = None if not regulated else ("metric" if kw["metric"] == "regulated" else "paper")
-    if not regulated and kw["metric"] != "euclidean":
-        raise ValueError("the privacy engine has no mode with metric clipping and isotropic noise")
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=kw["generator"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # lam = 0 with regulated noise: fine here, B is full rank
         module, opt, _ = PrivacyEngine(accountant="rdp").make_private(
             module=layer, optimizer=opt, max_grad_norm=kw["max_grad_norm"],
-            noise_multiplier=kw["noise_multiplier"], noise=kw["noise"], regulator=regulator, lam=kw["lam"],
+            noise_multiplier=kw["noise_multiplier"], mechanism=Mechanism(kw["metric"], kw["noise"], lam=kw["lam"]),
             phase=phase, seed=seed, loss_reduction="sum", sample_rate=1.0,
             expected_batch_size=kw["expected_batch_size"])
     x = lb.x.to(torch.float32)
@@ -416,7 +409,7 @@ def run_audit(config: AuditConfig | None = None, step_fn: Callable | None = None
             expected = cfg.sample_rate * public_size[c]               # public, data-independent
             res = step_fn(layers=[ref.LayerBatch(x, gout, setup.A, setup.B, cfg.lora_scale)], phase=cfg.phase,
                           max_grad_norm=C, noise_multiplier=cfg.noise_multiplier, expected_batch_size=expected,
-                          metric=mode["metric"], noise=mode["noise"], lam=cfg.lam,
+                          metric=mode.metric, noise=mode.noise, lam=cfg.lam,
                           generator=_stream(seed, c, t))
             noisy_sum = res.grads[0][cfg.phase].to(torch.float64) * expected
             releases.append((c, setup.coordinates(noisy_sum)))

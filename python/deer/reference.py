@@ -1,5 +1,5 @@
-"""Pure-PyTorch reference of the DP-LoRA math (DESIGN.md section 2). Runs in float64; the oracle for
-every kernel backend. Written for clarity, not speed: every formula here is the definition.
+"""Pure-PyTorch reference of the DP-LoRA math (docs/design.md sections 1-6). Runs in float64; the
+oracle for every kernel backend. Written for clarity, not speed: every formula here is the definition.
 
 Conventions (one LoRA layer on a frozen Linear with weight W of shape (m, n) = (out, in)):
     A: (r, n), B: (m, r), scale s = alpha / r

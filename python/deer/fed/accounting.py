@@ -1,8 +1,7 @@
 """Privacy ledgers for federated runs.
 
 A ledger is the list of releases (noise multiplier, sample rate, steps) that actually happened; epsilon
-is computed by replaying it into a maintained accountant (deer.privacy.accountant.DeerAccountant when
-installed, else Opacus' RDP accountant). Keeping the ledger itself (not the accountant object) makes
+is computed by replaying it into deer.privacy.accountant.DeerAccountant (RDP, Opacus' analysis). Keeping the ledger itself (not the accountant object) makes
 resume trivial: the run directory's releases.jsonl is the ledger, appended and fsynced at every release.
 """
 from __future__ import annotations
@@ -11,16 +10,8 @@ import functools
 import json
 import math
 import os
-import warnings
 
-
-def _accountant():
-    try:
-        from ..privacy.accountant import DeerAccountant
-        return DeerAccountant(mechanism="rdp")
-    except (ImportError, AttributeError, TypeError):
-        from opacus.accountants import RDPAccountant
-        return RDPAccountant()
+from ..privacy.accountant import DeerAccountant, noise_multiplier_for
 
 
 def epsilon(releases: list[tuple[float, float, int]], delta: float) -> float:
@@ -28,48 +19,17 @@ def epsilon(releases: list[tuple[float, float, int]], delta: float) -> float:
         return 0.0
     if any(not math.isfinite(s) or s <= 0 for s, _, _ in releases):
         return math.inf
-    acc = _accountant()
-    with_k = _takes_num_steps(acc)
+    acc = DeerAccountant(mechanism="rdp")
     for s, q, k in releases:
-        if with_k:
-            acc.step(noise_multiplier=s, sample_rate=q, num_steps=k)
-        else:
-            for _ in range(k):
-                acc.step(noise_multiplier=s, sample_rate=q)
+        acc.step(noise_multiplier=s, sample_rate=q, num_steps=k)
     return float(acc.get_epsilon(delta))
-
-
-def _takes_num_steps(acc) -> bool:
-    import inspect
-    return "num_steps" in inspect.signature(acc.step).parameters
 
 
 @functools.lru_cache(maxsize=256)
 def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest noise multiplier whose `steps` releases at `sample_rate` stay within (target_epsilon, delta).
-
-    Searched with Opacus' RDP accountant (fast), then checked against the accountant that reports
-    epsilon (`epsilon` below) and raised until that one is within the target too."""
-    if target_epsilon <= 0:
-        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
-    from opacus.accountants.utils import get_noise_multiplier
-    try:
-        with warnings.catch_warnings():  # "optimal order is the largest alpha": only a looser bound
-            warnings.simplefilter("ignore", UserWarning)
-            sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                               sample_rate=sample_rate, steps=steps, accountant="rdp",
-                                               epsilon_tolerance=0.01))
-    except ValueError as e:
-        raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} with {steps} "
-                         f"releases at sample rate {sample_rate:.4g}: raise the budget or run fewer rounds/steps "
-                         f"({e})") from None
-    # The accountant that reports epsilon (DeerAccountant when installed) may convert RDP to
-    # (eps, delta) slightly differently: raise sigma in 0.5% steps until it, too, is within budget.
-    for _ in range(200):
-        if epsilon([(sigma, sample_rate, steps)], delta) <= target_epsilon:
-            return sigma
-        sigma *= 1.005
-    raise ValueError(f"could not calibrate a noise multiplier for epsilon {target_epsilon}")
+    """Smallest noise multiplier whose `steps` releases at `sample_rate` stay within (target_epsilon,
+    delta) for the accountant that reports epsilon (deer.privacy.accountant.noise_multiplier_for)."""
+    return noise_multiplier_for(target_epsilon, delta, sample_rate, steps, "rdp")
 
 
 class ReleaseJournal:

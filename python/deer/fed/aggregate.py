@@ -24,38 +24,33 @@ from dataclasses import dataclass
 import torch
 
 from .. import reference as ref
-from .config import MethodSpec
-from .model import AdapterState
+from ..nn import LoRAState, lora_key
+from ..privacy.mechanism import Mechanism
 
 
 @dataclass
 class AggregateResult:
-    adapters: AdapterState
+    adapters: LoRAState
     noise_multiplier: float | None     # client level: what the accountant charges for this release
     clip_fraction: float | None = None
 
 
-def _copy(state: AdapterState) -> AdapterState:
-    return {n: {f: t.clone() for f, t in d.items()} for n, d in state.items()}
-
-
-def aggregate(global_state: AdapterState, updates: list[AdapterState], weights: list[float], phase: str,
-              spec: MethodSpec, *, privacy: str = "none", noise_multiplier: float = 0.0,
-              max_grad_norm: float = 1.0, lam: float = 0.1,
+def aggregate(global_state: LoRAState, updates: list[LoRAState], weights: list[float], phase: str,
+              mechanism: Mechanism, *, privacy: str = "none", noise_multiplier: float = 0.0,
+              max_grad_norm: float = 1.0,
               generator: torch.Generator | None = None, denominator: float | None = None) -> AggregateResult:
     if not updates and (privacy != "client" or denominator is None):
         raise ValueError("aggregate needs at least one client update (client level: or a denominator)")
     factors = ref.trained_factors(phase)
-    out = _copy(global_state)
+    out = {k: t.clone() for k, t in global_state.items()}
+    trained = {k: lora_key(k) for k in global_state if lora_key(k)[1] in factors}   # name -> (unit, factor)
     if privacy != "client":
         w = torch.tensor(weights, dtype=torch.float64)
         if (w < 0).any() or float(w.sum()) <= 0:
             raise ValueError(f"aggregation weights must be >= 0 with a positive sum, got {weights}")
         w = w / w.sum()
-        for n in out:
-            for f in factors:
-                acc = sum(wk * u[n][f].double() for wk, u in zip(w, updates))
-                out[n][f] = acc.to(global_state[n][f].dtype)
+        for k in trained:
+            out[k] = sum(wk * u[k].double() for wk, u in zip(w, updates)).to(global_state[k].dtype)
         return AggregateResult(out, None)
 
     # client level: deltas in float64, clipped jointly over all layers in the chosen metric
@@ -63,33 +58,32 @@ def aggregate(global_state: AdapterState, updates: list[AdapterState], weights: 
     if not m > 0:
         raise ValueError(f"client-level denominator must be > 0, got {denominator}")
     C = float(max_grad_norm)
-    Ks = {}
-    if spec.metric == "regulated" or spec.noise == "regulated":
-        for n, d in global_state.items():
-            A0, B0 = d["A"].double(), d["B"].double()
-            Ks[n] = {f: ref.metric_gram(A0, B0, f, lam) for f in factors}
+    if mechanism.clipping != "flat":
+        raise ValueError(f"client-level aggregation clips each client's whole update to one bound; the {mechanism.name} "
+                         f"mechanism's per-layer clipping is not supported there: use clipping='flat'")
+    Ks, spec = {}, mechanism
+    if spec.needs_gram:
+        for k, (n, f) in trained.items():
+            A0, B0 = global_state[f"{n}.lora_A"].double(), global_state[f"{n}.lora_B"].double()
+            Ks[k] = ref.metric_gram(A0, B0, f, spec.lam)
     deltas, sq = [], []
     for u in updates:
-        dk = {n: {f: u[n][f].double() - global_state[n][f].double() for f in factors} for n in global_state}
+        dk = {k: u[k].double() - global_state[k].double() for k in trained}
         tot = torch.zeros((), dtype=torch.float64)
-        for n in dk:
-            for f in factors:
-                K = Ks[n][f] if spec.metric == "regulated" else None
-                tot = tot + ref.sq_norms(dk[n][f].unsqueeze(0), f, K)[0]
+        for k, (_, f) in trained.items():
+            K = Ks[k] if spec.metric == "regulated" else None
+            tot = tot + ref.sq_norms(dk[k].unsqueeze(0), f, K)[0]
         deltas.append(dk)
         sq.append(tot)
     c = ref.clip_factors(torch.stack(sq), C) if sq else torch.zeros(0, dtype=torch.float64)
-    for n in out:
-        for f in factors:
-            mean = sum((ck * dk[n][f] for ck, dk in zip(c, deltas)),
-                       torch.zeros_like(global_state[n][f], dtype=torch.float64)) / m
-            shape = mean.shape
-            if spec.noise == "regulated":
-                other = shape[1] if f == "A" else shape[0]
-                xi = ref.regulated_noise_cholesky(Ks[n][f], f, other, generator)
-            else:
-                xi = ref.isotropic_noise(shape, generator)
-            out[n][f] = (global_state[n][f].double() + mean + noise_multiplier * C * xi / m).to(global_state[n][f].dtype)
-    eff = ref.effective_multiplier(noise_multiplier, spec.metric, spec.noise,
-                                   [K for d in Ks.values() for K in d.values()])
+    for k, (_, f) in trained.items():
+        mean = sum((ck * dk[k] for ck, dk in zip(c, deltas)), torch.zeros_like(global_state[k], dtype=torch.float64)) / m
+        shape = mean.shape
+        if spec.noise == "regulated":
+            other = shape[1] if f == "A" else shape[0]
+            xi = ref.regulated_noise_cholesky(Ks[k], f, other, generator)
+        else:
+            xi = ref.isotropic_noise(shape, generator)
+        out[k] = (global_state[k].double() + mean + noise_multiplier * C * xi / m).to(global_state[k].dtype)
+    eff = spec.effective_multiplier(noise_multiplier, list(Ks.values()))
     return AggregateResult(out, eff, float((c < 1).double().mean()) if len(c) else None)

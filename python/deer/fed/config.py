@@ -11,34 +11,37 @@ from typing import Any
 
 import yaml
 
+from ..nn.config import LoRAConfig
+from ..privacy.mechanism import LAM, PRESETS, Mechanism
+
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a method trains each sub-round and how it clips and noises.
+    """What a method trains each sub-round and with which privacy mechanism.
 
     phases: the sub-rounds of one communication round ('B', 'A' or 'AB'), each one aggregation and
-    one privacy release. metric/noise: see DESIGN.md section 2 ('regulated' needs a frozen factor;
-    in an 'AB' sub-round each factor is measured and noised through the *other* factor's value at
-    the start of the sub-round, which every client shares and the server has already released)."""
+    one privacy release. mechanism: the clipping metric and noise (docs/design.md section 5; a
+    regulated one needs a frozen factor: in an 'AB' sub-round each factor is measured and noised
+    through the *other* factor's value at the start of the sub-round, which every client shares and
+    the server has already released). The run's lam replaces the preset's (FedConfig.lam)."""
     name: str
     phases: tuple[str, ...]
-    metric: str
-    noise: str
+    mechanism: Mechanism
     label: str
 
 
 METHODS = {
     # DEeR: deviation eliminator (alternate B then A) + noise regulator (metric clipping, regulated noise).
-    "deer": MethodSpec("deer", ("B", "A"), "regulated", "regulated", "DEeR"),
+    "deer": MethodSpec("deer", ("B", "A"), PRESETS["regulated_metric"], "DEeR"),
     # Ablation without the noise regulator: same alternation, Euclidean clipping and isotropic noise.
-    "deer_no_nr": MethodSpec("deer_no_nr", ("B", "A"), "euclidean", "isotropic", "DEeR w/o noise regulator"),
+    "deer_no_nr": MethodSpec("deer_no_nr", ("B", "A"), PRESETS["isotropic"], "DEeR w/o noise regulator"),
     # Ablation without the deviation eliminator: both factors train together and are averaged
     # separately (inexact, as FedAvg-LoRA), but clipping and noise are still regulated.
-    "deer_no_de": MethodSpec("deer_no_de", ("AB",), "regulated", "regulated", "DEeR w/o deviation eliminator"),
+    "deer_no_de": MethodSpec("deer_no_de", ("AB",), PRESETS["regulated_metric"], "DEeR w/o deviation eliminator"),
     # FFA-LoRA: A frozen at its random init for the whole run, only B trains (exact, half the capacity).
-    "ffa": MethodSpec("ffa", ("B",), "euclidean", "isotropic", "FFA-LoRA"),
+    "ffa": MethodSpec("ffa", ("B",), PRESETS["isotropic"], "FFA-LoRA"),
     # FedAvg-LoRA: both factors train, server averages A and B separately (inexact).
-    "fedavg": MethodSpec("fedavg", ("AB",), "euclidean", "isotropic", "FedAvg-LoRA"),
+    "fedavg": MethodSpec("fedavg", ("AB",), PRESETS["isotropic"], "FedAvg-LoRA"),
 }
 _ALIASES = {"ffa-lora": "ffa", "ffa_lora": "ffa", "fedavg-lora": "fedavg", "fedavg_lora": "fedavg",
             "deer-no-nr": "deer_no_nr", "deer-no-de": "deer_no_de"}
@@ -86,6 +89,7 @@ class FedConfig:
     lora_r: int = 4
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "head"])
+    lora_qkv_slices: list[str] | None = None  # null: a fused timm qkv is one LoRA layer; [q, k, v]: one per slice
     # local training
     local_epochs: int = 1
     local_steps: int | None = None       # fixed steps per client per sub-round (overrides local_epochs)
@@ -97,7 +101,7 @@ class FedConfig:
     noise_multiplier: float | None = None  # ... or fix it
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    lam: float = 0.1                     # ridge of the regulated metric K = frozen^T frozen + lam I
+    lam: float = LAM                     # ridge of the regulated metric K = frozen^T frozen + lam I
     backend: str | None = None           # sample-level DP-SGD kernels: null (auto: DEER_BACKEND or the device's),
     #                                      cpu | cuda | triton | reference (the float64 oracle, same noise)
     # engineering
@@ -130,7 +134,12 @@ class FedConfig:
             raise ValueError(f"backend must be one of {BACKENDS} (None: automatic), got {self.backend!r}")
         if self.lam < 0:
             raise ValueError("lam must be >= 0")
+        self.lora_config()
         return self
+
+    def lora_config(self) -> LoRAConfig:
+        """The adapters every party injects (deer.nn.inject_lora), from lora_r/alpha/targets/qkv_slices."""
+        return LoRAConfig(tuple(self.lora_targets), self.lora_r, self.lora_alpha, qkv_slices=self.lora_qkv_slices)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,26 +21,24 @@ completed round and its epsilon still counts the releases of the round it was ki
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..data import FedData, prepare_data
+from ..nn import LoRAConfig, LoRAState, get_lora_state, inject_lora, lora_key, set_lora_state
 from .accounting import ReleaseJournal, noise_for_budget
 from .aggregate import aggregate
 from .client import ClientUpdate, LocalTrainConfig, local_steps, local_train
 from .config import FedConfig, MethodSpec, method_spec
 from .metrics import evaluate
-from .model import (AdapterState, build_backbone, flatten_adapters, get_adapters, inject_lora, pretrain,
-                    set_adapters, unflatten_adapters)
+from .model import build_backbone, pretrain
 
-PHASE_CODE = {"A": 1, "B": 2, "AB": 3}
 ROLE_CODE = {"client": 1, "server": 2, "sample": 3, "init": 4, "pretrain": 5, "noise": 6}
 
 
@@ -107,7 +105,7 @@ def local_config(cfg: FedConfig, sigma: float) -> LocalTrainConfig:
 
 
 def train_client(job: "Job", cid: int, rnd: int, si: int, phase: str, spec: MethodSpec, sigma: float,
-                 start: AdapterState, *, deadline: float | None = None, hook=None) -> ClientUpdate:
+                 start: LoRAState, *, deadline: float | None = None, hook=None) -> ClientUpdate:
     """Client `cid`'s local training in sub-round `si` of round `rnd` with its keyed streams (the
     in-process engine and the Flower ClientApp both call this)."""
     cfg = job.cfg
@@ -119,21 +117,21 @@ def train_client(job: "Job", cid: int, rnd: int, si: int, phase: str, spec: Meth
 
 @dataclass
 class ServerRelease:
-    adapters: AdapterState
+    adapters: LoRAState
     ids: list[int]
     weights: list[float]
     noise_multiplier: float | None   # client level: the release's multiplier (charged at rate q)
 
 
-def server_aggregate(cfg: FedConfig, spec: MethodSpec, sigma: float, global_state: AdapterState,
-                     valid: dict[int, tuple[AdapterState, float]], rnd: int, si: int, phase: str) -> ServerRelease:
+def server_aggregate(cfg: FedConfig, spec: MethodSpec, sigma: float, global_state: LoRAState,
+                     valid: dict[int, tuple[LoRAState, float]], rnd: int, si: int, phase: str) -> ServerRelease:
     """Aggregate the valid updates {client: (adapters, num_examples)} of one sub-round. Client level:
     clipped sum + noise over the expected number of participants q N (see aggregate.py)."""
     ids = sorted(valid)
     client = cfg.privacy == "client"
     weights = [1.0] * len(ids) if (cfg.weighting == "uniform" or client) else [float(valid[c][1]) for c in ids]
-    agg = aggregate(global_state, [valid[c][0] for c in ids], weights, phase, spec, privacy=cfg.privacy,
-                    noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, lam=cfg.lam,
+    agg = aggregate(global_state, [valid[c][0] for c in ids], weights, phase, spec.mechanism.replace(lam=cfg.lam),
+                    privacy=cfg.privacy, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
                     generator=generator(cfg.seed, "server", rnd, si),
                     denominator=client_rate(cfg) * cfg.num_clients if client else None)
     return ServerRelease(agg.adapters, ids, weights, agg.noise_multiplier)
@@ -142,11 +140,12 @@ def server_aggregate(cfg: FedConfig, spec: MethodSpec, sigma: float, global_stat
 @dataclass
 class Job:
     """Everything shared by the methods of one run: the data split and the backbone with its
-    initial (seeded) LoRA adapters."""
+    initial (seeded) LoRA adapters (deer.nn.get_lora_state names), injected as `lora` says."""
     cfg: FedConfig
     data: FedData
     model: nn.Module
-    init_adapters: AdapterState
+    init_adapters: LoRAState
+    lora: LoRAConfig
     notes: list[str] = field(default_factory=list)
 
 
@@ -182,8 +181,9 @@ def prepare_job(cfg: FedConfig, log=print, backbone_path: str | None = None) -> 
     if backbone_path and not os.path.exists(backbone_path):
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, backbone_path)
-    inject_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, stream_seed(cfg.seed, "init"))
-    return Job(cfg, data, model, get_adapters(model), notes)
+    lora = cfg.lora_config().capped(model)   # e.g. a head with fewer classes than lora_r gets rank num_classes
+    inject_lora(model, lora, seed=stream_seed(cfg.seed, "init"))
+    return Job(cfg, data, model, get_lora_state(model), lora, notes)
 
 
 def calibrate_noise(cfg: FedConfig, spec: MethodSpec, data: FedData) -> tuple[float, str]:
@@ -211,10 +211,6 @@ def calibrate_noise(cfg: FedConfig, spec: MethodSpec, data: FedData) -> tuple[fl
                f"-> eps {cfg.target_epsilon}")
 
 
-def _finite(state: AdapterState) -> bool:
-    return all(torch.isfinite(t).all() for d in state.values() for t in d.values())
-
-
 def _atomic_save(obj, path: str) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -223,16 +219,58 @@ def _atomic_save(obj, path: str) -> None:
 
 ClientHook = Callable[[int, int, str, int, nn.Module], None]   # (client, round, phase, step, model)
 AggregateHook = Callable[[dict], None]
+Reply = Union[ClientUpdate, str]   # a client's update, or why there is none
+
+
+class InProcessClients:
+    """The default transport of the round loop: every sampled client trains here, one after another,
+    on job.model (reset to the global adapters after each). Flower's transport (flower_app) sends the
+    same work to SuperNodes instead."""
+
+    def __init__(self, job: "Job", client_hook: ClientHook | None = None):
+        self.job, self.client_hook = job, client_hook
+
+    def available(self) -> int:
+        return self.job.cfg.num_clients
+
+    def train(self, cids: list[int], rnd: int, si: int, phase: str, spec: MethodSpec, sigma: float,
+              start: LoRAState) -> dict[int, Reply]:
+        cfg, out = self.job.cfg, {}
+        cbar = _progress(cfg, total=len(cids), desc=f"  round {rnd + 1} {phase}", leave=False)
+        for cid in cids:
+            hook = None
+            if self.client_hook:
+                hook = lambda step, m, _c=cid: self.client_hook(_c, rnd, phase, step, m)  # noqa: E731
+            deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
+            try:
+                out[cid] = train_client(self.job, cid, rnd, si, phase, spec, sigma, start, deadline=deadline, hook=hook)
+            except Exception as e:  # noqa: BLE001  a failing client must not end the run
+                out[cid] = f"{type(e).__name__}: {e}"
+            finally:
+                set_lora_state(self.job.model, start)
+            cbar.update()
+        cbar.close()
+        return out
 
 
 def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
-               client_hook: ClientHook | None = None, on_aggregate: AggregateHook | None = None) -> dict:
-    """Run (or resume) one method; returns {"method", "label", "history", "epsilon", ...}.
+               client_hook: ClientHook | None = None, on_aggregate: AggregateHook | None = None,
+               clients=None) -> dict:
+    """Run (or resume) one method; returns {"method", "label", "history", "epsilon", ...}. The one
+    round loop of deer.fed: schedule, client sampling, noise calibration, the min_clients rule,
+    aggregation, the privacy journal, evaluation and checkpoints.
 
-    on_aggregate(info) is called after every aggregation with the round, phase, the global adapters
-    before and after, the valid clients' adapters and their weights (the deviation test uses it)."""
+    clients: the transport that trains the sampled clients of a sub-round (`available()`, `train(...)`
+    -> {client: ClientUpdate or why it has none}): InProcessClients(job, client_hook) by default, the
+    Flower ServerApp's grid in a deployment. on_aggregate(info) is called after every aggregation with
+    the round, phase, the global adapters before and after, the valid clients' adapters and their
+    weights (the deviation test uses it)."""
     cfg, data, model = job.cfg, job.data, job.model
     spec = method_spec(method)
+    if clients is None:
+        clients = InProcessClients(job, client_hook)
+    elif client_hook is not None:
+        raise ValueError("client_hook applies to the in-process clients only")
     sigma, how = calibrate_noise(cfg, spec, data)
     state_path = journal_path = None
     if run_dir:
@@ -240,7 +278,7 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
         state_path = os.path.join(run_dir, "state.pt")
         journal_path = os.path.join(run_dir, "releases.jsonl")
     journal = ReleaseJournal(journal_path)
-    global_state = {n: {f: t.clone() for f, t in d.items()} for n, d in job.init_adapters.items()}
+    global_state = {k: t.clone() for k, t in job.init_adapters.items()}
     history, skipped, start = [], [], 0
     if state_path and os.path.exists(state_path):
         st = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -248,6 +286,11 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
             raise ValueError(f"{run_dir} holds a run of {st['method']} with a different configuration: "
                              "use a new run directory, or the original configuration to resume")
         global_state, history, skipped = st["adapters"], st["history"], st["skipped"]
+        try:
+            set_lora_state(model, global_state, strict=True)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{state_path} holds adapters this model does not have (written by another deer "
+                             f"version?): {e}") from None
         start = st["round"] + 1
         log(f"[{spec.label}] resuming after round {start} of {cfg.rounds}; privacy journal has "
             f"{len(journal.entries)} releases (epsilon so far {journal.epsilon(cfg.delta):.3f})")
@@ -255,10 +298,10 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
         log(f"[{spec.label}] killed before its first round completed; restarting at round 1, keeping "
             f"{len(journal.entries)} releases in the privacy journal")
     if start == 0 and not history:
-        log(f"[{spec.label}] phases per round {list(spec.phases)}, metric {spec.metric}, noise {spec.noise}, "
+        log(f"[{spec.label}] phases per round {list(spec.phases)}, mechanism {spec.mechanism.replace(lam=cfg.lam).name}, "
             f"privacy {cfg.privacy}" + (f", noise multiplier {sigma:.4g} ({how}), C={cfg.max_grad_norm}, "
                                          f"lambda={cfg.lam}, delta={cfg.delta}" if cfg.privacy != "none" else ""))
-    set_adapters(model, job.init_adapters)  # B = 0: the pretrained backbone's own predictions
+    set_lora_state(model, job.init_adapters)  # B = 0: the pretrained backbone's own predictions
     initial = evaluate(model, data.test.x, data.test.y, data.num_classes)
     if start == 0 and not history:
         log(f"[{spec.label}] before fine-tuning: acc {initial['accuracy']:.3f}  F1 {initial['f1']:.3f}  "
@@ -267,48 +310,29 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
     for rnd in range(start, cfg.rounds):
         t0 = time.time()
         for si, phase in enumerate(spec.phases):
-            sampled = sample_clients(cfg, rnd, si)
-            updates: dict[int, ClientUpdate] = {}
-            received = 0
-            cbar = _progress(cfg, total=len(sampled), desc=f"  round {rnd + 1} {phase}", leave=False)
-            for cid in sampled:
-                hook = (lambda step, m, _c=cid, _p=phase: client_hook(_c, rnd, _p, step, m)) if client_hook else None
-                deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
-                try:
-                    upd = train_client(job, cid, rnd, si, phase, spec, sigma, global_state, deadline=deadline,
-                                       hook=hook)
-                except Exception as e:  # noqa: BLE001  a failing client must not end the run
-                    log(f"[{spec.label}] round {rnd + 1} {phase}: client {cid} left out: {type(e).__name__}: {e}")
-                    cbar.update()
-                    continue
-                finally:
-                    set_adapters(model, global_state)
-                received += 1
-                if cfg.privacy == "sample":
-                    for s, q, k in upd.releases:  # the client's update left the client: account it
-                        journal.record(f"client{cid}", rnd, phase, s, q, k)
-                if not _finite(upd.adapters):
-                    log(f"[{spec.label}] round {rnd + 1} {phase}: client {cid} left out: non-finite (NaN/Inf) adapters")
-                else:
-                    updates[cid] = upd
-                cbar.update()
-            cbar.close()
-            why = skip_reason(cfg, len(updates), received, available=cfg.num_clients)
+            where = f"[{spec.label}] round {rnd + 1} {phase}"
+            # client level, q < 1: the min_clients rule applies before the draw (skip_reason)
+            why = skip_reason(cfg, 0, 0, clients.available()) \
+                if cfg.privacy == "client" and client_rate(cfg) < 1 else None
+            sampled, valid = [], {}
+            if not why:
+                sampled = sample_clients(cfg, rnd, si)
+                replies = clients.train(sampled, rnd, si, phase, spec, sigma, global_state)
+                valid, received = _collect(cfg, journal, global_state, rnd, phase, replies, log, where)
+                why = skip_reason(cfg, len(valid), received)
             if why:
-                log(f"[{spec.label}] round {rnd + 1} {phase}: skipped, {why}; global adapters unchanged, "
-                    f"nothing released")
-                skipped.append({"round": rnd, "phase": phase, "valid": len(updates)})
+                log(f"{where}: skipped, {why}; global adapters unchanged, nothing released")
+                skipped.append({"round": rnd, "phase": phase, "valid": len(valid)})
                 continue
-            rel = server_aggregate(cfg, spec, sigma, global_state,
-                                   {c: (u.adapters, u.num_examples) for c, u in updates.items()}, rnd, si, phase)
+            rel = server_aggregate(cfg, spec, sigma, global_state, valid, rnd, si, phase)
             if cfg.privacy == "client":
                 journal.record("server", rnd, phase, rel.noise_multiplier, client_rate(cfg), 1)
             if on_aggregate:
                 on_aggregate({"round": rnd, "phase": phase, "before": global_state, "after": rel.adapters,
-                              "clients": [updates[c].adapters for c in rel.ids], "weights": rel.weights,
+                              "clients": [valid[c][0] for c in rel.ids], "weights": rel.weights,
                               "ids": rel.ids, "sampled": sampled})
             global_state = rel.adapters
-        set_adapters(model, global_state)
+        set_lora_state(model, global_state)
         row = {"round": rnd + 1, **evaluate(model, data.test.x, data.test.y, data.num_classes),
                "epsilon": journal.epsilon(cfg.delta) if cfg.privacy != "none" else 0.0,
                "seconds": time.time() - t0}
@@ -327,17 +351,42 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
               "final": history[-1] if history else {}}
     if run_dir:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in flatten_adapters(global_state).items()},
-                  os.path.join(run_dir, "adapter.safetensors"))
+        # deer.privacy.checkpoint.save_lora_state's format: load with load_lora_state(model, path)
+        save_file({k: v.contiguous() for k, v in global_state.items()}, os.path.join(run_dir, "adapter.safetensors"))
         with open(os.path.join(run_dir, "metrics.json"), "w") as f:
             json.dump(result, f, indent=1, default=float)
     result["adapters"] = global_state
     return result
 
 
-def load_adapters(path: str) -> AdapterState:
-    from safetensors.torch import load_file
-    return unflatten_adapters(load_file(path))
+def _collect(cfg: FedConfig, journal: ReleaseJournal, global_state: LoRAState, rnd: int, phase: str,
+             replies: dict[int, Reply], log, where: str) -> tuple[dict[int, tuple[LoRAState, float]], int]:
+    """The valid updates {client: (global adapters with its trained factors, num_examples)} of one
+    sub-round, and how many clients replied. A client's sample-level releases are charged as soon as
+    its update arrives (it has left the client), valid or not. Only the factors of `phase` are taken:
+    the frozen factor is the global one everywhere."""
+    valid, received = {}, 0
+    want = [k for k in global_state if lora_key(k)[1] in phase]
+    for cid in sorted(replies):
+        upd = replies[cid]
+        if isinstance(upd, str):
+            log(f"{where}: client {cid} left out: {upd}")
+            continue
+        received += 1
+        if cfg.privacy == "sample":
+            for s, q, k in upd.releases:
+                journal.record(f"client{cid}", rnd, phase, s, q, k)
+        got = upd.adapters
+        wrong = [k for k in want if k not in got or got[k].shape != global_state[k].shape] + \
+            sorted(set(got) - set(global_state))
+        if wrong:
+            log(f"{where}: client {cid} left out: its update has factors {wrong[:4]} missing, unknown or of the "
+                f"wrong shape: expected the {phase} factor(s) of every LoRA layer, of the global adapters' shapes")
+        elif not all(torch.isfinite(got[k]).all() for k in want):
+            log(f"{where}: client {cid} left out: non-finite (NaN/Inf) factors")
+        else:
+            valid[cid] = ({**global_state, **{k: got[k] for k in want}}, float(upd.num_examples))
+    return valid, received
 
 
 class _NoBar:

@@ -1,7 +1,7 @@
-"""Backbone, LoRA adapters and their state for federated runs.
+"""The backbone of federated runs: building it, loading a checkpoint, non-private pretraining.
 
-One backbone lives in memory; a client's whole state is the adapter dict
-{layer name: {"A": (r, n), "B": (m, r)}} (plain SGD keeps no optimizer state between rounds).
+LoRA goes in with deer.nn.inject_lora (FedConfig.lora_config(), seeded), and a client's whole state is
+the flat deer.nn.get_lora_state dict (plain SGD keeps no optimizer state between rounds).
 """
 from __future__ import annotations
 
@@ -10,10 +10,6 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from ..nn.lora import LoRALinear, lora_layers
-
-AdapterState = dict[str, dict[str, torch.Tensor]]
 
 
 def build_backbone(name: str, num_classes: int, in_chans: int, model_kwargs: dict | None = None,
@@ -77,64 +73,3 @@ def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr
             loss.backward()
             opt.step()
     return float(loss.detach())
-
-
-def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, seed: int) -> list[str]:
-    """Freeze the backbone and wrap every nn.Linear whose qualified name ends with one of `targets`
-    in a LoRALinear. The LoRA A init (kaiming-uniform) is drawn from `seed`, so every party that
-    builds the model with the same seed starts from the same adapters. Returns the wrapped names."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        raise ValueError(f"no nn.Linear matches lora_targets={targets}")
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for n in names:
-            parent, _, attr = n.rpartition(".")
-            mod = model.get_submodule(parent) if parent else model
-            setattr(mod, attr, LoRALinear(getattr(mod, attr), r=min(r, *getattr(mod, attr).weight.shape),
-                                          alpha=alpha, name=n))
-    finally:
-        torch.random.set_rng_state(state)
-    return names
-
-
-def named_lora(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def get_adapters(model: nn.Module) -> AdapterState:
-    return {n: {"A": m.lora_A.detach().clone(), "B": m.lora_B.detach().clone()} for n, m in named_lora(model).items()}
-
-
-@torch.no_grad()
-def set_adapters(model: nn.Module, state: AdapterState) -> None:
-    layers = named_lora(model)
-    if set(layers) != set(state):
-        raise ValueError(f"adapter state has layers {sorted(state)} but the model has {sorted(layers)}")
-    for n, m in layers.items():
-        for f, p in (("A", m.lora_A), ("B", m.lora_B)):
-            t = state[n][f]
-            if t.shape != p.shape:
-                raise ValueError(f"adapter {n}.{f}: shape {tuple(t.shape)} != model's {tuple(p.shape)}")
-            p.copy_(t)
-
-
-def set_phase(model: nn.Module, phase: str) -> None:
-    for m in lora_layers(model):
-        m.set_phase(phase)
-
-
-def flatten_adapters(state: AdapterState) -> dict[str, torch.Tensor]:
-    return {f"{n}.lora_{f}": t for n, d in state.items() for f, t in d.items()}
-
-
-def unflatten_adapters(flat: dict[str, torch.Tensor]) -> AdapterState:
-    out: AdapterState = {}
-    for k, t in flat.items():
-        n, _, f = k.rpartition(".lora_")
-        out.setdefault(n, {})[f] = t
-    return out

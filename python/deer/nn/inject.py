@@ -1,46 +1,32 @@
 """Put LoRA into an existing model, move its factors in and out, and switch DEeR phases.
 
     model = timm.create_model(...)                                   # or a transformers model
-    inject_lora(model, ["qkv", "head"], r=8, alpha=16)               # timm: q, k, v slices + head
+    inject_lora(model, ["qkv", "head"], r=8, alpha=16, seed=0)       # timm: fused qkv + head
+    inject_lora(model, LoRAConfig(["qkv"], r=8, qkv_slices=("q", "v")))  # the same from a config
     inject_lora(bert, ["query", "key", "value"], r=8)                # HF attention projections
     set_phase(model, "B")                                            # DEeR: train B, A frozen
     state = get_lora_state(model, factors=("B",))                    # what a client uploads
     set_lora_state(model, state)                                     # what the server sends back
+
+A LoRA state is one flat dict {'<unit path>.lora_A' / '.lora_B': tensor} (names as in
+model.state_dict()); `lora_key` splits a name into (unit path, factor) where a per-unit view is needed.
 """
 from __future__ import annotations
 
-import re
-from typing import Callable, Iterable, Sequence, Union
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..reference import check_phase
-from .lora import QKV_SLICES, LoRAFactors, LoRALinear, LoRAQKV, lora_units
+from .config import LoRAConfig, Target
+from .lora import LoRAFactors, LoRALinear, LoRAQKV, lora_units
 
-Target = Union[str, type, Callable[[str, nn.Module], bool]]
+LoRAState = dict[str, torch.Tensor]
 
 
 class NoLoRALayersError(ValueError):
     """The model has no LoRA layers where some were required."""
-
-
-def _matches(name: str, module: nn.Module, target: Target) -> bool:
-    if isinstance(target, str):
-        # peft-style: an exact qualified name, a dotted suffix ("attn.qkv" matches
-        # "blocks.0.attn.qkv"), or a regular expression matched against the full name.
-        if name == target or name.endswith("." + target):
-            return True
-        try:
-            return re.fullmatch(target, name) is not None
-        except re.error:
-            return False
-    if isinstance(target, type):
-        return isinstance(module, target)
-    if callable(target):
-        return bool(target(name, module))
-    raise TypeError(f"target_modules entries must be names/regexes (str), module types, or "
-                    f"callables (name, module) -> bool; got {target!r}")
 
 
 def _is_fused_qkv(name: str, module: nn.Linear) -> bool:
@@ -55,32 +41,27 @@ def _summary_of_names(model: nn.Module, limit: int = 40) -> str:
         f"this model has no nn.Linear modules (module types: {sorted({type(m).__name__ for m in model.modules()})})"
 
 
-def inject_lora(model: nn.Module, target_modules: Target | Sequence[Target], r: int = 8,
-                alpha: float | None = None, dropout: float = 0.0,
-                qkv_slices: Iterable[str] | None = QKV_SLICES, dtype: torch.dtype | None = None,
-                freeze_base: bool = True) -> nn.Module:
+_UNSET = object()
+
+
+def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence[Target], r: int = _UNSET,
+                alpha: float | None = _UNSET, dropout: float = _UNSET, qkv_slices: Iterable[str] | None = _UNSET,
+                dtype: torch.dtype | None = None, freeze_base: bool = True, *, rank_pattern: dict = _UNSET,
+                init: str = _UNSET, seed: int | None = None) -> nn.Module:
     """Replace the matched `nn.Linear` modules of `model` (in place) by LoRA layers and return it.
 
-    target_modules: a name, a list of names/regexes (matched like peft: exact, dotted suffix or full
-      regex), module types (e.g. nn.Linear), or callables (name, module) -> bool.
-    qkv_slices: a fused timm projection (last name 'qkv', out = 3 * in) gets a `LoRAQKV` with
-      separate factors on these slices (default q, k and v, as the DEeR paper); None wraps it in a
-      single LoRALinear like any other Linear (the peft-compatible choice).
+    target_modules: a `LoRAConfig`, or its target_modules with the other LoRAConfig fields as
+      keywords (r=8, alpha=None (= r), dropout=0, qkv_slices=None, rank_pattern={}, init='kaiming'):
+      names/regexes (matched like peft: exact, dotted suffix or full regex), module types (e.g.
+      nn.Linear), or callables (name, module) -> bool.
+    seed: every A drawn from torch.Generator().manual_seed(seed), in module order, so every party that
+      builds the model with the same seed gets the same adapters; the global RNG is not touched
+      (None: A comes from the global RNG).
     freeze_base: freeze every parameter that is not a LoRA factor (as peft does). Anything you want
       to train privately (e.g. a classifier head) must be a LoRA target as well.
-    alpha: LoRA alpha (default r, i.e. scale 1).
     """
-    if isinstance(target_modules, (str, type)) or callable(target_modules):
-        targets = [target_modules]
-    else:
-        targets = list(target_modules)
-    if not targets:
-        raise ValueError("inject_lora: target_modules is empty; name the nn.Linear modules to adapt")
-    for t in targets:
-        if isinstance(t, type) and not issubclass(t, nn.Linear):
-            raise TypeError(f"inject_lora: LoRA targets must be nn.Linear modules, but the target type "
-                            f"{t.__name__} is not a subclass of nn.Linear")
-
+    kw = dict(r=r, alpha=alpha, dropout=dropout, qkv_slices=qkv_slices, rank_pattern=rank_pattern, init=init)
+    config = LoRAConfig.of(target_modules, **{k: v for k, v in kw.items() if v is not _UNSET})
     # Modules inside an existing LoRA wrapper (its frozen base, its factors) are never targets.
     wrapped = [n for n, m in model.named_modules() if isinstance(m, (LoRAFactors, LoRAQKV))]
     matched = []
@@ -89,10 +70,10 @@ def inject_lora(model: nn.Module, target_modules: Target | Sequence[Target], r: 
             continue
         if any(name.startswith(n + ".") for n, _ in matched):
             continue  # inside a module already matched (which is then rejected below)
-        if any(_matches(name, module, t) for t in targets):
+        if config.matches(name, module):
             matched.append((name, module))
     if not matched:
-        raise NoLoRALayersError(f"inject_lora: no module matched target_modules={targets!r}. "
+        raise NoLoRALayersError(f"inject_lora: no module matched target_modules={list(config.target_modules)!r}. "
                                 f"{_summary_of_names(model)}")
     for name, module in matched:
         if not isinstance(module, nn.Linear):
@@ -106,11 +87,14 @@ def inject_lora(model: nn.Module, target_modules: Target | Sequence[Target], r: 
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     for name, module in matched:
-        if qkv_slices is not None and _is_fused_qkv(name, module):
-            new = LoRAQKV(module, r, alpha, dropout, slices=qkv_slices, name=name, dtype=dtype)
+        args = (module, config.rank_for(name), config.alpha_for(name), config.dropout)
+        init = dict(name=name, dtype=dtype, init=config.init, generator=gen)
+        if config.qkv_slices is not None and _is_fused_qkv(name, module):
+            new = LoRAQKV(*args, slices=config.qkv_slices, **init)
         else:
-            new = LoRALinear(module, r, alpha, dropout, name=name, dtype=dtype)
+            new = LoRALinear(*args, **init)
         parent = _parent(model, name)
         setattr(parent, name.rsplit(".", 1)[-1], new)
     return model
@@ -180,3 +164,12 @@ def set_lora_state(model: nn.Module, state: dict[str, torch.Tensor], strict: boo
         if not torch.isfinite(v).all():
             raise ValueError(f"set_lora_state: {k} contains NaN or Inf; refusing to load it")
         p.copy_(v.to(dtype=p.dtype, device=p.device))
+
+
+def lora_key(name: str) -> tuple[str, str]:
+    """'<unit path>.lora_A' -> ('<unit path>', 'A') (and .lora_B -> 'B'): the unit and factor of a LoRA
+    state entry, for code that works per unit (the federated aggregate's metric grams)."""
+    unit, sep, f = name.rpartition(".lora_")
+    if not sep or f not in ("A", "B"):
+        raise KeyError(f"{name!r} is not a LoRA state name ('<unit path>.lora_A' or '.lora_B')")
+    return unit, f

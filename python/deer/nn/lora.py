@@ -102,7 +102,8 @@ class LoRAFactors(nn.Module):
     capture list holds (X, U, G) chunks of the current logical batch."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, dtype: torch.dtype | None = None, device=None, name: str = ""):
+                 dropout: float = 0.0, dtype: torch.dtype | None = None, device=None, name: str = "",
+                 init: str = "kaiming", generator: torch.Generator | None = None):
         super().__init__()
         m, n = out_features, in_features
         _check_rank(r, m, n, repr(name) if name else "this layer")
@@ -113,7 +114,15 @@ class LoRAFactors(nn.Module):
         self.scale = self.alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, n, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=dtype, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.init = init
+        with torch.no_grad():   # a (CPU) `generator` draws A on the CPU, leaving the global RNG alone
+            on_cpu = generator is None or self.lora_A.device.type == "cpu"
+            A = self.lora_A if on_cpu else torch.empty_like(self.lora_A, device="cpu")
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / r, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            self.lora_A.copy_(A)
         self.lora_dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name = name
@@ -163,13 +172,13 @@ class LoRALinear(LoRAFactors):
     `dtype` sets the factors' dtype (default: the base weight's), e.g. fp32 factors on a bf16 base."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 name: str = "", dtype: torch.dtype | None = None):
+                 name: str = "", dtype: torch.dtype | None = None, **init):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}"
                             + (f" at {name!r}" if name else ""))
         w = base.weight
         super().__init__(base.in_features, base.out_features, r, alpha, dropout,
-                         dtype=dtype or w.dtype, device=w.device, name=name)
+                         dtype=dtype or w.dtype, device=w.device, name=name, **init)
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -220,7 +229,7 @@ class LoRAQKV(nn.Module):
     The slices' factors live in `self.slices[j]` (LoRAFactors), one privacy unit each."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 slices=QKV_SLICES, name: str = "", dtype: torch.dtype | None = None):
+                 slices=QKV_SLICES, name: str = "", dtype: torch.dtype | None = None, **init):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRAQKV wraps an nn.Linear, got {type(base).__name__}"
@@ -241,7 +250,7 @@ class LoRAQKV(nn.Module):
         w = base.weight
         self.slices = nn.ModuleDict({
             s: LoRAFactors(base.in_features, self.dim, r, alpha, dropout, dtype=dtype or w.dtype,
-                           device=w.device, name=f"{name}[{s}]" if name else s)
+                           device=w.device, name=f"{name}[{s}]" if name else s, **init)
             for s in QKV_SLICES if s in slices})
         self.name = name
         self.merged = False

@@ -7,12 +7,13 @@
     xi = Z R^{-T}           noise_side = 1, q = r                                     (B phase)
 
 Regulated xi has covariance K^{-1} per column (side 0) or per row (side 1): the low-cost form of
-DEeR's noise regulator (DESIGN.md section 2). Z ~ N(0, I) comes from a counter-based Philox4x32-10
-stream keyed by (seed, step, layer, client): the same key reproduces the output, distinct keys give
-independent streams. Counter layout (csrc/clip_reduce_noise/philox.h): key = seed (64 bit), counter =
-(j, layer, step, client) with j = e // 2 the pair index of row-major element e; Box-Muller turns one
-Philox call into the normals of elements 2j and 2j + 1. Valid for step, layer, client < 2^32 and
-p * q <= 2^33. noise_std = 0 gives exactly the clipped sum / expected_batch_size.
+DEeR's noise regulator (docs/design.md section 5). Z ~ N(0, I) comes from a counter-based
+Philox4x32-10 stream keyed by (seed, step, layer, client) (docs/design.md section 7): the same key
+reproduces the output, distinct keys give independent streams. Counter layout
+(csrc/clip_reduce_noise/philox.h): key = seed (64 bit), counter = (j, layer, step, client) with
+j = e // 2 the pair index of row-major element e; Box-Muller turns one Philox call into the normals
+of elements 2j and 2j + 1. Valid for step, layer, client < 2^32 and p * q <= 2^33. noise_std = 0
+gives exactly the clipped sum / expected_batch_size.
 
 clip_reduce_noise_fused gives the same result from the factors (left (b, T, p), right (b, T, q),
 g_i = scale * L_i^T R_i) as one weighted GEMM, never materialising per-sample gradients.

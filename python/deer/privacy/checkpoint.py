@@ -1,12 +1,14 @@
 """Adapter checkpoints in peft's format: `adapter_model.safetensors` with keys
 `base_model.model.<module path>.lora_A.weight` (r x in) / `.lora_B.weight` (out x r) and an
 `adapter_config.json`, so that `peft.PeftModel.from_pretrained(base_model, directory)` loads a deer
-adapter into the same base model and gives the same outputs.
+adapter into the same base model and gives the same outputs. adapter_config.json is the model's
+`LoRAConfig` (deer.nn.LoRAConfig.to_peft: r, lora_alpha, target_modules, rank_pattern, ...).
 
 peft has no notion of LoRA on a slice of a fused projection: a model with `LoRAQKV` layers (timm
-qkv with per-slice factors) cannot be written in this format. Inject with `qkv_slices=None` for a
-peft-compatible adapter, or keep deer's own format (`save_lora_state`: the same safetensors file
-with deer's parameter names, loaded by `load_lora_state`).
+qkv with per-slice factors) cannot be written in this format. Inject with `qkv_slices=None` (the
+default) for a peft-compatible adapter, or keep deer's own format (`save_lora_state`: the same
+safetensors file with the model.state_dict() names, loaded by `load_lora_state`; the federated run
+directory's adapter.safetensors is one).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..nn.config import LoRAConfig
 from ..nn.inject import _require_lora, get_lora_state, set_lora_state
 from ..nn.lora import LoRALinear, LoRAQKV
 
@@ -48,25 +51,11 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     for name, m in units:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    try:   # the model's LoRAConfig (what inject_lora was given), written as peft's adapter_config.json
+        config = LoRAConfig.from_units(units).to_peft([n for n, _ in units], base_model_name_or_path)
+    except ValueError as e:
+        raise ValueError(f"save_adapter: {e}") from None
     save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
-
-    ranks = {n: m.r for n, m in units}
-    alphas = {n: m.alpha for n, m in units}
-    drops = {m.lora_dropout_p for _, m in units}
-    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
-    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
-    # full module paths are matched exactly by peft (key == target or key.endswith('.' + target)),
-    # and rank/alpha patterns are anchored at the end of the path
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": r0, "lora_alpha": a0, "lora_dropout": max(drops) if drops else 0.0,
-        "target_modules": sorted(ranks), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-        "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
-        "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
-    }
-    if len(drops) > 1:
-        raise ValueError(f"save_adapter: peft has one lora_dropout per adapter, this model uses {sorted(drops)}")
     with open(os.path.join(directory, CONFIG), "w") as f:
         json.dump(config, f, indent=2)
     return directory

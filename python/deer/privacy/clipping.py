@@ -11,27 +11,12 @@ kernels, or the PyTorch reference on any device).
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from .. import reference as ref
 from ..ops import per_sample_grad_norm
-
-
-@dataclass
-class TensorGrads:
-    """Per-sample gradients of one trained factor of one LoRA unit."""
-    name: str                       # '<unit name>.lora_A' / '.lora_B'
-    factor: str                     # 'A' or 'B'
-    layer_id: int                   # stable index for noise keys: 2 * unit index + (0 for A, 1 for B)
-    param: torch.nn.Parameter
-    grads: torch.Tensor | None      # (b, p, q) or None when the unit saw no samples this step
-    sq_norms: torch.Tensor | None   # (b,) in the clipping metric
-    gram: torch.Tensor | None       # K (r x r) when the regulated metric or noise is used
-    noise_side: int                 # 0: A (noise on columns), 1: B (rows)
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
@@ -80,53 +65,11 @@ def _same_dtype(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return L.to(dt), R.to(dt)
 
 
-def per_sample(unit, factor: str, chunks, lam: float, metric: str, need_gram: bool,
-               loss_reduction: str = "mean", backend: str | None = None):
-    """(grads (b, p, q), sq_norms (b,), gram K or None) for `factor` of `unit` over all chunks."""
-    A = unit.lora_A.detach()
-    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
-    K = frozen_gram(unit, factor, lam, acc) if need_gram else None
-    gram = K if metric == "regulated" else None
-    gs, ns = [], []
-    for chunk in chunks:
-        g, n = chunk_grads(unit, factor, chunk, gram, loss_reduction, backend)
-        gs.append(g)
-        ns.append(n)
-    if not gs:
-        return None, None, K
-    if len(gs) == 1:
-        return gs[0], ns[0], K
-    return torch.cat(gs), torch.cat(ns), K
-
-
-def frozen_gram(unit, factor: str, lam: float, acc: torch.dtype) -> torch.Tensor:
-    """K = A A^T + lam I (B trained) or B^T B + lam I (A trained), as deer.reference.metric_gram,
-    remembered on the unit while the factor it is built from is unchanged: within a DEeR phase that
-    factor is frozen, so K (and its Cholesky factor, see cholesky_upper) is computed once per phase
-    instead of once per layer and step. Any in-place change of the factor (an optimizer step in phase
-    'AB', load_state_dict, aggregation) bumps its version counter and the next call recomputes."""
-    src = unit.lora_A if factor == "B" else unit.lora_B
-    key = (factor, float(lam), acc, src._version, src.data_ptr(), tuple(src.shape), src.dtype, src.device)
-    hit = getattr(unit, "_deer_frozen_gram", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    A, B = unit.lora_A.detach(), unit.lora_B.detach()
-    K = ref.metric_gram(A.to(acc), B.to(acc), factor, lam)
-    unit._deer_frozen_gram = (key, K)
-    return K
-
-
-# id(K) -> (weak reference to K, its upper Cholesky factor); K tensors are never modified in place.
-_CHOL: dict = {}
-
-
-def cholesky_upper(K: torch.Tensor) -> torch.Tensor:
+def cholesky_upper(K: torch.Tensor, where: str = "") -> torch.Tensor:
     """R upper-triangular with K = R^T R, for the small r x r Gram K (as deer.reference.cholesky_upper).
     Computed by LAPACK through numpy in float64 on the host: K is r x r (r <= a few dozen), and this
-    torch build's CPU linalg.cholesky costs ~10-20 ms per call against ~0.1 ms here."""
-    hit = _CHOL.get(id(K))
-    if hit is not None and hit[0]() is K:
-        return hit[1]
+    torch build's CPU linalg.cholesky costs ~10-20 ms per call against ~0.1 ms here. Called once per
+    phase per trained factor (deer.privacy.release.FrozenMetric)."""
     import numpy as np
     Kd = K.detach().to(device="cpu", dtype=torch.float64)
     try:
@@ -134,14 +77,10 @@ def cholesky_upper(K: torch.Tensor) -> torch.Tensor:
     except np.linalg.LinAlgError:
         L = None
     if L is None or not np.isfinite(L).all():
-        raise ValueError("regulated metric: K = frozen^T frozen + lambda I is not positive definite "
-                         "(the frozen factor is rank deficient, e.g. B = 0 at initialisation, or not finite). "
-                         "Use a ridge lam > 0.")
-    R = torch.from_numpy(L.T.copy()).to(device=K.device, dtype=K.dtype)
-    if len(_CHOL) > 4096:
-        _CHOL.clear()
-    _CHOL[id(K)] = (weakref.ref(K), R)
-    return R
+        raise ValueError(f"regulated metric{' of ' + where if where else ''}: K = frozen^T frozen + lambda I is not "
+                         "positive definite (the frozen factor is rank deficient, e.g. B = 0 at initialisation, or "
+                         "not finite). Use a ridge lam > 0.")
+    return torch.from_numpy(L.T.copy()).to(device=K.device, dtype=K.dtype)
 
 
 def nonfinite_sample_mask(sq_norms: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
@@ -169,19 +108,7 @@ def nonfinite_outputs(outs: Sequence[torch.Tensor]) -> list[int]:
     return [k for k, o in enumerate(outs) if not torch.isfinite(o).all()]
 
 
-def drop_nonfinite(tensors: Sequence[TensorGrads]) -> torch.Tensor | None:
-    """Mask (b,) of samples whose gradient in any trained tensor is NaN/Inf (None: no such sample).
-    Those samples' gradients and norms are zeroed in place (their clip factor is then forced to 0 by
-    the caller), so a NaN never reaches the sum."""
-    bad = nonfinite_sample_mask([t.sq_norms for t in tensors])
-    if bad is not None:
-        for t in tensors:
-            if t.sq_norms is not None:
-                t.sq_norms, t.grads = zero_samples(t.sq_norms, bad), zero_samples(t.grads, bad)
-    return bad
-
-
-def clip_factors(tensors: Sequence[TensorGrads], clipping: str, max_grad_norm, batch: int,
+def clip_factors(tensors, clipping: str, max_grad_norm, batch: int,
                  bad: torch.Tensor | None):
     """Per-tensor clip factors (list of (b,) tensors) and the total L2 sensitivity of the clipped sum.
     flat: c_i = min(1, C / (N_i + 1e-6)), N_i^2 = sum over all trained tensors of their squared norms.

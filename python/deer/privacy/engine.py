@@ -6,12 +6,12 @@ Example (an existing loop over `loader` with `model`, `optimizer`, `loss_fn`)::
     from deer.nn import inject_lora
     from deer.privacy import PrivacyEngine
 
-    inject_lora(model, ["qkv", "head"], r=8, alpha=16)           # LoRA on q/k/v slices and the head
+    inject_lora(model, ["qkv", "head"], r=8, alpha=16)           # LoRA on the fused qkv and the head
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     engine = PrivacyEngine(accountant="rdp")
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=1.0,
-        target_epsilon=8.0, target_delta=1e-5, epochs=4, noise="regulated", phase="B")
+        target_epsilon=8.0, target_delta=1e-5, epochs=4, mechanism="regulated_metric", phase="B")
     for epoch in range(4):
         engine.set_phase("B" if epoch % 2 == 0 else "A")        # DEeR: alternate the trained factor
         for x, y in loader:
@@ -20,24 +20,24 @@ Example (an existing loop over `loader` with `model`, `optimizer`, `loss_fn`)::
             optimizer.step()                                     # clip, sum, noise, average, step
     print(engine.get_epsilon(delta=1e-5))
 
-What a step does (DESIGN.md section 2): per-sample gradients of every trained LoRA factor (from
+What a step does (docs/design.md sections 2-6, the release in deer.privacy.release): per-sample gradients of every trained LoRA factor (from
 the (X, U, G) the LoRA layers captured in backward), their norm over all LoRA layers in the chosen
 metric, clipping to `max_grad_norm`, the clipped sum, Gaussian noise (isotropic, or regulated
 through the frozen factor) of std sigma * C, division by the expected batch size, then the wrapped
 optimizer's step. The accountant is charged the multiplier the step really had.
 
-Modes and what they guarantee (sample-level DP per client, Poisson sampling rate q):
-    noise="isotropic"                     Euclidean clipping + isotropic noise: DP-SGD, charged sigma.
-    noise="regulated", regulator="metric" clipping in the regulated metric + regulated noise: a
-                                          Gaussian mechanism in whitened coordinates, charged sigma.
-    noise="regulated", regulator="paper"  Euclidean clipping + regulated noise (the paper): charged
-                                          the true multiplier sigma / max_l sigma_max(frozen_l).
+Mechanisms (deer.privacy.Mechanism; sample-level DP per client, Poisson sampling rate q):
+    'isotropic'         (noise="isotropic")                      Euclidean clipping + isotropic
+                        noise: DP-SGD, charged sigma.
+    'regulated_metric'  (noise="regulated", regulator="metric")  clipping in the regulated metric +
+                        regulated noise: a Gaussian mechanism in whitened coordinates, charged sigma.
+    'regulated_paper'   (noise="regulated", regulator="paper")   Euclidean clipping + regulated noise
+                        (the paper): charged the true multiplier sigma / max_l sigma_max(frozen_l).
 Non-LoRA trainable parameters are rejected (their gradients would not be clipped): freeze them, or
 make them LoRA targets (e.g. inject_lora(model, [..., "head"])).
 """
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 import math
 import os
@@ -50,93 +50,13 @@ import torch.nn as nn
 from .. import reference as ref
 from ..nn.inject import NoLoRALayersError, _require_lora, set_phase as _set_phase
 from ..nn.lora import lora_units
-from . import clipping as _clip
+from .accountant import DeerAccountant, noise_multiplier_for
+from .mechanism import Mechanism, mechanism as _mechanism
+from .release import FrozenMetric, NonFiniteRelease, per_sample_tensors, release
 
 
 class PrivacyBudgetExceeded(RuntimeError):
     """The next private step would spend more than the target epsilon. Raised before the step."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Accountant: deer.privacy.accountant (a wrapper of Opacus' accountants) when present; otherwise a
-# thin adapter over Opacus' accountants with the same interface.
-# ------------------------------------------------------------------------------------------------
-
-class _OpacusAccountantAdapter:
-    def __init__(self, mechanism: str = "rdp"):
-        from opacus.accountants import create_accountant
-        self.mechanism = mechanism
-        self._acc = create_accountant(mechanism)
-
-    @property
-    def history(self):
-        return list(self._acc.history)
-
-    def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1):
-        h = self._acc.history
-        if h and h[-1][0] == noise_multiplier and h[-1][1] == sample_rate:
-            h[-1] = (noise_multiplier, sample_rate, h[-1][2] + num_steps)
-        else:
-            h.append((noise_multiplier, sample_rate, num_steps))
-
-    def get_epsilon(self, delta: float) -> float:
-        if not self._acc.history:
-            return 0.0
-        return float(self._acc.get_epsilon(delta=delta))
-
-    def state_dict(self):
-        return {"mechanism": self.mechanism, "history": list(self._acc.history)}
-
-    def load_state_dict(self, state):
-        self._acc.history = [tuple(h) for h in state["history"]]
-
-
-def make_accountant(mechanism: str = "rdp"):
-    if mechanism not in ("rdp", "prv"):
-        raise ValueError(f"accountant must be 'rdp' or 'prv', got {mechanism!r}")
-    try:
-        from .accountant import DeerAccountant
-    except (ImportError, AttributeError):
-        return _OpacusAccountantAdapter(mechanism)
-    return DeerAccountant(mechanism=mechanism)
-
-
-def noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                         mechanism: str = "rdp") -> float:
-    try:
-        from .accountant import noise_multiplier_for as f
-    except (ImportError, AttributeError):
-        from opacus.accountants.utils import get_noise_multiplier
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=mechanism))
-    return float(f(target_epsilon, target_delta, sample_rate, steps, mechanism))
-
-
-def _would_exceed(accountant, target_epsilon: float, delta: float, noise_multiplier: float,
-                  sample_rate: float) -> bool:
-    if noise_multiplier <= 0:
-        return True
-    if hasattr(accountant, "would_exceed"):
-        return bool(accountant.would_exceed(target_epsilon, delta, noise_multiplier, sample_rate))
-    trial = copy.deepcopy(accountant)
-    trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-    return float(trial.get_epsilon(delta)) > target_epsilon
-
-
-def _clip_reduce_noise_all(grads, clips, noise_std, expected_batch_size, chols, sides, seed, step, layers, client,
-                           backend, updates=None):
-    """Every trained tensor's release through deer.ops (the compiled, Triton or reference backend, all
-    drawing the same Philox noise for the same key): one grouped call (one parallel region / one
-    launch) when the tensors share a device, else one call per tensor. `updates`: FusedUpdate or None
-    per tensor (the fused optimizer step)."""
-    from .. import ops
-    updates = [None] * len(grads) if updates is None else updates
-    if len({g.device for g in grads}) <= 1:
-        return ops.clip_reduce_noise_grouped(grads, clips, float(noise_std), float(expected_batch_size), chols,
-                                             sides, seed, step, layers, client, backend=backend, updates=updates)
-    return [ops.clip_reduce_noise(g, c, float(noise_std), float(expected_batch_size), ch, s, seed, step, lid, client,
-                                  backend=backend, update=u)
-            for g, c, ch, s, lid, u in zip(grads, clips, chols, sides, layers, updates)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,96 +135,55 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         if len(phase) != 1:
             raise ValueError(f"LoRA layers are in different phases {sorted(phase)}; use engine.set_phase()")
         phase = phase.pop()
-        factors = ref.trained_factors(phase)
-        metric = "regulated" if (e.noise == "regulated" and e.regulator == "metric") else "euclidean"
-        need_gram = e.noise == "regulated"
-
-        tensors: list[_clip.TensorGrads] = []
-        for li, (name, u) in enumerate(units):
-            chunks = u.pop_captured()
-            for f in factors:
-                g, n, K = _clip.per_sample(u, f, chunks, e.lam, metric, need_gram, e.loss_reduction, e.backend)
-                tensors.append(_clip.TensorGrads(f"{name}.lora_{f}", f, 2 * li + (0 if f == "A" else 1),
-                                                 u.factor(f), g, n, K, 0 if f == "A" else 1))
+        metric = e._frozen_metric(units, phase)
 
         # The multiplier this step really has, and the budget check: before touching anything.
-        eff = ref.effective_multiplier(e.noise_multiplier, metric, e.noise, [t.gram for t in tensors])
+        eff = metric.effective_multiplier(e.noise_multiplier)
         if e.target_epsilon is not None:
-            if _would_exceed(e.accountant, e.target_epsilon, e.target_delta, eff, e.sample_rate):
+            if eff <= 0 or e.accountant.would_exceed(e.target_epsilon, e.target_delta, eff, e.sample_rate):
                 raise PrivacyBudgetExceeded(
                     f"the next step (noise multiplier {eff:.4g}, sample rate {e.sample_rate:.4g}) would bring "
                     f"epsilon above target_epsilon={e.target_epsilon} (delta={e.target_delta}); spent so far "
                     f"{e.get_epsilon(e.target_delta):.4g} after {self.steps_taken} steps. Stop training, or start "
                     f"a new run with a larger budget or noise multiplier. No step was taken.")
 
-        sizes = {t.name: t.grads.shape[0] for t in tensors if t.grads is not None}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"LoRA layers saw different numbers of samples in this step: {sizes}. deer treats "
-                             f"dim 0 of every LoRA layer's input as the sample dimension; a model that folds "
-                             f"tokens into the batch (x.view(-1, n)) before a LoRA layer is not supported.")
-        batch = next(iter(sizes.values()), 0)
-
-        bad = _clip.drop_nonfinite(tensors)
-        nbad = int(bad.sum()) if bad is not None else 0
-        if nbad:
-            self.nonfinite_samples += nbad
-            warnings.warn(f"deer: {nbad} sample(s) had NaN/Inf per-sample gradients and were dropped from this "
-                          f"step's sum (optimizer.nonfinite_samples = {self.nonfinite_samples}). Check the "
-                          f"loss and inputs of those samples.", RuntimeWarning, stacklevel=3)
-
-        step_seed = e._step_seed()
-        if batch > 0:
-            cs, sens, total_norm = _clip.clip_factors(tensors, e.clipping, e.max_grad_norm, batch, bad)
-        else:
-            cs, sens, total_norm = [None] * len(tensors), _sensitivity(e, len(tensors)), None
-        std = e.noise_multiplier * sens
-        grads, clips, chols = [], [], []
-        for t, c in zip(tensors, cs):
-            p = t.param
-            chols.append(_clip.cholesky_upper(t.gram) if e.noise == "regulated" else None)
-            if t.grads is None:   # no samples reached this layer: the release is pure noise
-                shape = (1,) + tuple(p.shape)
-                g0 = torch.zeros(shape, dtype=torch.float32, device=p.device)
-                t.grads, c = g0, torch.zeros(1, device=p.device)
-            grads.append(t.grads)
-            clips.append(c)
+        tensors = per_sample_tensors(units, [u.pop_captured() for _, u in units], metric, e.loss_reduction,
+                                     e.backend)
         updates = None
         if e.fused_update:   # the optimizer's step happens inside the kernel, element by element
             from ..ops import FusedUpdate
             opt = self.original_optimizer
             group_of = {id(p): g for g in opt.param_groups for p in g["params"]}   # one pass, not one per factor
             updates = [FusedUpdate.from_optimizer(opt, t.param, group_of.get(id(t.param))) for t in tensors]
-        outs = _clip_reduce_noise_all(grads, clips, std, e.expected_batch_size, chols, [t.noise_side for t in tensors],
-                                      step_seed, e._step_counter, [t.layer_id for t in tensors], e.client, e.backend,
-                                      updates)
-        # One finiteness check for all layers (one host sync on a GPU, not one per layer), before any
-        # .grad is written: a failing step leaves every parameter's gradient untouched. (A fused step
-        # has already run; its kernels skip every non-finite element, so no NaN reached the weights.)
-        bad_out = _clip.nonfinite_outputs(outs)
-        if bad_out:
-            bad_names = [tensors[k].name for k in bad_out]
-            fused = ""
-            if updates:   # the finite elements did reach the weights: this release is spent and charged
-                self._charge(eff)
-                fused = (" The fused optimizer step left those elements (and their optimizer state) unchanged, "
-                         "stepped the finite ones, and this step was charged to the accountant.")
-            raise FloatingPointError(f"deer: the private gradient of {', '.join(bad_names)} is not finite although "
-                                     f"every per-sample gradient was; refusing to step (check lam and the frozen "
-                                     f"factor).{fused}")
-        for t, out in zip(tensors, outs):
+        try:
+            rel = release(tensors, e.mechanism, noise_multiplier=e.noise_multiplier, max_grad_norm=e.max_grad_norm,
+                          expected_batch_size=e.expected_batch_size, seed=e._step_seed(), step=e._step_counter,
+                          client=e.client, backend=e.backend, effective_multiplier=eff, updates=updates)
+        except NonFiniteRelease as err:
+            if not updates:
+                raise
+            # A fused step has run: its kernels skipped every non-finite element, but the finite ones
+            # reached the weights, so this release is spent and charged.
+            self._charge(eff)
+            raise NonFiniteRelease(f"{err} The fused optimizer step left those elements (and their optimizer state) "
+                                   f"unchanged, stepped the finite ones, and this step was charged to the "
+                                   f"accountant.") from None
+        if rel.dropped_nonfinite:
+            self.nonfinite_samples += rel.dropped_nonfinite
+        for t, out in zip(tensors, rel.grads):
             t.param.grad = None if updates else out.to(t.param.dtype)
         for _, u in units:
             for f in ("A", "B"):
-                if f not in factors:
+                if f not in metric.factors:
                     u.factor(f).grad = None
 
         self._charge(eff)
         clipped = None
-        if batch > 0 and cs[0] is not None:
-            clipped = float((torch.stack(cs) < 1).any(0).float().mean())
-        self.last_step = {"batch_size": batch, "noise_multiplier_effective": eff, "sensitivity": sens,
-                          "noise_std": std, "clipped_fraction": clipped, "dropped_nonfinite": nbad,
-                          "per_sample_norms": total_norm}
+        if rel.batch_size > 0:
+            clipped = float((torch.stack(rel.clip) < 1).any(0).float().mean())
+        self.last_step = {"batch_size": rel.batch_size, "noise_multiplier_effective": eff,
+                          "sensitivity": rel.sensitivity, "noise_std": rel.noise_std, "clipped_fraction": clipped,
+                          "dropped_nonfinite": rel.dropped_nonfinite, "per_sample_norms": rel.per_sample_norms}
 
     def _charge(self, eff: float) -> None:
         """Charge one release with multiplier eff and move the noise key to the next step."""
@@ -327,12 +206,6 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         return loss
 
 
-def _sensitivity(e, n_tensors):
-    if e.clipping == "flat":
-        return float(e.max_grad_norm)
-    return math.sqrt(sum(b * b for b in ref.per_layer_bounds(e.max_grad_norm, n_tensors)))
-
-
 # ------------------------------------------------------------------------------------------------
 # The engine
 # ------------------------------------------------------------------------------------------------
@@ -346,7 +219,7 @@ class PrivacyEngine:
       reproducible). torch's Gaussian generator itself is not a CSPRNG; see the README."""
 
     def __init__(self, accountant: str = "rdp", secure_mode: bool = False):
-        self.accountant = make_accountant(accountant)
+        self.accountant = DeerAccountant(mechanism=accountant)
         self.accountant_mechanism = accountant
         self.secure_mode = bool(secure_mode)
         self.module: nn.Module | None = None
@@ -359,8 +232,9 @@ class PrivacyEngine:
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader=None, *,
                      max_grad_norm: float | Sequence[float], noise_multiplier: float | None = None,
                      target_epsilon: float | None = None, target_delta: float | None = None,
-                     epochs: int | None = None, steps: int | None = None, clipping: str = "flat",
-                     noise: str = "isotropic", regulator: str | None = None, lam: float = 1e-3,
+                     epochs: int | None = None, steps: int | None = None,
+                     mechanism: Mechanism | str | None = None, clipping: str | None = None,
+                     noise: str | None = None, regulator: str | None = None, lam: float | None = None,
                      poisson_sampling: bool = True, phase: str | None = None, seed: int | None = None,
                      backend: str | None = None, loss_reduction: str = "mean", client: int = 0,
                      sample_rate: float | None = None, expected_batch_size: float | None = None,
@@ -377,8 +251,10 @@ class PrivacyEngine:
           before any step that would exceed it (also when noise_multiplier is given explicitly).
         max_grad_norm: C (flat), or per-tensor bounds for clipping='per_layer' (a scalar is split
           as C / sqrt(L) so the total sensitivity is C).
-        noise: 'isotropic' | 'regulated'; regulator: 'metric' (default, sound) | 'paper'.
-        lam: ridge lambda of K = frozen^T frozen + lam I (needed: B = 0 at init).
+        mechanism: a deer.privacy.Mechanism or a preset name ('isotropic' default, 'regulated_metric',
+          'regulated_paper'); or the shorthand noise='isotropic' | 'regulated' with regulator='metric'
+          (default, sound) | 'paper'. clipping ('flat' | 'per_layer') and lam (ridge of K = frozen^T
+          frozen + lam I, default deer.privacy.mechanism.LAM = 0.1) override the mechanism's.
         phase: 'A' | 'B' | 'AB' (default 'B' for regulated noise, which needs a frozen factor; 'AB'
           otherwise). seed: noise key seed (default: OS entropy). client: noise key component.
         loss_reduction: 'mean' (the loss averages over the physical batch) or 'sum'.
@@ -387,32 +263,16 @@ class PrivacyEngine:
           second pass through .grad; the LoRA factors' .grad stays None. Same result, same optimizer
           state dict (fused and unfused runs can resume each other).
         """
-        if noise not in ("isotropic", "regulated"):
-            raise ValueError(f"noise must be 'isotropic' or 'regulated', got {noise!r}")
-        if regulator is None:
-            regulator = "metric"
-        elif noise == "isotropic":
-            raise ValueError("regulator applies to noise='regulated' only (it chooses the clipping metric "
-                             "that goes with regulated noise); drop it or set noise='regulated'")
-        if regulator not in ("metric", "paper"):
-            raise ValueError(f"regulator must be 'metric' (regulated clipping metric, sound) or 'paper' "
-                             f"(Euclidean clipping, charged sigma / sigma_max), got {regulator!r}")
-        if clipping not in ("flat", "per_layer"):
-            raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
+        mech = _mechanism(mechanism, noise=noise, regulator=regulator, clipping=clipping, lam=lam)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if isinstance(max_grad_norm, (int, float)):
             if not max_grad_norm > 0:
                 raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-        elif clipping != "per_layer":
+        elif mech.clipping != "per_layer":
             raise ValueError("a list of max_grad_norm bounds needs clipping='per_layer'")
         elif any(not c > 0 for c in max_grad_norm):
             raise ValueError(f"every per-layer bound must be > 0, got {list(max_grad_norm)}")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        if noise == "regulated" and lam == 0:
-            warnings.warn("lam=0 with regulated noise: K = frozen^T frozen is singular while a factor is "
-                          "zero (B at init); the step will fail there. lam=1e-3 is the default.")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPLoRAOptimizer):
@@ -425,11 +285,8 @@ class PrivacyEngine:
                     FusedUpdate.from_optimizer(optimizer, g["params"][0])
 
         units = _require_lora(module, "make_private")
-        phase = phase or ("B" if noise == "regulated" else _current_phase(units))
-        ref.check_phase(phase)
-        if noise == "regulated" and phase == "AB":
-            raise ValueError("regulated noise needs a frozen factor: use phase 'A' or 'B' (DEeR alternates "
-                             "them), or noise='isotropic' for phase 'AB'")
+        phase = phase or ("B" if mech.needs_gram else _current_phase(units))
+        mech.validate(phase)
         lora_params = {id(p) for _, u in units for p in (u.lora_A, u.lora_B)}
         # every trainable parameter must be a LoRA factor, or its gradient would escape clipping
         _set_phase(module, phase)
@@ -495,7 +352,7 @@ class PrivacyEngine:
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = max_grad_norm
         self.target_epsilon, self.target_delta = target_epsilon, target_delta
-        self.clipping, self.noise, self.regulator, self.lam = clipping, noise, regulator, float(lam)
+        self.mechanism = mech
         self.sample_rate, self.expected_batch_size = float(sample_rate), float(expected_batch_size)
         self.loss_reduction, self.backend, self.client = loss_reduction, backend, int(client)
         self.fused_update = bool(fused_update)
@@ -505,6 +362,7 @@ class PrivacyEngine:
             u.capture = True
             u.capture_lean = True
         self.optimizer = DPLoRAOptimizer(optimizer, self)
+        self._metric = FrozenMetric(self._units, phase, mech)
         self._sync_optimizer()
         return module, self.optimizer, data_loader
 
@@ -512,10 +370,7 @@ class PrivacyEngine:
     def _lora_units(self):
         """(name, unit) of every LoRA unit of the private module, found once by make_private and again
         by set_phase (LoRA layers injected later join at the next set_phase)."""
-        units = getattr(self, "_units", None)
-        if units is None:
-            units = self._units = lora_units(self.module) if self.module is not None else []
-        return units
+        return self._units
 
     def _step_seed(self) -> int:
         if self.secure_mode:
@@ -530,11 +385,21 @@ class PrivacyEngine:
         if self.module is None:
             raise NoLoRALayersError("PrivacyEngine.set_phase before make_private: inject LoRA "
                                     "(deer.nn.inject_lora) and call engine.make_private(...) first")
-        if self.noise == "regulated" and phase == "AB":
-            raise ValueError("regulated noise needs a frozen factor: phase must be 'A' or 'B'")
+        self.mechanism.validate(phase)
         _set_phase(self.module, phase)
         self._units = lora_units(self.module)
+        self._metric = FrozenMetric(self._units, phase, self.mechanism)
         self._sync_optimizer(reset_state=True)
+
+    def _frozen_metric(self, units, phase: str) -> FrozenMetric:
+        """The phase's FrozenMetric (K and its Cholesky factor per trained factor), built when the phase
+        was set; built anew when the phase was switched without engine.set_phase."""
+        m = self._metric
+        if m.phase != phase or m._units != list(units):
+            m = self._metric = FrozenMetric(units, phase, self.mechanism)
+        else:
+            m.refresh()
+        return m
 
     def _sync_optimizer(self, reset_state: bool = False):
         opt = self.optimizer.original_optimizer

@@ -1,0 +1,126 @@
+"""Two checkouts of deer, one benchmark run: the step time of the same cases under each, paired.
+
+Each checkout gets one worker process per case that imports deer and bench.models from that tree
+(PYTHONPATH=<tree>/python:<tree>), builds the case with bench.models.build_step and waits. The
+driver then alternates the workers (old, new, old, new, ...), each timing a few steps per turn, so
+that drift of a shared machine's load hits both alike. Reported per case: the median step time of
+each tree, their ratio, and the DP overhead of each (deer step / non-private step of the same tree,
+paired the same way). Both trees must share the compiled extension (copy python/deer/_C*.so).
+
+    git worktree add /tmp/deer-old HEAD~1 && cp python/deer/_C*.so /tmp/deer-old/python/deer/
+    python bench/compare_revisions.py --old /tmp/deer-old --new . --out bench/results/<dir>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+WORKER = r"""
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+import deer
+from bench.models import Case, build_step
+case = Case(**json.loads(sys.argv[1]))
+built = build_step(case)
+step = built[0] if isinstance(built, tuple) else built
+for _ in range(3):
+    step()
+print(json.dumps({"ready": deer.__file__}), flush=True)
+for line in sys.stdin:
+    n = int(line)
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t0)
+    print(json.dumps(ts), flush=True)
+"""
+
+CENTRE = dict(model="tiny", batch=32, img=64, rank=8, targets="qkv")
+CASES = [dict(CENTRE, method="nonprivate", noise="none"),
+         *[dict(CENTRE, method="deer", backend="cpu", noise=nz, phase=ph)
+           for nz in ("isotropic", "regulated") for ph in ("B", "A")],
+         dict(CENTRE, method="deer", backend="cpu", noise="isotropic", phase="B", fused=True)]
+
+
+def _worker(tree: str, case: dict, threads: int):
+    tree = os.path.abspath(tree)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(tree, "python"), tree]))
+    p = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(case), str(threads)], cwd=tree, env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ready = json.loads(p.stdout.readline())
+    if not ready["ready"].startswith(tree):
+        raise RuntimeError(f"the worker for {tree} imported deer from {ready['ready']}")
+    return p
+
+
+def _time(p, n: int) -> list[float]:
+    p.stdin.write(f"{n}\n")
+    p.stdin.flush()
+    return json.loads(p.stdout.readline())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", required=True)
+    ap.add_argument("--new", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--turns", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=3, help="steps per worker per turn")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    trees = {"old": a.old, "new": a.new}
+    rows = []
+    base = {}
+    for case in CASES:
+        procs = {k: _worker(t, case, a.threads) for k, t in trees.items()}
+        times = {k: [] for k in trees}
+        try:
+            for turn in range(a.turns):
+                order = ("old", "new") if turn % 2 == 0 else ("new", "old")
+                for k in order:
+                    times[k].append(statistics.median(_time(procs[k], a.steps)))
+        finally:
+            for p in procs.values():
+                p.stdin.close()
+                p.wait(timeout=60)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"case": case, "old_ms": 1e3 * med["old"], "new_ms": 1e3 * med["new"],
+               "new_over_old": statistics.median(n / o for n, o in zip(times["new"], times["old"]))}
+        if case["method"] == "nonprivate":
+            base = med
+        else:
+            row.update({"old_dp_overhead": med["old"] / base["old"] - 1, "new_dp_overhead": med["new"] / base["new"] - 1})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    device = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "cpu")
+    meta = {"device": device, "threads": a.threads, "turns": a.turns, "steps_per_turn": a.steps,
+            "old": subprocess.run(["git", "-C", a.old, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True).stdout.strip(), "new": "working tree of " + os.path.abspath(a.new),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "compare_revisions.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# Step time, {meta['old']} vs the change ({device}, {a.threads} thread(s), {a.turns} paired turns "
+             f"of {a.steps} steps)", "",
+             "| case | old ms | new ms | new / old | DP overhead old | new |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["case"]
+        name = f"{c['method']} {c.get('noise', '')} {c.get('phase', 'B')}" + (" fused" if c.get("fused") else "")
+        ov = (f"{100 * r['old_dp_overhead']:.0f}% | {100 * r['new_dp_overhead']:.0f}%" if "old_dp_overhead" in r
+              else "- | -")
+        lines.append(f"| {name} | {r['old_ms']:.1f} | {r['new_ms']:.1f} | {r['new_over_old']:.3f} | {ov} |")
+    with open(os.path.join(a.out, "compare_revisions.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
