@@ -3,9 +3,9 @@
 Each checkout gets one worker process per case that imports deer and bench.models from that tree
 (PYTHONPATH=<tree>/python:<tree>), builds the case with bench.models.build_step and waits. The
 driver then alternates the workers (old, new, old, new, ...), each timing a few steps per turn, so
-that drift of a shared machine's load hits both alike. Reported per case: the median step time of
-each tree, their ratio, and the DP overhead of each (deer step / non-private step of the same tree,
-paired the same way). Both trees must share the compiled extension (copy python/deer/_C*.so).
+that drift of a shared machine's load hits both alike. Reported per deer case: the median step time
+of each tree, their ratio, and the DP overhead of each (deer step / non-private step of the same
+configuration and tree, timed in the same turns). Both trees must share the compiled extension (copy python/deer/_C*.so).
 
     git worktree add /tmp/deer-old HEAD~1 && cp python/deer/_C*.so /tmp/deer-old/python/deer/
     python bench/compare_revisions.py --old /tmp/deer-old --new . --out bench/results/<dir>
@@ -44,8 +44,7 @@ for line in sys.stdin:
 """
 
 CENTRE = dict(model="tiny", batch=32, img=64, rank=8, targets="qkv")
-CASES = [dict(CENTRE, method="nonprivate", noise="none"),
-         *[dict(CENTRE, method="deer", backend="cpu", noise=nz, phase=ph)
+CASES = [*[dict(CENTRE, method="deer", backend="cpu", noise=nz, phase=ph)
            for nz in ("isotropic", "regulated") for ph in ("B", "A")],
          dict(CENTRE, method="deer", backend="cpu", noise="isotropic", phase="B", fused=True)]
 
@@ -77,27 +76,28 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     trees = {"old": a.old, "new": a.new}
+    nonprivate = dict(CENTRE, method="nonprivate", noise="none")
     rows = []
-    base = {}
     for case in CASES:
-        procs = {k: _worker(t, case, a.threads) for k, t in trees.items()}
-        times = {k: [] for k in trees}
+        # per tree: this deer case and the non-private step of its configuration, timed in the same turns
+        procs = {(k, w): _worker(t, c, a.threads) for k, t in trees.items() for w, c in (("dp", case), ("np", nonprivate))}
+        times = {key: [] for key in procs}
         try:
             for turn in range(a.turns):
-                order = ("old", "new") if turn % 2 == 0 else ("new", "old")
-                for k in order:
-                    times[k].append(statistics.median(_time(procs[k], a.steps)))
+                keys = list(procs) if turn % 2 == 0 else list(procs)[::-1]
+                for key in keys:
+                    times[key].append(statistics.median(_time(procs[key], a.steps)))
         finally:
             for p in procs.values():
                 p.stdin.close()
                 p.wait(timeout=60)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"case": case, "old_ms": 1e3 * med["old"], "new_ms": 1e3 * med["new"],
-               "new_over_old": statistics.median(n / o for n, o in zip(times["new"], times["old"]))}
-        if case["method"] == "nonprivate":
-            base = med
-        else:
-            row.update({"old_dp_overhead": med["old"] / base["old"] - 1, "new_dp_overhead": med["new"] / base["new"] - 1})
+        med = {key: statistics.median(v) for key, v in times.items()}
+        paired = lambda x, y: statistics.median(u / v for u, v in zip(times[x], times[y]))  # noqa: E731
+        row = {"case": case, "old_ms": 1e3 * med[("old", "dp")], "new_ms": 1e3 * med[("new", "dp")],
+               "new_over_old": paired(("new", "dp"), ("old", "dp")),
+               "nonprivate_new_over_old": paired(("new", "np"), ("old", "np")),
+               "old_dp_overhead": paired(("old", "dp"), ("old", "np")) - 1,
+               "new_dp_overhead": paired(("new", "dp"), ("new", "np")) - 1}
         rows.append(row)
         print(json.dumps(row), flush=True)
     device = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "cpu")
@@ -108,15 +108,16 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "compare_revisions.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# Step time, {meta['old']} vs the change ({device}, {a.threads} thread(s), {a.turns} paired turns "
-             f"of {a.steps} steps)", "",
-             "| case | old ms | new ms | new / old | DP overhead old | new |", "|---|---|---|---|---|---|"]
+    lines = [f"# Step time, {meta['old']} vs the change ({device}, {a.threads} thread(s), {a.turns} turns of {a.steps} "
+             f"steps; ratios are medians of per-turn ratios)", "",
+             "| case | old ms | new ms | new / old | non-private new / old | DP overhead old | new |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["case"]
-        name = f"{c['method']} {c.get('noise', '')} {c.get('phase', 'B')}" + (" fused" if c.get("fused") else "")
-        ov = (f"{100 * r['old_dp_overhead']:.0f}% | {100 * r['new_dp_overhead']:.0f}%" if "old_dp_overhead" in r
-              else "- | -")
-        lines.append(f"| {name} | {r['old_ms']:.1f} | {r['new_ms']:.1f} | {r['new_over_old']:.3f} | {ov} |")
+        name = f"{c['noise']} {c['phase']}" + (" fused" if c.get("fused") else "")
+        lines.append(f"| {name} | {r['old_ms']:.1f} | {r['new_ms']:.1f} | {r['new_over_old']:.3f} | "
+                     f"{r['nonprivate_new_over_old']:.3f} | {100 * r['old_dp_overhead']:.1f}% | "
+                     f"{100 * r['new_dp_overhead']:.1f}% |")
     with open(os.path.join(a.out, "compare_revisions.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
