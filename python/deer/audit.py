@@ -308,8 +308,7 @@ def fed_aggregate_step(**kw):
                     max_grad_norm=kw["max_grad_norm"], generator=kw["generator"],
                     denominator=kw["expected_batch_size"])
     noisy_mean = res.adapters[f"audit.lora_{phase}"].to(torch.float64) - base[phase]
-    eff = res.noise_multiplier if res.noise_multiplier is not None else kw["noise_multiplier"]
-    return SimpleNamespace(grads=[{phase: noisy_mean}], noise_multiplier_effective=eff)
+    return SimpleNamespace(grads=[{phase: noisy_mean}], noise_multiplier_effective=res.noise_multiplier)
 
 
 def engine_step(**kw):
@@ -368,7 +367,7 @@ def run_audit(config: AuditConfig | None = None, step_fn: Callable | None = None
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(np.random.SeedSequence().generate_state(1).tobytes(), "little")
     gen = torch.Generator().manual_seed(seed)
     setup = _Setup(cfg, gen)
-    C, m, r = cfg.max_grad_norm, cfg.canaries, cfg.rank
+    C, m = cfg.max_grad_norm, cfg.canaries
     mode = MODES[cfg.mode]
 
     included = torch.rand(m, generator=gen) < 0.5                      # S_j = +1 w.p. 1/2

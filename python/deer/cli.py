@@ -38,7 +38,7 @@ def _run(cfg, run_dir: str, title: str, started: float) -> int:
     return 0
 
 
-def _describe(cfg, job_note: str = "") -> str:
+def _describe(cfg) -> str:
     from .data import DEFAULT_DATASET_NOTE
     lines = [f"[deer] data: {cfg.dataset}" + (f" -- {DEFAULT_DATASET_NOTE}" if cfg.dataset == "digits" else "")]
     if cfg.privacy == "sample":

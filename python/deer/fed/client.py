@@ -19,6 +19,7 @@ rate q; a step whose Poisson batch is empty still releases noise alone and is ch
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -140,65 +141,54 @@ def local_train(model: nn.Module, start: LoRAState, x: torch.Tensor, y: torch.Te
     releases: list[tuple[float, float, int]] = []
     model.train()
     last = float("nan")
-    if cfg.privacy == "sample":
-        q = min(1.0, cfg.batch_size / n)
-        if noise_seed is None:
-            noise_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
-        for step in range(steps):
-            if deadline is not None and time.monotonic() > deadline:
-                raise ClientTimeout(f"local training passed its deadline after {step}/{steps} steps")
-            if hook:
-                hook(step, model)
-            # Poisson sampling: every record independently with probability q (what the accountant assumes)
-            idx = (torch.rand(n, generator=gen) < q).nonzero().squeeze(1)
-            key = NoiseKey(noise_seed, step, client)
-            if len(idx) > 0:
-                for l in layers:
-                    l.capture = True
-                try:
-                    loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
-                    loss.backward()
-                finally:
-                    for l in layers:
-                        l.capture = False
-                grads, sigma_eff = private_step(layers, phase, mech, cfg, q * n, metric, key)
-                last = float(loss.detach()) / len(idx)
-            else:
-                # An empty Poisson batch releases noise alone (skipping the step would reveal that the
-                # batch was empty); it is the same subsampled Gaussian release and is charged the same.
-                grads, sigma_eff = private_step(layers, phase, mech, cfg, q * n, metric, key, captured=[])
-            with torch.no_grad():
-                for l, gd in zip(layers, grads):
-                    for f, gf in gd.items():
-                        p = getattr(l, "lora_" + f)
-                        p.sub_(cfg.lr * gf.to(p.dtype))
-            for p in trained:
-                p.grad = None
-            releases.append((float(sigma_eff), q, 1))
-    else:
-        for step in range(steps):
-            if deadline is not None and time.monotonic() > deadline:
-                raise ClientTimeout(f"local training passed its deadline after {step}/{steps} steps")
-            if hook:
-                hook(step, model)
+    q = min(1.0, cfg.batch_size / n)
+    if cfg.privacy == "sample" and noise_seed is None:
+        noise_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    for step in range(steps):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClientTimeout(f"local training passed its deadline after {step}/{steps} steps")
+        if hook:
+            hook(step, model)
+        if cfg.privacy != "sample":
             epoch_step = step % max(1, math.ceil(n / cfg.batch_size))
             if epoch_step == 0:  # a fresh shuffle every pass over the data
                 perm = torch.randperm(n, generator=gen)
             idx = perm[epoch_step * cfg.batch_size:(epoch_step + 1) * cfg.batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            grads = torch.autograd.grad(loss, trained)
             with torch.no_grad():
-                for p, g in zip(trained, grads):
+                for p, g in zip(trained, torch.autograd.grad(loss, trained)):
                     p.sub_(cfg.lr * g)
             last = float(loss.detach())
+            continue
+        # Poisson sampling: every record independently with probability q (what the accountant assumes)
+        idx = (torch.rand(n, generator=gen) < q).nonzero().squeeze(1)
+        key = NoiseKey(noise_seed, step, client)
+        if len(idx) > 0:
+            for l in layers:
+                l.capture = True
+            try:
+                loss = F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
+                loss.backward()
+            finally:
+                for l in layers:
+                    l.capture = False
+            grads, sigma_eff = private_step(layers, phase, mech, cfg, q * n, metric, key)
+            last = float(loss.detach()) / len(idx)
+        else:
+            # An empty Poisson batch releases noise alone (skipping the step would reveal that the
+            # batch was empty); it is the same subsampled Gaussian release and is charged the same.
+            grads, sigma_eff = private_step(layers, phase, mech, cfg, q * n, metric, key, captured=[])
+        with torch.no_grad():
+            for l, gd in zip(layers, grads):
+                for f, gf in gd.items():
+                    p = getattr(l, "lora_" + f)
+                    p.sub_(cfg.lr * gf.to(p.dtype))
+        for p in trained:
+            p.grad = None
+        releases.append((float(sigma_eff), q, 1))
     return ClientUpdate(get_lora_state(model), n, steps, last, _merge(releases))
 
 
 def _merge(rel: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-    out: list[list] = []
-    for s, q, k in rel:
-        if out and out[-1][0] == s and out[-1][1] == q:
-            out[-1][2] += k
-        else:
-            out.append([s, q, k])
-    return [tuple(o) for o in out]
+    """Consecutive releases with the same (sigma, q) as one (sigma, q, steps) entry."""
+    return [(s, q, sum(k for *_, k in g)) for (s, q), g in itertools.groupby(rel, key=lambda t: t[:2])]

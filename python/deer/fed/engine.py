@@ -389,20 +389,10 @@ def _collect(cfg: FedConfig, journal: ReleaseJournal, global_state: LoRAState, r
     return valid, received
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(cfg: FedConfig, **kw):
-    if not cfg.progress:
-        return _NoBar()
     from tqdm.auto import tqdm
     kw.setdefault("leave", True)
-    return tqdm(unit="round" if kw.get("leave") else "client", dynamic_ncols=True, **kw)
+    return tqdm(unit="round" if kw.get("leave") else "client", dynamic_ncols=True, disable=not cfg.progress, **kw)
 
 
 def run(cfg: FedConfig, run_dir: str | None = None, log=print, **kw) -> dict:

@@ -95,13 +95,9 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
             new = LoRAQKV(*args, slices=config.qkv_slices, **init)
         else:
             new = LoRALinear(*args, **init)
-        parent = _parent(model, name)
-        setattr(parent, name.rsplit(".", 1)[-1], new)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
     return model
-
-
-def _parent(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
 
 
 def _require_lora(model: nn.Module, what: str):
