@@ -98,3 +98,43 @@ def test_qkv_slices_are_refused_and_deer_format_works(gen, tmp_path):
     load_lora_state(fresh, str(tmp_path / "deer.safetensors"))
     for k, v in get_lora_state(model).items():
         torch.testing.assert_close(get_lora_state(fresh)[k], v)
+
+
+def test_path_arguments_round_trip(gen, tmp_path):
+    from peft import PeftModel
+
+    base = Tiny().eval()
+    model = _trained(gen, base, ["proj", "head"], 2, 4.0)
+    x = torch.randn(3, 4, 12, generator=gen)
+    where = tmp_path / "nested" / "adapter"
+    save_adapter(model, where, base_model_name_or_path=tmp_path / "base")
+    cfg = json.load(open(where / "adapter_config.json"))
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "base")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), where).eval()
+    want = model(x)
+    torch.testing.assert_close(peft_model(x), want, rtol=1e-5, atol=1e-6, msg=f"seed {gen.initial_seed()}")
+
+
+@pytest.mark.parametrize("fail", ["json.dump", "safetensors"])
+def test_failed_save_changes_nothing(gen, tmp_path, monkeypatch, fail):
+    import safetensors.torch
+
+    from deer.privacy import checkpoint
+
+    base = Tiny().eval()
+    old = tmp_path / "old"
+    save_adapter(_trained(gen, base, ["proj"], 2, 2.0), old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    if fail == "json.dump":
+        monkeypatch.setattr(checkpoint.json, "dump", boom)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    model = _trained(gen, base, ["proj", "out"], 4, 8.0)
+    for target in (tmp_path / "new", old):
+        with pytest.raises(OSError, match="disk full"):
+            save_adapter(model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]   # no new folder, no temporary folder
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before

@@ -322,9 +322,3 @@ def effective_multiplier(noise_multiplier: float, metric: Metric, noise: NoiseKi
     if noise == "isotropic" and metric == "regulated":
         return noise_multiplier * min(float(torch.linalg.eigvalsh(K.double()).min().clamp(min=0).sqrt()) for K in Ks)
     return noise_multiplier
-
-
-def paper_effective_multiplier(noise_multiplier: float, Ks: Sequence[torch.Tensor]) -> float:
-    """True per-step multiplier of Euclidean clipping + regulated noise (the paper's mechanism):
-    sigma / max_l sigma_max(frozen_l), with sigma_max^2 = lambda_max(K_l)."""
-    return effective_multiplier(noise_multiplier, "euclidean", "regulated", Ks)

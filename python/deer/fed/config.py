@@ -114,8 +114,8 @@ class FedConfig:
     torch_threads: int | None = None     # intra-op threads; 1 is fastest for the tiny default model
 
     def validate(self) -> "FedConfig":
-        for m in self.methods:
-            method_spec(m)
+        for m in self.methods:   # the run's lam in each method's mechanism (checks lam, too)
+            method_spec(m).mechanism.replace(lam=self.lam)
         if self.privacy not in PRIVACY:
             raise ValueError(f"privacy must be one of {PRIVACY}, got {self.privacy!r}")
         if not 1 <= self.clients_per_round <= self.num_clients:
@@ -132,8 +132,6 @@ class FedConfig:
                              f"got {self.min_clients}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (None: automatic), got {self.backend!r}")
-        if self.lam < 0:
-            raise ValueError("lam must be >= 0")
         self.lora_config()
         return self
 

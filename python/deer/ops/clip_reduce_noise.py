@@ -324,16 +324,9 @@ def clip_reduce_noise_fused(left: torch.Tensor, right: torch.Tensor, scale: floa
         return clip_reduce_noise_fused_reference(left, right, scale, clip, noise_std, expected_batch_size, chol,
                                                  noise_side, seed, step, layer, client)
     if bk == "triton":
-        import deer_kernels.clip_reduce_noise as tk
-        if hasattr(tk, "clip_reduce_noise_fused"):
-            return tk.clip_reduce_noise_fused(left, right, scale, clip, noise_std, expected_batch_size, chol,
-                                              noise_side, seed, step, layer, client)
-        # No fused Triton kernel: weighted GEMM in torch, noise from the Triton kernel with b = 1.
-        acc = acc_dtype(left.dtype)
-        w = (clip.to(acc) * scale).view(-1, 1, 1)
-        S = torch.einsum("btp,btq->pq", left.to(acc) * w, right.to(acc))
-        return tk.clip_reduce_noise(S.unsqueeze(0), torch.ones(1, dtype=acc, device=S.device), noise_std,
-                                    expected_batch_size, chol, noise_side, seed, step, layer, client)
+        from deer_kernels.clip_reduce_noise import clip_reduce_noise_fused as triton_fused
+        return triton_fused(left, right, scale, clip, noise_std, expected_batch_size, chol, noise_side, seed, step,
+                            layer, client)
     return torch.ops.deer.clip_reduce_noise_fused(left, right, float(scale), clip, float(noise_std),
                                                   float(expected_batch_size), chol, int(noise_side), _seed_i64(seed),
                                                   int(step), int(layer), int(client))
@@ -350,9 +343,10 @@ def clip_reduce_noise_grouped(grads, clips, noise_std: float, expected_batch_siz
 
     with the same Philox keys, hence the same noise, as one call per layer. `chols` (default: all None)
     and `noise_sides` / `layers` (an int for all, or one per layer; layers default 0..L-1) follow the
-    per-layer op; `updates` (default none) holds one FusedUpdate or None per layer. The cpu backend runs one parallel region over the layers, cuda one launch over all
-    layers (when they share a dtype and have enough elements to fill the GPU; else per-layer
-    launches); triton and the reference run per layer."""
+    per-layer op; `updates` (default none) holds one FusedUpdate or None per layer. The cpu backend
+    runs one parallel region over the layers, cuda one launch over all layers (when they share a
+    dtype and have enough elements to fill the GPU; else per-layer launches); triton and the
+    reference run per layer."""
     grads, clips = list(grads), list(clips)
     L = len(grads)
     chols = [None] * L if chols is None else list(chols)
@@ -375,7 +369,7 @@ def clip_reduce_noise_grouped(grads, clips, noise_std: float, expected_batch_siz
         _check(tuple(g.shape), clips[k], float(noise_std), float(expected_batch_size), chols[k], sides[k], step,
                layers[k], client, f"clip_reduce_noise_grouped (layer {k})")
     bk = resolve_backend(grads[0].device, backend, op="clip_reduce_noise", dtype=grads[0].dtype)
-    if bk in ("reference", "triton") or not hasattr(torch.ops.deer, "clip_reduce_noise_grouped"):
+    if bk in ("reference", "triton"):
         return [clip_reduce_noise(g, c, noise_std, expected_batch_size, ch, s, seed, step, lid, client, backend=bk,
                                   update=u)
                 for g, c, ch, s, lid, u in zip(grads, clips, chols, sides, layers, updates)]

@@ -300,53 +300,32 @@ def noise_multiplier_for(target_epsilon: float, target_delta: float, sample_rate
     return float(sigma)
 
 
-def _frozen_gram(F, lam: float):
-    """r x r Gram of a frozen factor plus ridge: B (out x r) -> B^T B, A (r x in) -> A A^T. Its top
-    eigenvalue is sigma_max(frozen)^2 + lam (the nonzero spectrum is the same on either side)."""
-    import torch
-    F = torch.as_tensor(F).detach().to(torch.float64)
-    if F.dim() != 2:
-        raise ValueError(f"a frozen LoRA factor must be a 2-D tensor (B: out x r, A: r x in), got shape "
-                         f"{tuple(F.shape)}")
-    if not torch.isfinite(F).all():
-        raise ValueError("the frozen factor contains NaN or inf: sigma_max is undefined")
-    K = F.T @ F if F.shape[0] >= F.shape[1] else F @ F.T
-    return K + lam * torch.eye(K.shape[0], dtype=K.dtype)
-
-
 def paper_mode_multiplier(noise_multiplier: float, frozen_factors, lam: float = 0.0) -> float:
-    """True per-step noise multiplier of the paper's mechanism (Euclidean clipping to C + regulated noise
-    sigma C xi with Cov(xi) = K^{-1}, K = frozen^T frozen + lam I):
-
-        sigma_true = sigma / max_l sigma_max(K_l)^{1/2} = sigma / max_l sigma_max(frozen_l)   (lam = 0)
-
-    In whitened coordinates Phi(g) (where the noise is isotropic with std sigma C) a Euclidean-clipped
-    gradient can have norm up to C * sigma_max(frozen), so the Gaussian mechanism has that sensitivity;
-    with several layers the worst layer sets the multiplier (conservative). A frozen factor with
-    sigma_max < 1 makes the paper mode *more* private than nominal, one with sigma_max > 1 less.
-    deer's `paper` mode charges this multiplier to the accountant.
-
-    frozen_factors: one tensor or a sequence of tensors (the frozen factor of every LoRA layer).
-    Delegates to deer.reference.paper_effective_multiplier (the float64 oracle).
-    """
+    """True per-step multiplier of the paper's mechanism (Euclidean clipping to C + regulated noise
+    sigma C xi, Cov(xi) = K^{-1}, K = frozen^T frozen + lam I): sigma / max_l sqrt(sigma_max(frozen_l)^2
+    + lam). A Euclidean-clipped gradient has whitened norm up to C sqrt(lambda_max(K)); the worst layer
+    sets the multiplier (docs/design.md section 5). What deer's regulated_paper mechanism charges.
+    frozen_factors: one 2-D tensor or a sequence of them (the frozen factor of every LoRA layer)."""
     import torch
-    from deer.reference import paper_effective_multiplier
     s = _check_number("noise_multiplier", noise_multiplier)
-    if s < 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {s}")
-    if lam < 0:
-        raise ValueError(f"ridge lambda must be >= 0, got {lam}")
-    if isinstance(frozen_factors, torch.Tensor) or (hasattr(frozen_factors, "shape") and
-                                                    len(getattr(frozen_factors, "shape")) == 2):
-        frozen_factors = [frozen_factors]
-    factors = list(frozen_factors)
+    if s < 0 or lam < 0:
+        raise ValueError(f"noise_multiplier and the ridge lambda must be >= 0, got {s} and {lam}")
+    factors = [frozen_factors] if hasattr(frozen_factors, "shape") else list(frozen_factors)
     if not factors:
         raise ValueError("paper_mode_multiplier needs the frozen factor of at least one LoRA layer")
-    Ks = [_frozen_gram(F, lam) for F in factors]
+    Ks = []
+    for F in factors:
+        F = torch.as_tensor(F).detach().to(torch.float64)
+        if F.dim() != 2 or not torch.isfinite(F).all():
+            raise ValueError(f"a frozen LoRA factor must be a finite 2-D tensor (B: out x r, A: r x in), got "
+                             f"shape {tuple(F.shape)}{' with NaN/Inf' if F.dim() == 2 else ''}")
+        # the r x r Gram (the nonzero spectrum is the same on either side)
+        Ks.append((F.T @ F if F.shape[0] >= F.shape[1] else F @ F.T) + lam * torch.eye(min(F.shape), dtype=F.dtype))
     if max(float(torch.linalg.eigvalsh(K).max()) for K in Ks) <= 0.0:
         raise ValueError("every frozen factor is exactly zero (e.g. B = 0 at LoRA init): regulated noise is "
                          "undefined without a ridge lambda > 0; the paper mode cannot be used in this phase")
-    return float(paper_effective_multiplier(s, Ks))
+    from deer.reference import effective_multiplier
+    return float(effective_multiplier(s, "euclidean", "regulated", Ks))
 
 
 __all__ = ["DeerAccountant", "noise_multiplier_for", "paper_mode_multiplier", "RDP_ORDERS", "MECHANISMS",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -40,24 +42,38 @@ def _peft_units(model: nn.Module):
     return units
 
 
-def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None) -> str:
-    """Write the model's LoRA adapter in peft's format to `directory`; returns the directory."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike,
+                 base_model_name_or_path: str | os.PathLike | None = None) -> str | os.PathLike:
+    """Write the model's LoRA adapter in peft's format to `directory`; returns the directory. The files
+    are written in a temporary folder beside it and then moved into place, so a failed save leaves
+    `directory` as it was (an existing one has its two files replaced, each atomically)."""
     from safetensors.torch import save_file
     units = _peft_units(model)
     if any(m.merged for _, m in units):
         raise ValueError("save_adapter: some LoRA layers are merged into their base weights; unmerge() first")
-    os.makedirs(directory, exist_ok=True)
     tensors = {}
     for name, m in units:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    base = None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
     try:   # the model's LoRAConfig (what inject_lora was given), written as peft's adapter_config.json
-        config = LoRAConfig.from_units(units).to_peft([n for n, _ in units], base_model_name_or_path)
+        config = LoRAConfig.from_units(units).to_peft([n for n, _ in units], base)
     except ValueError as e:
         raise ValueError(f"save_adapter: {e}") from None
-    save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    path = os.path.abspath(directory)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        if not os.path.isdir(path):
+            os.replace(tmp, path)
+        else:   # an existing adapter folder: replace its two files (other files in it are kept)
+            for name in (WEIGHTS, CONFIG):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

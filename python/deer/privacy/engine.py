@@ -1,30 +1,14 @@
 """PrivacyEngine: private LoRA training in an existing PyTorch loop, the way Opacus does it.
 
-Example (an existing loop over `loader` with `model`, `optimizer`, `loss_fn`)::
+The README's drop-in example (run by tests/test_readme.py) shows a whole loop: inject LoRA,
+make_private, alternate engine.set_phase('B' / 'A'), optimizer.step() as usual.
 
-    import deer
-    from deer.nn import inject_lora
-    from deer.privacy import PrivacyEngine
-
-    inject_lora(model, ["qkv", "head"], r=8, alpha=16)           # LoRA on the fused qkv and the head
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    engine = PrivacyEngine(accountant="rdp")
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=1.0,
-        target_epsilon=8.0, target_delta=1e-5, epochs=4, mechanism="regulated_metric", phase="B")
-    for epoch in range(4):
-        engine.set_phase("B" if epoch % 2 == 0 else "A")        # DEeR: alternate the trained factor
-        for x, y in loader:
-            optimizer.zero_grad()
-            loss_fn(model(x), y).backward()
-            optimizer.step()                                     # clip, sum, noise, average, step
-    print(engine.get_epsilon(delta=1e-5))
-
-What a step does (docs/design.md sections 2-6, the release in deer.privacy.release): per-sample gradients of every trained LoRA factor (from
-the (X, U, G) the LoRA layers captured in backward), their norm over all LoRA layers in the chosen
-metric, clipping to `max_grad_norm`, the clipped sum, Gaussian noise (isotropic, or regulated
-through the frozen factor) of std sigma * C, division by the expected batch size, then the wrapped
-optimizer's step. The accountant is charged the multiplier the step really had.
+What a step does (deer.privacy.release; docs/design.md sections 2-6): per-sample gradients of every
+trained LoRA factor (from the (X, U, G) the LoRA layers captured in backward), their norm over all
+LoRA layers in the chosen metric, clipping to `max_grad_norm`, the clipped sum, Gaussian noise
+(isotropic, or regulated through the frozen factor) of std sigma * C, division by the expected
+batch size, then the wrapped optimizer's step. The accountant is charged the multiplier the step
+really had.
 
 Mechanisms (deer.privacy.Mechanism; sample-level DP per client, Poisson sampling rate q):
     'isotropic'         (noise="isotropic")                      Euclidean clipping + isotropic
@@ -82,6 +66,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             setattr(self, attr, OrderedDict())
         self.nonfinite_samples = 0
         self.steps_taken = 0
+        self._skip = self._skipped = False   # signal_skip_step
         self.last_step: dict = {}
 
     @property
@@ -118,10 +103,25 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
     def __repr__(self):
         return f"DPLoRAOptimizer({self.original_optimizer!r})"
 
+    # torch.amp.GradScaler hands itself to step() (grad_scaler=) instead of unscaling first: refused there
+    _step_supports_amp_scaling = True
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self._engine.noise_multiplier
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Opacus' virtual-batch protocol (opacus.utils.batch_memory_manager.BatchMemoryManager): the
+        next step() and zero_grad() keep the captured physical batch, so the logical batch is clipped,
+        noised and charged once, at its last physical batch."""
+        self._skip = bool(do_skip)
+
     def zero_grad(self, set_to_none: bool = True):
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        for _, u in self._engine._lora_units():
-            u.clear_captured()
+        if not self._skipped:
+            for _, u in self._engine._lora_units():
+                u.clear_captured()
+        self._skipped = False
 
     # --- the private step -----------------------------------------------------------------------
     def pre_step(self) -> None:
@@ -196,11 +196,18 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.steps_taken += 1
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scaler=None):
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            raise RuntimeError("deer cannot train under a GradScaler: the scaled loss scales every per-sample "
+                               "gradient, so clipping to max_grad_norm would clip the wrong norm. Use bf16 "
+                               "autocast (no scaler) or fp32; no step was taken.")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._skipped, self._skip = self._skip, False
+        if self._skipped:   # a physical batch of a larger logical one: nothing released yet
+            return loss
         self.pre_step()
         self.original_optimizer.step()
         return loss
@@ -299,6 +306,9 @@ class PrivacyEngine:
 
         # Sampling: Poisson via Opacus' DPDataLoader, sample rate 1 / len(loader).
         if data_loader is not None:
+            if isinstance(data_loader.dataset, torch.utils.data.IterableDataset):
+                raise ValueError("make_private: the data loader's dataset is an IterableDataset; the sample rate the "
+                                 "accountant charges (and Poisson sampling) needs a map-style Dataset with a length")
             n_data = len(data_loader.dataset)
             if poisson_sampling:
                 from opacus.data_loader import DPDataLoader
@@ -365,6 +375,12 @@ class PrivacyEngine:
         self._metric = FrozenMetric(self._units, phase, mech)
         self._sync_optimizer()
         return module, self.optimizer, data_loader
+
+    def make_private_with_epsilon(self, module, optimizer, data_loader, *, target_epsilon: float,
+                                  target_delta: float, epochs: int, max_grad_norm, **kw):
+        """Opacus' spelling of make_private(target_epsilon=, target_delta=, epochs=)."""
+        return self.make_private(module, optimizer, data_loader, target_epsilon=target_epsilon,
+                                 target_delta=target_delta, epochs=epochs, max_grad_norm=max_grad_norm, **kw)
 
     # ------------------------------------------------------------------------------------------
     def _lora_units(self):

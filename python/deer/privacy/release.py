@@ -182,7 +182,7 @@ def release(tensors: list[TensorGrads], mechanism: Mechanism, *, noise_multiplie
     grads, clips = [], []
     for t, c in zip(tensors, cs):
         g = t.grads
-        if g is None:   # no samples reached this layer: the release is pure noise
+        if g is None or g.shape[0] == 0:   # no samples reached this layer (an empty batch): pure noise
             g, c = torch.zeros((1,) + tuple(t.param.shape), dtype=t.dtype, device=t.param.device), None
         grads.append(g)
         clips.append(torch.zeros(1, dtype=g.dtype, device=g.device) if c is None else c.to(g.dtype))
