@@ -6,9 +6,9 @@ each step is a DP-SGD step: Poisson sampling of the client's records with rate q
 record independently), per-sample clipping over all LoRA layers in the method's metric, Gaussian
 noise (isotropic, or regulated through the frozen factor), and division by the *expected* batch size
 q n_k. `private_step` performs it through deer.privacy.release, the one private release deer has
-(the drop-in engine's step runs the same code): deer.ops.per_sample_grad_norm for the per-sample
-gradients and norms, deer.ops.clip_reduce_noise_grouped for the clipped sum and noise of every
-trained factor in one call (Philox stream keyed by (seed, step, layer, client)).
+(the drop-in engine's step runs the same code): per-sample gradients and norms from deer's
+kernels, then the clipped sum and noise of every trained factor in one grouped kernel call
+(Philox stream keyed by (seed, step, layer, client)).
 
 The backend comes from LocalTrainConfig.backend (config key `backend`): None picks one for the
 tensors' device (or DEER_BACKEND), 'cpu' | 'cuda' | 'triton' force one, and 'reference' runs the
