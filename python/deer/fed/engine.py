@@ -24,7 +24,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable
 
 import numpy as np
 import torch
@@ -219,7 +219,6 @@ def _atomic_save(obj, path: str) -> None:
 
 ClientHook = Callable[[int, int, str, int, nn.Module], None]   # (client, round, phase, step, model)
 AggregateHook = Callable[[dict], None]
-Reply = Union[ClientUpdate, str]   # a client's update, or why there is none
 
 
 class InProcessClients:
@@ -234,7 +233,7 @@ class InProcessClients:
         return self.job.cfg.num_clients
 
     def train(self, cids: list[int], rnd: int, si: int, phase: str, spec: MethodSpec, sigma: float,
-              start: LoRAState) -> dict[int, Reply]:
+              start: LoRAState) -> dict[int, ClientUpdate | str]:
         cfg, out = self.job.cfg, {}
         cbar = _progress(cfg, total=len(cids), desc=f"  round {rnd + 1} {phase}", leave=False)
         for cid in cids:
@@ -360,7 +359,7 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
 
 
 def _collect(cfg: FedConfig, journal: ReleaseJournal, global_state: LoRAState, rnd: int, phase: str,
-             replies: dict[int, Reply], log, where: str) -> tuple[dict[int, tuple[LoRAState, float]], int]:
+             replies: dict[int, ClientUpdate | str], log, where: str) -> tuple[dict[int, tuple[LoRAState, float]], int]:
     """The valid updates {client: (global adapters with its trained factors, num_examples)} of one
     sub-round, and how many clients replied. A client's sample-level releases are charged as soon as
     its update arrives (it has left the client), valid or not. Only the factors of `phase` are taken:

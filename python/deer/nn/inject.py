@@ -83,6 +83,11 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
         if name == "":
             raise ValueError("inject_lora: the model itself is the target Linear; wrap it yourself with "
                              "deer.nn.LoRALinear(model, r=...)")
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+            raise ValueError(f"inject_lora: {name!r} is the out_proj of an nn.MultiheadAttention, whose forward reads "
+                             f"its weight directly, so a LoRA branch there would never run. deer cannot adapt "
+                             f"nn.MultiheadAttention (torchvision ViT, nn.TransformerEncoder, CLIP towers) yet: "
+                             f"narrow target_modules to the model's other Linear layers")
 
     if freeze_base:
         for p in model.parameters():

@@ -376,11 +376,10 @@ class PrivacyEngine:
         self._sync_optimizer()
         return module, self.optimizer, data_loader
 
-    def make_private_with_epsilon(self, module, optimizer, data_loader, *, target_epsilon: float,
-                                  target_delta: float, epochs: int, max_grad_norm, **kw):
+    def make_private_with_epsilon(self, module, optimizer, data_loader, *, target_epsilon, target_delta, epochs, **kw):
         """Opacus' spelling of make_private(target_epsilon=, target_delta=, epochs=)."""
         return self.make_private(module, optimizer, data_loader, target_epsilon=target_epsilon,
-                                 target_delta=target_delta, epochs=epochs, max_grad_norm=max_grad_norm, **kw)
+                                 target_delta=target_delta, epochs=epochs, **kw)
 
     # ------------------------------------------------------------------------------------------
     def _lora_units(self):
