@@ -40,7 +40,7 @@ if _ROOT not in sys.path:  # `bench` is imported as a package from the repositor
     sys.path.insert(0, _ROOT)
 
 from bench.memory import peak_memory
-from bench.models import Case, build_step
+from bench.models import Case, build_step, device_name
 
 CPU_CENTER = dict(model="tiny", batch=32, img=64, rank=8, targets="qkv")
 CUDA_CENTER = dict(model="base", batch=64, img=224, rank=8, targets="qkv")
@@ -146,17 +146,8 @@ def environment_row(device: str) -> dict:
     import timm
 
     import deer
-    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
-        (platform.processor() or platform.machine())
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
-        if device == "cpu" and model:
-            name = model
-    except OSError:
-        pass
     return {
-        "device_name": name, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device_name": device_name(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "opacus": opacus.__version__, "timm": timm.__version__,
         "deer": getattr(deer, "__version__", "unknown"), "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.models import device_name, write_results  # noqa: E402
+
 WORKER = r"""
 import json, sys, time, warnings
 warnings.simplefilter("ignore")
@@ -100,14 +103,11 @@ def main(argv=None):
                "new_dp_overhead": paired(("new", "dp"), ("new", "np")) - 1}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    device = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "cpu")
+    device = device_name()
     meta = {"device": device, "threads": a.threads, "turns": a.turns, "steps_per_turn": a.steps,
             "old": subprocess.run(["git", "-C", a.old, "rev-parse", "--short", "HEAD"], capture_output=True,
                                   text=True).stdout.strip(), "new": "working tree of " + os.path.abspath(a.new),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "compare_revisions.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# Step time, {meta['old']} vs the change ({device}, {a.threads} thread(s), {a.turns} turns of {a.steps} "
              f"steps; ratios are medians of per-turn ratios)", "",
              "| case | old ms | new ms | new / old | non-private new / old | DP overhead old | new |",
@@ -118,9 +118,7 @@ def main(argv=None):
         lines.append(f"| {name} | {r['old_ms']:.1f} | {r['new_ms']:.1f} | {r['new_over_old']:.3f} | "
                      f"{r['nonprivate_new_over_old']:.3f} | {100 * r['old_dp_overhead']:.1f}% | "
                      f"{100 * r['new_dp_overhead']:.1f}% |")
-    with open(os.path.join(a.out, "compare_revisions.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(a.out, "compare_revisions", meta, rows, lines)
 
 
 if __name__ == "__main__":

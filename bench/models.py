@@ -93,6 +93,33 @@ class Case:
         return row
 
 
+def device_name(device: str = "cpu") -> str:
+    """The device a benchmark ran on, for its results: the GPU's name, or the CPU model from
+    /proc/cpuinfo (platform's processor or machine where that file is missing)."""
+    import platform
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        model = None
+    return model or platform.processor() or platform.machine()
+
+
+def write_results(out_dir: str, name: str, meta: dict, rows: list[dict], table: list[str]) -> None:
+    """A standalone benchmark's results: <name>.json ({"meta", "rows"}) and the markdown table
+    <name>.md in out_dir (created), the table also printed."""
+    import json
+    import os
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.models import build_vit  # noqa: E402
+from bench.models import build_vit, device_name, write_results  # noqa: E402
 
 from deer.nn import LoRAConfig, inject_lora, lora_units  # noqa: E402
 from deer.privacy import PrivacyEngine  # noqa: E402
@@ -59,11 +58,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     a = ap.parse_args(argv)
-    device = platform.processor() or platform.machine()
-    try:
-        device = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    device = device_name()
     rows = []
     for mech in ("isotropic", "regulated_metric"):
         for phase in ("B", "A"):
@@ -87,18 +82,13 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     meta = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "model": a.model,
             "img": a.img, "batch": a.batch, "rank": a.rank, "repeats": a.repeats, "date": time.strftime("%Y-%m-%d")}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "qkv_layout.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# qkv as one LoRA unit (fused) or three (sliced q, k, v): ViT-{a.model}, img {a.img}, batch {a.batch}, "
              f"r {a.rank}, {device}, {meta['threads']} threads, median of {a.repeats} paired steps", "",
              "| mechanism | phase | fused ms | sliced ms | sliced / fused | trained params fused | sliced |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['mechanism']} | {r['phase']} | {r['fused_ms']:.1f} | {r['sliced_ms']:.1f} | "
               f"{r['sliced_over_fused']:.2f} | {r['fused_trained_params']} | {r['sliced_trained_params']} |" for r in rows]
-    with open(os.path.join(a.out, "qkv_layout.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(a.out, "qkv_layout", meta, rows, lines)
 
 
 if __name__ == "__main__":
