@@ -221,3 +221,24 @@ def test_private_step_refuses_a_nonfinite_release(job, gen, monkeypatch):
     cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=0.7, max_grad_norm=0.05, lam=0.1)
     with pytest.raises(FloatingPointError, match=r"lora_B is not finite"):
         _step(layers, "B", method_spec("deer"), cfg, 8.0, start, NoiseKey(3, 0, 0), captured=captured)
+
+
+def test_private_step_refuses_a_layer_captured_twice(job, gen):
+    """Local training runs one forward and backward per step, so every LoRA layer holds exactly one
+    capture; two (a layer used twice, or a second backward) would be counted as extra samples, so
+    the step refuses them, naming the layer."""
+    layers, start, _ = _prepare(job, gen, "B")
+    x, y = job.data.clients[0].x[:5], job.data.clients[0].y[:5]
+    for l in layers:
+        l.capture = True
+    for _ in range(2):
+        F.cross_entropy(job.model(x), y, reduction="sum").backward()
+    for l in layers:
+        l.capture = False
+    spec = method_spec("deer")
+    mech = spec.mechanism.replace(lam=0.1)
+    metric = FrozenMetric([(l.name, l) for l in layers], "B", mech)
+    cfg = LocalTrainConfig(1, 16, 0.1, "sample", noise_multiplier=0.7, max_grad_norm=0.05, lam=0.1)
+    with pytest.raises(RuntimeError, match=rf"{layers[0].name} captured 2 batches"):
+        private_step(layers, "B", mech, cfg, 8.0, metric, NoiseKey(3, 0, 0))
+    set_lora_state(job.model, job.init_adapters, strict=True)

@@ -94,8 +94,12 @@ def private_step(layers: list[LoRALinear], phase: str, mechanism: Mechanism, cfg
     bijection, so joint clipping to C plus noise of covariance K^{-1} is the Gaussian mechanism with
     sensitivity C (docs/design.md section 5)."""
     units = [(lyr.name, lyr) for lyr in layers]
-    if captured is None:
+    if captured is None:   # one forward and backward per local step: one capture per layer
         chunks = [lyr.pop_captured() for lyr in layers]
+        for lyr, cs in zip(layers, chunks):
+            if len(cs) != 1:
+                raise RuntimeError(f"LoRA layer {lyr.name} captured {len(cs)} batches in one local step, expected 1 "
+                                   f"(a layer used more than once per forward is not supported)")
     elif len(captured) == 0:
         chunks = [[] for _ in layers]
     elif len(captured) != len(layers):
