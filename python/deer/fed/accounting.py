@@ -1,8 +1,8 @@
 """Privacy ledgers for federated runs.
 
 A ledger is the list of releases (noise multiplier, sample rate, steps) that actually happened; epsilon
-is computed by replaying it into deer.privacy.accountant.DeerAccountant (RDP, Opacus' analysis). Keeping the ledger itself (not the accountant object) makes
-resume trivial: the run directory's releases.jsonl is the ledger, appended and fsynced at every release.
+is computed by replaying it into deer.privacy.accountant.DeerAccountant (RDP, Opacus' analysis).
+Keeping the ledger itself (not the accountant object) makes resume trivial: the run directory's releases.jsonl is the ledger, appended and fsynced at every release.
 """
 from __future__ import annotations
 

@@ -61,17 +61,17 @@ def aggregate(global_state: LoRAState, updates: list[LoRAState], weights: list[f
     if mechanism.clipping != "flat":
         raise ValueError(f"client-level aggregation clips each client's whole update to one bound; the {mechanism.name} "
                          f"mechanism's per-layer clipping is not supported there: use clipping='flat'")
-    Ks, spec = {}, mechanism
-    if spec.needs_gram:
+    Ks = {}
+    if mechanism.needs_gram:
         for k, (n, f) in trained.items():
             A0, B0 = global_state[f"{n}.lora_A"].double(), global_state[f"{n}.lora_B"].double()
-            Ks[k] = ref.metric_gram(A0, B0, f, spec.lam)
+            Ks[k] = ref.metric_gram(A0, B0, f, mechanism.lam)
     deltas, sq = [], []
     for u in updates:
         dk = {k: u[k].double() - global_state[k].double() for k in trained}
         tot = torch.zeros((), dtype=torch.float64)
         for k, (_, f) in trained.items():
-            K = Ks[k] if spec.metric == "regulated" else None
+            K = Ks[k] if mechanism.metric == "regulated" else None
             tot = tot + ref.sq_norms(dk[k].unsqueeze(0), f, K)[0]
         deltas.append(dk)
         sq.append(tot)
@@ -79,11 +79,11 @@ def aggregate(global_state: LoRAState, updates: list[LoRAState], weights: list[f
     for k, (_, f) in trained.items():
         mean = sum((ck * dk[k] for ck, dk in zip(c, deltas)), torch.zeros_like(global_state[k], dtype=torch.float64)) / m
         shape = mean.shape
-        if spec.noise == "regulated":
+        if mechanism.noise == "regulated":
             other = shape[1] if f == "A" else shape[0]
             xi = ref.regulated_noise_cholesky(Ks[k], f, other, generator)
         else:
             xi = ref.isotropic_noise(shape, generator)
         out[k] = (global_state[k].double() + mean + noise_multiplier * C * xi / m).to(global_state[k].dtype)
-    eff = spec.effective_multiplier(noise_multiplier, list(Ks.values()))
+    eff = mechanism.effective_multiplier(noise_multiplier, list(Ks.values()))
     return AggregateResult(out, eff, float((c < 1).double().mean()) if len(c) else None)

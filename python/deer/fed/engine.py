@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import reference as ref
 from ..data import FedData, prepare_data
 from ..nn import LoRAConfig, LoRAState, get_lora_state, inject_lora, lora_key, set_lora_state
 from .accounting import ReleaseJournal, noise_for_budget
@@ -365,7 +366,7 @@ def _collect(cfg: FedConfig, journal: ReleaseJournal, global_state: LoRAState, r
     its update arrives (it has left the client), valid or not. Only the factors of `phase` are taken:
     the frozen factor is the global one everywhere."""
     valid, received = {}, 0
-    want = [k for k in global_state if lora_key(k)[1] in phase]
+    want = [k for k in global_state if lora_key(k)[1] in ref.trained_factors(phase)]
     for cid in sorted(replies):
         upd = replies[cid]
         if isinstance(upd, str):

@@ -22,6 +22,7 @@ from logging import INFO
 
 import torch
 
+from .. import reference as ref
 from ..nn import lora_key
 from .client import ClientUpdate
 from .config import FedConfig, load_config, method_spec
@@ -154,7 +155,7 @@ def _client_train(msg, context):
     start = _from_record(msg.content["adapters"])
     deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
     upd = train_client(job, cid, rnd, si, phase, spec, float(conf["noise-multiplier"]), start, deadline=deadline)
-    factors = {k: t for k, t in upd.adapters.items() if lora_key(k)[1] in phase}   # only the trained factor(s)
+    factors = {k: t for k, t in upd.adapters.items() if lora_key(k)[1] in ref.trained_factors(phase)}
     content = RecordDict({"factors": _to_record(factors),
                           "metrics": MetricRecord({"num-examples": upd.num_examples, "steps": upd.steps,
                                                    "loss": upd.loss if math.isfinite(upd.loss) else -1.0}),

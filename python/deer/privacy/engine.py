@@ -119,7 +119,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True):
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         if not self._skipped:
-            for _, u in self._engine._lora_units():
+            for _, u in self._engine._units:
                 u.clear_captured()
         self._skipped = False
 
@@ -128,7 +128,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         """Compute the private gradients of the trained LoRA factors into .grad and charge the
         accountant (raises PrivacyBudgetExceeded before anything when the budget would be exceeded)."""
         e = self._engine
-        units = e._lora_units()
+        units = e._units
         if not units:
             units = _require_lora(e.module, "DP step")   # raises, naming the problem
         phase = {u.phase for _, u in units}
@@ -356,8 +356,8 @@ class PrivacyEngine:
                           "private; get_epsilon() will report inf (useful for debugging and tests only)")
 
         self.module = module
-        # The LoRA units as make_private found them (as Opacus fixes its hooked modules there): walking
-        # every module of a ViT twice per step (zero_grad and the DP step) cost ~1 ms on a CPU.
+        # The LoRA units as make_private found them, found again by set_phase (LoRA layers injected later
+        # join there): walking every module of a ViT twice per step cost ~1 ms on a CPU.
         self._units = list(units)
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = max_grad_norm
@@ -382,11 +382,6 @@ class PrivacyEngine:
                                  target_delta=target_delta, epochs=epochs, **kw)
 
     # ------------------------------------------------------------------------------------------
-    def _lora_units(self):
-        """(name, unit) of every LoRA unit of the private module, found once by make_private and again
-        by set_phase (LoRA layers injected later join at the next set_phase)."""
-        return self._units
-
     def _step_seed(self) -> int:
         if self.secure_mode:
             return int.from_bytes(os.urandom(8), "little") & ((1 << 62) - 1)
@@ -418,7 +413,7 @@ class PrivacyEngine:
 
     def _sync_optimizer(self, reset_state: bool = False):
         opt = self.optimizer.original_optimizer
-        units = self._lora_units()
+        units = self._units
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         lora = [p for _, u in units for p in (u.lora_A, u.lora_B)]
         missing = [p for p in lora if p.requires_grad and id(p) not in held]

@@ -38,7 +38,6 @@ class TensorGrads:
     param: torch.nn.Parameter
     grads: torch.Tensor | None      # (b, p, q), or None when the unit saw no samples this step
     sq_norms: torch.Tensor | None   # (b,) in the clipping metric
-    gram: torch.Tensor | None       # K (r x r) when the mechanism needs it
     chol: torch.Tensor | None       # R with K = R^T R when the noise is regulated
     dtype: torch.dtype              # the release's accumulation dtype
 
@@ -126,8 +125,7 @@ def per_sample_tensors(units: Sequence[tuple[str, object]], chunks: Sequence[Seq
             g = n = None
             if gs:
                 g, n = (gs[0], ns[0]) if len(gs) == 1 else (torch.cat(gs), torch.cat(ns))
-            out.append(TensorGrads(f"{name}.lora_{f}", f, 2 * li + (0 if f == "A" else 1), u.factor(f), g, n, K, R,
-                                   acc))
+            out.append(TensorGrads(f"{name}.lora_{f}", f, 2 * li + (0 if f == "A" else 1), u.factor(f), g, n, R, acc))
     return out
 
 
