@@ -224,9 +224,9 @@ def test_private_step_refuses_a_nonfinite_release(job, gen, monkeypatch):
 
 
 def test_private_step_refuses_a_layer_captured_twice(job, gen):
-    """Local training runs one forward and backward per step, so every LoRA layer holds exactly one
-    capture; two (a layer used twice, or a second backward) would be counted as extra samples, so
-    the step refuses them, naming the layer."""
+    """Local training runs one forward and backward per step, so every LoRA layer holds one physical
+    batch; a second forward and backward would be counted as extra samples, so the step refuses it,
+    naming the layer."""
     layers, start, _ = _prepare(job, gen, "B")
     x, y = job.data.clients[0].x[:5], job.data.clients[0].y[:5]
     for l in layers:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import reference as ref
 from ..nn import LoRALinear, LoRAState, get_lora_state, lora_layers, set_lora_state, set_phase
 from ..privacy.mechanism import LAM, Mechanism
-from ..privacy.release import FrozenMetric, per_sample_tensors, release
+from ..privacy.release import FrozenMetric, per_sample_tensors, physical_batches, release
 from .config import MethodSpec
 
 
@@ -94,12 +94,12 @@ def private_step(layers: list[LoRALinear], phase: str, mechanism: Mechanism, cfg
     bijection, so joint clipping to C plus noise of covariance K^{-1} is the Gaussian mechanism with
     sensitivity C (docs/design.md section 5)."""
     units = [(lyr.name, lyr) for lyr in layers]
-    if captured is None:   # one forward and backward per local step: one capture per layer
-        chunks = [lyr.pop_captured() for lyr in layers]
+    if captured is None:   # one forward and backward per local step: one physical batch per layer
+        chunks = [physical_batches(lyr, lyr.pop_captured()) for lyr in layers]
         for lyr, cs in zip(layers, chunks):
             if len(cs) != 1:
-                raise RuntimeError(f"LoRA layer {lyr.name} captured {len(cs)} batches in one local step, expected 1 "
-                                   f"(a layer used more than once per forward is not supported)")
+                raise RuntimeError(f"LoRA layer {lyr.name} captured {len(cs)} batches (backward passes) in one local "
+                                   f"step, expected 1")
     elif len(captured) == 0:
         chunks = [[] for _ in layers]
     elif len(captured) != len(layers):

@@ -19,6 +19,7 @@ itself, and skipping the two (T*b x r x max(m, n)) matmuls halves the backward c
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -30,12 +31,21 @@ from ..reference import check_phase, trained_factors
 
 class Captured(tuple):
     """One backward call's capture: the triple (X, U, G) (X = dropout(x) or None, U = X A^T or None,
-    G = dL/dy), plus `V` = G B (or None) when A is trained, computed by the backward anyway."""
+    G = dL/dy), plus `V` = G B (or None) when A is trained, computed by the backward anyway.
 
-    def __new__(cls, X, U, G, V=None):
+    `task` (the autograd graph task, i.e. the backward pass, that ran it) and `call` (the forward
+    call it belongs to) say which captures are uses of the layer on the same samples: a layer applied
+    twice in one forward (weight sharing) yields two captures of one backward pass, a second backward
+    through a retained graph yields a second capture of one forward call. deer.privacy.release sums
+    such uses per sample; captures of different passes and calls are different physical batches."""
+
+    def __new__(cls, X, U, G, V=None, task: int = -1, call: int = -1):
         self = super().__new__(cls, (X, U, G))
-        self.V = V
+        self.V, self.task, self.call = V, task, call
         return self
+
+
+_calls = itertools.count()   # numbers every forward call of every LoRA branch (Captured.call)
 
 
 class _LoRABranch(torch.autograd.Function):
@@ -47,6 +57,7 @@ class _LoRABranch(torch.autograd.Function):
         ctx.save_for_backward(x, u, A, B)
         ctx.scale = scale
         ctx.unit = unit
+        ctx.call = next(_calls)
         # Under autocast the products above ran in the autocast dtype (bf16, say) and the output
         # gradient arrives in it; the backward re-enters the same autocast state (as
         # torch.amp.custom_bwd does, for whichever device type this ran on) so its products mix
@@ -79,8 +90,11 @@ class _LoRABranch(torch.autograd.Function):
             keep_u = not lean or unit.lora_B.requires_grad
             # A's per-sample gradients need V = G B, which this backward has just computed for the
             # input gradient: hand it over instead of making the DP step recompute it.
+            # The graph task id numbers the backward pass this runs in (every use of the layer on the
+            # same loss.backward() shares it).
             unit._captured.append(Captured(x.detach() if keep_x else None, u.detach() if keep_u else None,
-                                           gout.detach(), v.detach() if train_a else None))
+                                           gout.detach(), v.detach() if train_a else None,
+                                           task=torch._C._current_graph_task_id(), call=ctx.call))
         else:
             if ctx.needs_input_grad[1]:
                 gA = s * v.reshape(-1, v.shape[-1]).T @ x.reshape(-1, x.shape[-1])

@@ -107,14 +107,16 @@ def per_sample_tensors(units: Sequence[tuple[str, object]], chunks: Sequence[Seq
     """TensorGrads of every trained factor of every unit, from each unit's captured chunks (one
     chunk per backward call; several = gradient accumulation over physical batches of one logical
     batch). loss_reduction: 'mean' (the loss averaged over each physical batch: undone, so g_i is
-    sample i's own gradient) or 'sum'. backend='reference' runs the float64 oracle."""
+    sample i's own gradient) or 'sum'. backend='reference' runs the float64 oracle. Several uses of
+    a layer on the same samples are summed per sample first (physical_batches)."""
     regulated_metric = metric.mechanism.metric == "regulated"
     out = []
     for li, ((name, u), cs) in enumerate(zip(units, chunks)):
+        cs = physical_batches(u, cs)
         acc = release_dtype(u.lora_A, backend)
         if acc == torch.float64:
-            cs = [Captured(*(None if t is None else t.double() for t in c), V=None if getattr(c, "V", None) is None
-                           else c.V.double()) for c in cs]
+            cs = [Captured(*(None if t is None else t.double() for t in c), V=None if getattr(c, "V", None) is None else c.V.double())
+                  for c in cs]
         for f in metric.factors:
             K, R = metric.get(li, f, acc)
             gs, ns = [], []
@@ -156,8 +158,11 @@ def release(tensors: list[TensorGrads], mechanism: Mechanism, *, noise_multiplie
     sizes = {t.name: t.grads.shape[0] for t in tensors if t.grads is not None}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"LoRA layers saw different numbers of samples in this step: {sizes}. deer treats "
-                         f"dim 0 of every LoRA layer's input as the sample dimension; a model that folds "
-                         f"tokens into the batch (x.view(-1, n)) before a LoRA layer is not supported.")
+                         f"dim 0 of every LoRA layer's input as the sample dimension, so per-sample gradients "
+                         f"cannot be attributed where a model folds tokens into the batch (x.view(-1, n)) or "
+                         f"stacks two views of the batch along dim 0 (torch.cat([x1, x2])) before a LoRA layer: "
+                         f"the layers whose count differs from the batch size are the ones to change (call "
+                         f"them on (batch, ...) tensors, once per view).")
     batch = next(iter(sizes.values()), 0)
 
     # A sample with a NaN/Inf gradient in any trained tensor is dropped from the sum: zeroed gradient
@@ -215,6 +220,51 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     if t.dim() > 3:
         return t.reshape(t.shape[0], -1, t.shape[-1])
     raise ValueError(f"a LoRA layer's input must have a batch dimension, got shape {tuple(t.shape)}")
+
+
+def physical_batches(unit, chunks: Sequence[Captured]) -> list[Captured]:
+    """One capture per physical batch of `unit`'s captures: the uses of the layer on the same samples
+    (captures of one backward pass or of one forward call, Captured.task / .call) joined along the
+    token axis. A sample's gradient of a factor is a sum over the rows (tokens) of its G and X / U, so
+    joining its uses' rows makes its per-sample gradient the sum over all uses, and its norm and clip
+    cover them together: one record still moves the clipped sum by at most C (docs/design.md
+    section 2). Different backward passes over different forward calls stay separate batches
+    (gradient accumulation)."""
+    if len(chunks) <= 1:
+        return list(chunks)
+    root = list(range(len(chunks)))
+
+    def find(i):
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    first: dict[tuple[str, int], int] = {}
+    for i, c in enumerate(chunks):
+        for key in (("task", c.task), ("call", c.call)):
+            j = first.setdefault(key, i)
+            root[find(i)] = find(j)
+    groups: dict[int, list[Captured]] = {}
+    for i, c in enumerate(chunks):
+        groups.setdefault(find(i), []).append(c)
+    out = []
+    for uses in groups.values():
+        if len(uses) == 1:
+            out.append(uses[0])
+            continue
+        sizes = sorted({c[2].shape[0] for c in uses})
+        if len(sizes) > 1:
+            raise ValueError(f"LoRA layer {unit.name!r} was used {len(uses)} times on the same samples with different "
+                             f"leading sizes {sizes}, so deer cannot tell which rows belong to which sample. deer "
+                             f"treats dim 0 of every use's input as the sample dimension: call the layer once per "
+                             f"view on (batch, ...) tensors instead of folding tokens or views into dim 0.")
+
+        def join(ts):
+            return None if ts[0] is None else torch.cat([_tokens(t) for t in ts], dim=1)
+        X, U, G = (join([c[k] for c in uses]) for k in range(3))
+        out.append(Captured(X, U, G, V=join([c.V for c in uses]), task=uses[0].task, call=uses[0].call))
+    return out
 
 
 def chunk_grads(unit, factor: str, chunk, gram, loss_reduction: str = "mean", backend: str | None = None):
