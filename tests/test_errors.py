@@ -198,3 +198,42 @@ def test_nonfinite_private_gradient_with_fused_step_is_charged_and_raises(gen, m
         opt.step()
     assert opt.steps_taken == 1 and eng.get_epsilon(1e-5) > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _Bypass(nn.Module):
+    """Reads its projection's weight directly (as nn.MultiheadAttention does with out_proj): the LoRA
+    branch on `proj` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(F.linear(x, self.proj.weight, self.proj.bias))
+
+
+def test_a_branch_off_the_forward_path_is_refused_at_the_first_step(gen):
+    model = inject_lora(_Bypass(), ["proj", "head"], r=2)
+    eng, opt = _private(model)
+    x, y = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"\['proj'\] received no gradient .* saw 5 samples"):
+        opt.step()
+    assert eng.accountant.state_dict() == PrivacyEngine().accountant.state_dict()   # nothing charged
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_hf_token_mean_loss_is_refused(gen):
+    """transformers' default causal-LM loss averages over every token of the batch, so a sample's
+    gradient depends on the other samples' lengths: the private model refuses it at the forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
+    model = inject_lora(lm, ["q_proj", "v_proj"], r=2)
+    _private(model)
+    ids = torch.randint(0, 30, (3, 5), generator=gen)
+    with pytest.raises(ValueError, match=r"computed its own loss .* token-level logits of shape \(3, 5, 30\)"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():   # evaluation with labels= stays allowed
+        assert model(input_ids=ids, labels=ids).loss.isfinite()
+    assert model(input_ids=ids).logits.shape == (3, 5, 30)

@@ -67,6 +67,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.nonfinite_samples = 0
         self.steps_taken = 0
         self._skip = self._skipped = False   # signal_skip_step
+        self._probed = False   # the first step with samples checks that every LoRA branch reached the loss
         self.last_step: dict = {}
 
     @property
@@ -149,6 +150,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
 
         tensors = per_sample_tensors(units, [u.pop_captured() for _, u in units], metric, e.loss_reduction,
                                      e.backend)
+        if not self._probed and any(t.grads is not None for t in tensors):
+            _refuse_unreached(tensors)
+            self._probed = True
         updates = None
         if e.fused_update:   # the optimizer's step happens inside the kernel, element by element
             from ..ops import FusedUpdate
@@ -211,6 +215,37 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.pre_step()
         self.original_optimizer.step()
         return loss
+
+
+def _refuse_token_mean_loss(module, args, out) -> None:
+    """A forward hook on the private model: refuse a loss the model computed itself over token-level
+    logits (a transformers ModelOutput with .loss and (b, T, V) .logits: causal and masked LMs, token
+    classifiers). transformers averages it over all tokens of the batch, so sample i's gradient is
+    scaled by n_i / N, N the batch's token count: it depends on the other samples' lengths and the
+    clipping bound the accountant charges no longer holds for it (docs/privacy.md)."""
+    loss, logits = getattr(out, "loss", None), getattr(out, "logits", None)
+    if (isinstance(loss, torch.Tensor) and loss.requires_grad and isinstance(logits, torch.Tensor)
+            and logits.dim() >= 3):
+        raise ValueError(f"deer: {type(module).__name__} computed its own loss (out.loss, labels= was passed) over "
+                         f"token-level logits of shape {tuple(logits.shape)}. transformers averages that loss over "
+                         f"all tokens of the batch, so one sample's gradient depends on the other samples' lengths "
+                         f"and the clipping bound does not hold. Call the model without labels= and train on "
+                         f"deer.losses.causal_lm_loss(out.logits, labels) (each sample's mean over its own tokens; "
+                         f"shift=False for masked LMs and token classifiers) with loss_reduction='mean'.")
+
+
+def _refuse_unreached(tensors) -> None:
+    """On the first step with samples every trained LoRA factor must have captured them: a branch that
+    never ran in forward, or whose output never reached the loss, would be trained on noise alone,
+    spending the budget for nothing, without a word."""
+    dead = sorted({t.name.rpartition(".lora_")[0] for t in tensors if t.grads is None})
+    if dead:
+        seen = next(t.grads.shape[0] for t in tensors if t.grads is not None)
+        raise ValueError(f"deer: the LoRA layer(s) {dead} received no gradient in this step while the others saw "
+                         f"{seen} samples: their branch is not on the forward path (a parent module reads their "
+                         f".weight directly, as nn.MultiheadAttention's forward does with out_proj), or their output "
+                         f"does not reach the loss. Training them would spend privacy budget on noise alone. Remove "
+                         f"them from target_modules. No step was taken and nothing was charged.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,6 +391,7 @@ class PrivacyEngine:
                           "private; get_epsilon() will report inf (useful for debugging and tests only)")
 
         self.module = module
+        module.register_forward_hook(_refuse_token_mean_loss)
         # The LoRA units as make_private found them, found again by set_phase (LoRA layers injected later
         # join there): walking every module of a ViT twice per step cost ~1 ms on a CPU.
         self._units = list(units)
