@@ -72,7 +72,7 @@ class FedConfig:
     # none/sample level: exactly this many clients, drawn without replacement once per round;
     # client level: the EXPECTED number per sub-round, each client taking part independently with
     # probability q = clients_per_round / num_clients, redrawn every sub-round (Poisson sampling, what
-    # the client-level accountant assumes; docs/privacy.md section 7.1)
+    # the client-level accountant assumes; docs/privacy.md section 8.1)
     clients_per_round: int = 4
     partition: str = "dirichlet"         # iid | dirichlet
     alpha: float = 0.5                   # Dirichlet concentration (smaller = more non-IID)

@@ -13,7 +13,7 @@ accountant composes one Poisson subsampled Gaussian per release); otherwise a fi
 per round. Faults: a client that raises, passes its deadline, or returns non-finite adapters is left
 out of that sub-round with a logged reason. The min_clients rule (`skip_reason`) skips a sub-round
 (nothing released, global adapters unchanged, nothing charged) only on information that reveals
-nothing private: see skip_reason and docs/privacy.md section 7.1. Resume: the adapters, metrics and
+nothing private: see skip_reason and docs/privacy.md section 8.1. Resume: the adapters, metrics and
 round counter are saved atomically after every completed round; every privacy release is appended
 (and fsynced) to releases.jsonl the moment it happens, so a killed run resumes from its last
 completed round and its epsilon still counts the releases of the round it was killed in.
