@@ -11,7 +11,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-from . import reference  # noqa: F401,E402  (pure PyTorch, always available)
+from . import losses, reference  # noqa: F401,E402  (pure PyTorch, always available)
 
 # public name -> submodule that defines it
 _LAZY = {
@@ -21,7 +21,7 @@ _LAZY = {
     "PrivacyBudgetExceeded": "privacy", "save_adapter": "privacy", "load_adapter": "privacy",
 }
 
-__all__ = ["reference", "__version__", *_LAZY]
+__all__ = ["losses", "reference", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):
