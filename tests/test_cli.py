@@ -41,7 +41,7 @@ def test_train_writes_run_dir_and_resumes(tmp_path, capsys):
     assert "DEeR" in out and "FedAvg-LoRA" in out and "pretrained NON-privately" in out and "scikit-learn" in out
     assert {"config.yaml", "results.json", "accuracy.png", "backbone.safetensors", "deer", "fedavg"} <= set(os.listdir(run))
     for m in ("deer", "fedavg"):
-        assert {"metrics.json", "adapter.safetensors", "releases.jsonl", "state.pt"} <= set(os.listdir(run / m))
+        assert {"metrics.json", "adapter.safetensors", "releases.jsonl", "state.json"} <= set(os.listdir(run / m))
         met = json.load(open(run / m / "metrics.json"))
         assert [h["round"] for h in met["history"]] == [1, 2]
         for h in met["history"]:

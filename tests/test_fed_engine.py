@@ -141,7 +141,7 @@ def test_kill_mid_round_and_resume(tmp_path, gen):
         torch.testing.assert_close(res["adapters"][k], t, rtol=1e-5, atol=1e-6)
     assert ref["epsilon"] < res["epsilon"]
     # run directory contents
-    assert {"adapter.safetensors", "metrics.json", "releases.jsonl", "state.pt"} <= set(os.listdir(tmp_path / "deer"))
+    assert {"adapter.safetensors", "metrics.json", "releases.jsonl", "state.json"} <= set(os.listdir(tmp_path / "deer"))
 
 
 def test_client_sampling_poisson_at_client_level(gen):

@@ -14,7 +14,7 @@ per round. Faults: a client that raises, passes its deadline, or returns non-fin
 out of that sub-round with a logged reason. The min_clients rule (`skip_reason`) skips a sub-round
 (nothing released, global adapters unchanged, nothing charged) only on information that reveals
 nothing private: see skip_reason and docs/privacy.md section 8.1. Resume: the adapters, metrics and
-round counter are saved atomically after every completed round; every privacy release is appended
+round counter are checkpointed after every completed round (deer.fed.rundir); every privacy release is appended
 (and fsynced) to releases.jsonl the moment it happens, so a killed run resumes from its last
 completed round and its epsilon still counts the releases of the round it was killed in.
 """
@@ -38,6 +38,7 @@ from .aggregate import aggregate
 from .client import ClientUpdate, LocalTrainConfig, local_steps, local_train
 from .config import FedConfig, MethodSpec, method_spec
 from .metrics import evaluate
+from .rundir import RunDir, RunDirError
 from .model import build_backbone, pretrain
 
 ROLE_CODE = {"client": 1, "server": 2, "sample": 3, "init": 4, "pretrain": 5, "noise": 6}
@@ -212,12 +213,6 @@ def calibrate_noise(cfg: FedConfig, spec: MethodSpec, data: FedData) -> tuple[fl
                f"-> eps {cfg.target_epsilon}")
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 ClientHook = Callable[[int, int, str, int, nn.Module], None]   # (client, round, phase, step, model)
 AggregateHook = Callable[[dict], None]
 
@@ -265,38 +260,50 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
     Flower ServerApp's grid in a deployment. on_aggregate(info) is called after every aggregation with
     the round, phase, the global adapters before and after, the valid clients' adapters and their
     weights (the deviation test uses it)."""
-    cfg, data, model = job.cfg, job.data, job.model
+    cfg, data = job.cfg, job.data
     spec = method_spec(method)
     if clients is None:
         clients = InProcessClients(job, client_hook)
     elif client_hook is not None:
         raise ValueError("client_hook applies to the in-process clients only")
     sigma, how = calibrate_noise(cfg, spec, data)
-    state_path = journal_path = None
-    if run_dir:
-        os.makedirs(run_dir, exist_ok=True)
-        state_path = os.path.join(run_dir, "state.pt")
-        journal_path = os.path.join(run_dir, "releases.jsonl")
-    journal = ReleaseJournal(journal_path)
+    rundir = RunDir(run_dir) if run_dir else None
+    try:
+        return _run_rounds(job, spec, sigma, how, rundir, clients, log, on_aggregate)
+    finally:
+        if rundir:
+            rundir.close()
+
+
+def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clients, log, on_aggregate) -> dict:
+    cfg, data, model = job.cfg, job.data, job.model
+    journal = rundir.journal if rundir else ReleaseJournal(None)
     global_state = {k: t.clone() for k, t in job.init_adapters.items()}
     history, skipped, start = [], [], 0
-    if state_path and os.path.exists(state_path):
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st["fingerprint"] != cfg.fingerprint() or st["method"] != spec.name:
-            raise ValueError(f"{run_dir} holds a run of {st['method']} with a different configuration: "
-                             "use a new run directory, or the original configuration to resume")
+    st = rundir.load(cfg.fingerprint(), spec.name) if rundir else None
+    if st is not None:
         global_state, history, skipped = st["adapters"], st["history"], st["skipped"]
         try:
             set_lora_state(model, global_state, strict=True)
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{state_path} holds adapters this model does not have (written by another deer "
-                             f"version?): {e}") from None
+            raise RunDirError(f"{rundir.path} holds adapters this model does not have (written by another deer "
+                              f"version?): {e}") from None
         start = st["round"] + 1
         log(f"[{spec.label}] resuming after round {start} of {cfg.rounds}; privacy journal has "
             f"{len(journal.entries)} releases (epsilon so far {journal.epsilon(cfg.delta):.3f})")
     elif journal.entries:
         log(f"[{spec.label}] killed before its first round completed; restarting at round 1, keeping "
             f"{len(journal.entries)} releases in the privacy journal")
+    def over_target(when: str) -> None:
+        """A resumed run recounts the releases of the round it was killed in, and its redo releases
+        again: it can pass target_epsilon. Say so; the count itself is never cut."""
+        if journal.entries and cfg.privacy != "none" and cfg.target_epsilon is not None \
+                and journal.epsilon(cfg.delta) > cfg.target_epsilon * (1 + 1e-9):
+            log(f"[{spec.label}] WARNING: {when} the privacy journal's {len(journal.entries)} releases spend epsilon "
+                f"{journal.epsilon(cfg.delta):.3f}, above target_epsilon={cfg.target_epsilon} (a killed round's "
+                f"releases are counted, and its redo releases again)")
+
+    over_target("before resuming,")
     if start == 0 and not history:
         log(f"[{spec.label}] phases per round {list(spec.phases)}, mechanism {spec.mechanism.replace(lam=cfg.lam).name}, "
             f"privacy {cfg.privacy}" + (f", noise multiplier {sigma:.4g} ({how}), C={cfg.max_grad_norm}, "
@@ -339,21 +346,21 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
         history.append(row)
         log(f"[{spec.label}] round {rnd + 1}/{cfg.rounds}: acc {row['accuracy']:.3f}  F1 {row['f1']:.3f}  "
             f"AUC {row['auc']:.3f}  eps {row['epsilon']:.3f}  ({row['seconds']:.1f}s)")
-        if state_path:
-            _atomic_save({"round": rnd, "adapters": global_state, "history": history, "skipped": skipped,
-                          "fingerprint": cfg.fingerprint(), "method": spec.name}, state_path)
+        if rundir:
+            rundir.save(rnd, global_state, history, skipped, cfg.fingerprint(), spec.name)
         bar.update()
     bar.close()
+    over_target("at the end of the run,")
     eps = journal.epsilon(cfg.delta) if cfg.privacy != "none" else 0.0
     result = {"method": spec.name, "label": spec.label, "privacy": cfg.privacy, "noise_multiplier": sigma,
               "noise_calibration": how, "delta": cfg.delta, "epsilon": eps, "history": history,
               "skipped": skipped, "releases": len(journal.entries), "initial": initial,
               "final": history[-1] if history else {}}
-    if run_dir:
+    if rundir:
         from safetensors.torch import save_file
         # deer.privacy.checkpoint.save_lora_state's format: load with load_lora_state(model, path)
-        save_file({k: v.contiguous() for k, v in global_state.items()}, os.path.join(run_dir, "adapter.safetensors"))
-        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        save_file({k: v.contiguous() for k, v in global_state.items()}, os.path.join(rundir.path, "adapter.safetensors"))
+        with open(os.path.join(rundir.path, "metrics.json"), "w") as f:
             json.dump(result, f, indent=1, default=float)
     result["adapters"] = global_state
     return result

@@ -6,7 +6,7 @@ the same global adapters.
 Run config keys (pyproject `[tool.flwr.app.config]` or `flwr run -c`):
     job-dir   folder with config.yaml and backbone.safetensors (readable by the server and every client)
     method    deer | deer_no_nr | deer_no_de | ffa | fedavg
-    out-dir   the run directory: adapter.safetensors, metrics.json, releases.jsonl, state.pt (resume)
+    out-dir   the run directory: adapter.safetensors, metrics.json, releases.jsonl, state.json + state.r<N>.safetensors (resume)
 Node config (`flower-supernode --node-config`): partition-id=<k> selects client k's data shard.
 
 Only the trained factor travels back: a client's reply carries the factor(s) of the current phase,
