@@ -132,3 +132,38 @@ def test_client_level_fixed_denominator_and_empty_sum(gen, method):
         assert torch.equal(noise_only.adapters[_k(n, "A")], g0[_k(n, "A")])
     with pytest.raises(ValueError, match="at least one client update"):
         aggregate(g0, [], [], phase, spec.mechanism, privacy="client", noise_multiplier=sigma, max_grad_norm=C)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "deer"])
+def test_client_level_huge_finite_update_is_clipped_not_nan(gen, method):
+    """A float64 update of magnitude 1e300 squares to inf: the norm is taken on the update scaled by
+    its largest entry, so it is clipped to C like any other (the same as the update scaled to 1e10)."""
+    g0 = _state(gen, LAYERS, 3)
+    phase = "B" if method == "deer" else "AB"
+    d = _state(gen, LAYERS, 3)
+    honest = {k: g0[k] + 0.01 * d[k] for k in g0}
+    mech = method_spec(method).mechanism
+    out = {}
+    for scale in (1e300, 1e10):
+        big = {k: g0[k] + scale * d[k] for k in g0}
+        out[scale] = aggregate(g0, [honest, big], [1.0, 1.0], phase, mech, privacy="client",
+                               noise_multiplier=0.0, max_grad_norm=0.5, denominator=2.0)
+        assert all(torch.isfinite(t).all() for t in out[scale].adapters.values())
+        assert out[scale].clip_fraction == 0.5
+    for k in g0:
+        torch.testing.assert_close(out[1e300].adapters[k], out[1e10].adapters[k], rtol=1e-12, atol=1e-14)
+    # the clipped contribution has norm C (Euclidean metric) / is not lost
+    moved = sum(float(((out[1e300].adapters[k] - g0[k]) * 2 - 0.01 * d[k]).pow(2).sum())
+                for k in g0 if k.endswith("_B") or phase == "AB")
+    if mech.metric == "euclidean":
+        assert math.sqrt(moved) == pytest.approx(0.5, rel=1e-9)
+    else:
+        assert moved > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(gen, bad):
+    g0 = _state(gen, LAYERS, 3)
+    with pytest.raises(ValueError, match="finite"):
+        aggregate(g0, [_state(gen, LAYERS, 3), _state(gen, LAYERS, 3)], [bad, 1.0], "B",
+                  method_spec("deer").mechanism)

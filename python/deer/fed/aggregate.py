@@ -46,8 +46,8 @@ def aggregate(global_state: LoRAState, updates: list[LoRAState], weights: list[f
     trained = {k: lora_key(k) for k in global_state if lora_key(k)[1] in factors}   # name -> (unit, factor)
     if privacy != "client":
         w = torch.tensor(weights, dtype=torch.float64)
-        if (w < 0).any() or float(w.sum()) <= 0:
-            raise ValueError(f"aggregation weights must be >= 0 with a positive sum, got {weights}")
+        if not torch.isfinite(w).all() or (w < 0).any() or float(w.sum()) <= 0:
+            raise ValueError(f"aggregation weights must be finite and >= 0 with a positive sum, got {weights}")
         w = w / w.sum()
         for k in trained:
             out[k] = sum(wk * u[k].double() for wk, u in zip(w, updates)).to(global_state[k].dtype)
@@ -66,18 +66,27 @@ def aggregate(global_state: LoRAState, updates: list[LoRAState], weights: list[f
         for k, (n, f) in trained.items():
             A0, B0 = global_state[f"{n}.lora_A"].double(), global_state[f"{n}.lora_B"].double()
             Ks[k] = ref.metric_gram(A0, B0, f, mechanism.lam)
-    deltas, sq = [], []
+    # Norms of the deltas scaled by their largest entry s, so that no finite update (a float64 1e300 from a
+    # faulty site) overflows the squared norm to inf (or the regulated quadratic form to inf - inf):
+    # with u = delta / s, ||delta|| = s ||u|| and the clipped delta c delta = (c s) u, where
+    # c s = min(s, C s / (s ||u|| + eps)) = min(s, C / (||u|| + eps / s)) (ref.clip_factors' formula).
+    scaled, coef, clipped = [], [], []
     for u in updates:
         dk = {k: u[k].double() - global_state[k].double() for k in trained}
+        s = max((float(d.abs().max()) for d in dk.values() if d.numel()), default=0.0)
+        if not s > 0:
+            continue                       # a zero update contributes nothing, clipped or not
         tot = torch.zeros((), dtype=torch.float64)
         for k, (_, f) in trained.items():
+            dk[k] = dk[k] / s
             K = Ks[k] if mechanism.metric == "regulated" else None
             tot = tot + ref.sq_norms(dk[k].unsqueeze(0), f, K)[0]
-        deltas.append(dk)
-        sq.append(tot)
-    c = ref.clip_factors(torch.stack(sq), C) if sq else torch.zeros(0, dtype=torch.float64)
+        cs = min(s, C / (float(tot.sqrt()) + ref.CLIP_EPS / s))
+        scaled.append(dk)
+        coef.append(cs)
+        clipped.append(cs < s)
     for k, (_, f) in trained.items():
-        mean = sum((ck * dk[k] for ck, dk in zip(c, deltas)), torch.zeros_like(global_state[k], dtype=torch.float64)) / m
+        mean = sum((ck * dk[k] for ck, dk in zip(coef, scaled)), torch.zeros_like(global_state[k], dtype=torch.float64)) / m
         shape = mean.shape
         if mechanism.noise == "regulated":
             other = shape[1] if f == "A" else shape[0]
@@ -86,4 +95,4 @@ def aggregate(global_state: LoRAState, updates: list[LoRAState], weights: list[f
             xi = ref.isotropic_noise(shape, generator)
         out[k] = (global_state[k].double() + mean + noise_multiplier * C * xi / m).to(global_state[k].dtype)
     eff = mechanism.effective_multiplier(noise_multiplier, list(Ks.values()))
-    return AggregateResult(out, eff, float((c < 1).double().mean()) if len(c) else None)
+    return AggregateResult(out, eff, sum(clipped) / len(updates) if updates else None)

@@ -38,6 +38,7 @@ from .aggregate import aggregate
 from .client import ClientUpdate, LocalTrainConfig, local_steps, local_train
 from .config import FedConfig, MethodSpec, method_spec
 from .metrics import evaluate
+from . import replies as replies_mod
 from .rundir import RunDir, RunDirError
 from .model import build_backbone, pretrain
 
@@ -112,9 +113,12 @@ def train_client(job: "Job", cid: int, rnd: int, si: int, phase: str, spec: Meth
     in-process engine and the Flower ClientApp both call this)."""
     cfg = job.cfg
     cd = job.data.clients[cid]
-    return local_train(job.model, start, cd.x, cd.y, phase, spec, local_config(cfg, sigma),
-                       generator(cfg.seed, "client", cid, rnd, si), deadline=deadline, hook=hook,
-                       noise_seed=stream_seed(cfg.seed, "noise", cid, rnd, si), client=cid)
+    upd = local_train(job.model, start, cd.x, cd.y, phase, spec, local_config(cfg, sigma),
+                      generator(cfg.seed, "client", cid, rnd, si), deadline=deadline, hook=hook,
+                      noise_seed=stream_seed(cfg.seed, "noise", cid, rnd, si), client=cid)
+    # a reply carries the phase's trained factor(s) only: the frozen one is the server's own
+    upd.adapters = {k: t for k, t in upd.adapters.items() if lora_key(k)[1] in ref.trained_factors(phase)}
+    return upd
 
 
 @dataclass
@@ -297,7 +301,7 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
     def over_target(when: str) -> None:
         """A resumed run recounts the releases of the round it was killed in, and its redo releases
         again: it can pass target_epsilon. Say so; the count itself is never cut."""
-        if journal.entries and cfg.privacy != "none" and cfg.target_epsilon is not None \
+        if journal.entries and cfg.privacy != "none" and cfg.noise_multiplier is None \
                 and journal.epsilon(cfg.delta) > cfg.target_epsilon * (1 + 1e-9):
             log(f"[{spec.label}] WARNING: {when} the privacy journal's {len(journal.entries)} releases spend epsilon "
                 f"{journal.epsilon(cfg.delta):.3f}, above target_epsilon={cfg.target_epsilon} (a killed round's "
@@ -325,7 +329,7 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
             if not why:
                 sampled = sample_clients(cfg, rnd, si)
                 replies = clients.train(sampled, rnd, si, phase, spec, sigma, global_state)
-                valid, received = _collect(cfg, journal, global_state, rnd, phase, replies, log, where)
+                valid, received = _collect(job, spec, sigma, journal, global_state, rnd, phase, replies, log, where)
                 why = skip_reason(cfg, len(valid), received)
             if why:
                 log(f"{where}: skipped, {why}; global adapters unchanged, nothing released")
@@ -366,33 +370,40 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
     return result
 
 
-def _collect(cfg: FedConfig, journal: ReleaseJournal, global_state: LoRAState, rnd: int, phase: str,
-             replies: dict[int, ClientUpdate | str], log, where: str) -> tuple[dict[int, tuple[LoRAState, float]], int]:
+def _collect(job: Job, spec: MethodSpec, sigma: float, journal: ReleaseJournal, global_state: LoRAState, rnd: int,
+             phase: str, replies: dict[int, ClientUpdate | str], log, where: str
+             ) -> tuple[dict[int, tuple[LoRAState, float]], int]:
     """The valid updates {client: (global adapters with its trained factors, num_examples)} of one
-    sub-round, and how many clients replied. A client's sample-level releases are charged as soon as
-    its update arrives (it has left the client), valid or not. Only the factors of `phase` are taken:
-    the frozen factor is the global one everywhere."""
+    sub-round, and how many clients replied. Every reply is checked against what the server sent
+    (deer.fed.replies); one that fails is left out with its reason. A client's sample-level releases
+    are charged as soon as its update arrives (it has left the client), valid or not, provided its
+    report is consistent with the job's config; an inconsistent report is left out with its update."""
+    cfg = job.cfg
     valid, received = {}, 0
-    want = [k for k in global_state if lora_key(k)[1] in ref.trained_factors(phase)]
+    mech = spec.mechanism
     for cid in sorted(replies):
         upd = replies[cid]
         if isinstance(upd, str):
             log(f"{where}: client {cid} left out: {upd}")
             continue
         received += 1
-        if cfg.privacy == "sample":
-            for s, q, k in upd.releases:
-                journal.record(f"client{cid}", rnd, phase, s, q, k)
-        got = upd.adapters
-        wrong = [k for k in want if k not in got or got[k].shape != global_state[k].shape] + \
-            sorted(set(got) - set(global_state))
-        if wrong:
-            log(f"{where}: client {cid} left out: its update has factors {wrong[:4]} missing, unknown or of the "
-                f"wrong shape: expected the {phase} factor(s) of every LoRA layer, of the global adapters' shapes")
-        elif not all(torch.isfinite(got[k]).all() for k in want):
-            log(f"{where}: client {cid} left out: non-finite (NaN/Inf) factors")
-        else:
-            valid[cid] = ({**global_state, **{k: got[k] for k in want}}, float(upd.num_examples))
+        n = len(job.data.clients[cid].y)
+        exp = replies_mod.expected(
+            global_state, phase, n, **(dict(
+                sample_rate=min(1.0, cfg.batch_size / n),
+                steps=cfg.local_steps or local_steps(n, cfg.batch_size, cfg.local_epochs),
+                sigma=sigma if mech.metric == mech.noise else None) if cfg.privacy == "sample" else {}))
+        try:
+            if cfg.privacy == "sample":
+                for s, q, k in replies_mod.check_releases(upd.releases, exp):
+                    journal.record(f"client{cid}", rnd, phase, s, q, k)
+            got, weight, note = replies_mod.check_update(upd.adapters, upd.num_examples, exp)
+        except replies_mod.Rejected as e:
+            log(f"{where}: client {cid} left out: {e}")
+            continue
+        if note:
+            log(f"{where}: client {cid}: {note}")
+        valid[cid] = ({**global_state, **got}, weight)
     return valid, received
 
 
