@@ -357,7 +357,9 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
     over_target("at the end of the run,")
     eps = journal.epsilon(cfg.delta) if cfg.privacy != "none" else 0.0
     result = {"method": spec.name, "label": spec.label, "privacy": cfg.privacy, "noise_multiplier": sigma,
-              "noise_calibration": how, "delta": cfg.delta, "epsilon": eps, "history": history,
+              "noise_calibration": how, "delta": cfg.delta, "epsilon": eps,
+              # whose accounting epsilon is: the server's own releases, or the sites' checked reports
+              "accounting": {"client": "server", "sample": "sites' reports"}.get(cfg.privacy), "history": history,
               "skipped": skipped, "releases": len(journal.entries), "initial": initial,
               "final": history[-1] if history else {}}
     if rundir:
