@@ -29,13 +29,15 @@ def _concat(parts: list[ArrayDataset], name: str) -> ArrayDataset:
 
 
 def load_dataset(spec: str, image_size: int = 32, mode: str = "RGB") -> dict[str, ArrayDataset]:
-    """'digits' -> the bundled default; a folder -> image-folder loader; a .npz -> MedMNIST loader."""
+    """'digits' -> the bundled default; a folder -> image-folder loader; a .npz -> MedMNIST loader.
+    Every source is resized to image_size x image_size; `mode` applies to image folders (a .npz keeps
+    the channels it stores)."""
     if spec in ("digits", "sklearn-digits", "default"):
         return {"all": load_digits(image_size)}
     if os.path.isdir(spec):
         return load_image_folder(spec, image_size=image_size, mode=mode)
     if spec.endswith(".npz"):
-        return load_npz(spec)
+        return load_npz(spec, image_size=image_size)
     raise ValueError(f"data set {spec!r} is neither 'digits', an image folder nor a .npz file")
 
 
