@@ -1,7 +1,7 @@
 """Every LoRA branch deer injects is on the forward path: on each model family deer accepts, a nonzero
 B moves the output of every unit (probed one unit at a time). A planted module that bypasses its
-LoRA layer fails the probe, and nn.MultiheadAttention (whose forward reads out_proj.weight directly)
-is refused by inject_lora instead of becoming a silent no-op."""
+LoRA layer fails the probe. nn.MultiheadAttention (whose forward reads in_proj_weight and
+out_proj.weight directly) is converted by inject_lora, so its q/k/v/out branches are live too."""
 import pytest
 import torch
 import torch.nn as nn
@@ -48,6 +48,27 @@ def _llama():
                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
 
 
+class SelfAttention(nn.Module):
+    """A bare sequence-first nn.MultiheadAttention (torch's default layout) called as self-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+def torchvision_vit(num_layers=1):
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(num_layers)
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=num_layers, num_heads=2, hidden_dim=8,
+                            mlp_dim=16, num_classes=3)
+    nn.init.normal_(vit.heads.head.weight)          # torchvision zero-initialises the head
+    return vit
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 CASES = {
     "mlp": (lambda: nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3)), ["0", "2"], lambda g: torch.randn(3, 5, generator=g), {}),
     "timm-fused-qkv": (tiny_vit, ["qkv", "attn.proj", "fc1", "fc2", "head"], lambda g: torch.randn(2, 3, 16, 16, generator=g), {}),
@@ -55,6 +76,12 @@ CASES = {
     "hf-bert": (tiny_bert, ["query", "key", "value", "attention.output.dense", "intermediate.dense"], lambda g: {"input_ids": torch.randint(0, 50, (2, 5), generator=g)}, {}),
     "hf-llama": (_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
                  lambda g: {"input_ids": torch.randint(0, 40, (2, 6), generator=g)}, {}),
+    "torch-encoder": (lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2),
+                      ATTENTION + ["linear1", "linear2"], lambda g: torch.randn(2, 5, 8, generator=g), {}),
+    "torch-mha-seq-first": (SelfAttention, ATTENTION,
+                  lambda g: torch.randn(5, 2, 8, generator=g), {}),
+    "torchvision-vit": (lambda: torchvision_vit(2), ATTENTION + [r".*mlp\.(0|3)", "heads.head"],
+                        lambda g: torch.randn(2, 3, 16, 16, generator=g), {}),
 }
 
 
@@ -70,20 +97,3 @@ def test_every_injected_branch_is_live(gen, case):
 def test_probe_catches_a_bypassed_branch(gen):
     model = inject_lora(Bypass(), ["proj", "head"], r=2)
     assert dead_units(model, torch.randn(4, 6, generator=gen), gen) == ["proj"]
-
-
-@pytest.mark.parametrize("build", ["mha", "encoder", "torchvision-vit"])
-def test_multihead_attention_out_proj_is_refused(build):
-    if build == "mha":
-        model = nn.Sequential(nn.MultiheadAttention(8, 2))
-    elif build == "encoder":
-        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), num_layers=1, enable_nested_tensor=False)
-    else:
-        from torchvision.models.vision_transformer import VisionTransformer
-        model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
-    with pytest.raises(ValueError, match=r"out_proj.*MultiheadAttention.*never run"):
-        inject_lora(model, ["out_proj"], r=2)
-    # the model's other Linear layers are fine (the MLP of the encoder layer / the ViT block)
-    if build != "mha":
-        inject_lora(model, ["linear1", "linear2"] if build == "encoder" else [r".*mlp\.(0|3)"], r=2)
-        assert len(lora_units(model)) == 2

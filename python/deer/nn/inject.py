@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..reference import check_phase
 from .config import LoRAConfig, Target
 from .lora import LoRAFactors, LoRALinear, LoRAQKV, lora_units
+from .mha import PROJECTIONS, LinearMultiheadAttention
 
 LoRAState = dict[str, torch.Tensor]
 
@@ -64,18 +65,25 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
     config = LoRAConfig.of(target_modules, **{k: v for k, v in kw.items() if v is not _UNSET})
     # Modules inside an existing LoRA wrapper (its frozen base, its factors) are never targets.
     wrapped = [n for n, m in model.named_modules() if isinstance(m, (LoRAFactors, LoRAQKV))]
+    _convert_attention(model, config)
     matched = []
     for name, module in model.named_modules():
         if any(name == w or name.startswith(w + ".") for w in wrapped):
             continue
         if any(name.startswith(n + ".") for n, _ in matched):
             continue  # inside a module already matched (which is then rejected below)
+        if isinstance(module, LinearMultiheadAttention):
+            continue  # a container: its projections are matched on their own names
         if config.matches(name, module):
             matched.append((name, module))
     if not matched:
         raise NoLoRALayersError(f"inject_lora: no module matched target_modules={list(config.target_modules)!r}. "
                                 f"{_summary_of_names(model)}")
     for name, module in matched:
+        if isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"inject_lora: target {name!r} is an nn.MultiheadAttention; name its projections "
+                            f"instead: {[f'{name}.{p}' for p in PROJECTIONS]} (or suffixes such as 'q_proj', "
+                            f"'out_proj'), which deer then adapts as Linear layers")
         if not isinstance(module, nn.Linear):
             raise TypeError(f"inject_lora: target {name!r} is a {type(module).__name__}, not an nn.Linear; "
                             f"LoRA here adapts Linear layers only. Narrow target_modules (e.g. "
@@ -83,11 +91,6 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
         if name == "":
             raise ValueError("inject_lora: the model itself is the target Linear; wrap it yourself with "
                              "deer.nn.LoRALinear(model, r=...)")
-        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
-            raise ValueError(f"inject_lora: {name!r} is the out_proj of an nn.MultiheadAttention, whose forward reads "
-                             f"its weight directly, so a LoRA branch there would never run. deer cannot adapt "
-                             f"nn.MultiheadAttention (torchvision ViT, nn.TransformerEncoder, CLIP towers) yet: "
-                             f"narrow target_modules to the model's other Linear layers")
 
     if freeze_base:
         for p in model.parameters():
@@ -103,6 +106,52 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     return model
+
+
+def _inside(name: str, parent: str) -> bool:
+    return parent == "" or name == parent or name.startswith(parent + ".")
+
+
+def _convert_attention(model: nn.Module, config: LoRAConfig) -> None:
+    """Replace every nn.MultiheadAttention one of whose projections (q_proj, k_proj, v_proj, out_proj) is
+    a target by the equivalent LinearMultiheadAttention, whose projections are modules LoRA can wrap.
+
+    Checked before anything changes: a sequence-first nn.TransformerEncoderLayer / DecoderLayer
+    (batch_first=False) with a target outside its attention is refused, since its other Linear layers
+    see (seq, batch, features) and deer would read positions as samples (the converted attention
+    transposes to batch-first itself, so targets inside it are fine)."""
+    mhas = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not mhas:
+        return
+    convert = []
+    for name, mha in mhas:
+        dims = {"q_proj": mha.embed_dim, "k_proj": mha.kdim, "v_proj": mha.vdim, "out_proj": mha.embed_dim}
+        probes = {p: mha.out_proj if p == "out_proj" else nn.Linear(dims[p], mha.embed_dim, device="meta")
+                  for p in PROJECTIONS}
+        if any(config.matches(f"{name}.{p}" if name else p, probes[p]) for p in PROJECTIONS):
+            convert.append(name)
+    if not convert:
+        return
+    targets = convert + [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.matches(n, m)]
+    for lname, layer in model.named_modules():
+        if not isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) or layer.self_attn.batch_first:
+            continue
+        attn = [f"{lname}.{a}" if lname else a for a in ("self_attn", "multihead_attn") if hasattr(layer, a)]
+        outside = [t for t in targets if _inside(t, lname) and not any(_inside(t, a) for a in attn)]
+        if outside:
+            raise ValueError(f"inject_lora: {lname or 'the model'!r} is a {type(layer).__name__} with batch_first=False: "
+                             f"its Linear layers {outside} see (seq, batch, features), and deer reads dim 0 of a "
+                             f"LoRA layer's input as the sample. Build it with batch_first=True (the weights are "
+                             f"the same; transpose its inputs), or target only its attention projections")
+    for name in convert:
+        mha = model.get_submodule(name)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, LinearMultiheadAttention.from_mha(mha, name))
+    # nn.TransformerEncoder may have chosen its nested-tensor fast path when it was built; that path
+    # packs the batch and would bypass the converted layers' forward.
+    for name, enc in model.named_modules():
+        if isinstance(enc, nn.TransformerEncoder) and any(_inside(c, name) for c in convert):
+            enc.use_nested_tensor = False
 
 
 def _require_lora(model: nn.Module, what: str):
