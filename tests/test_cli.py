@@ -24,7 +24,7 @@ def test_config_overrides_and_errors(tmp_path):
     cfg = load_config(str(p), ["lr=0.05", "methods=[ffa, fedavg]", "model_kwargs.depth=3"])
     assert (cfg.rounds, cfg.lr, cfg.methods, cfg.privacy) == (7, 0.05, ["ffa", "fedavg"], "client")
     assert cfg.model_kwargs["depth"] == 3 and cfg.model_kwargs["embed_dim"] == FedConfig().model_kwargs["embed_dim"]
-    with pytest.raises(ValueError, match="unknown config keys \\['roundz'\\]"):
+    with pytest.raises(ValueError, match=r"job\.yaml.*unknown key\(s\) 'roundz' \(did you mean 'rounds'\?\)"):
         load_config(str(p), ["roundz=3"])
     with pytest.raises(ValueError, match="unknown method 'fedprox'"):
         load_config(str(p), ["methods=[fedprox]"])
@@ -56,3 +56,73 @@ def test_train_writes_run_dir_and_resumes(tmp_path, capsys):
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert json.load(open(run / "deer" / "metrics.json"))["epsilon"] == pytest.approx(before)
     assert "resuming after round 2" in capsys.readouterr().out
+
+
+BAD = [  # (override, what the one-line error must say)
+    ("batch_size=abc", r"batch_size='abc': .*valid integer"),
+    ("rounds=2.5", r"rounds=2.5: .*integer"),
+    ("target_epsilon=-1", r"target_epsilon=-1: .*greater than 0"),
+    ("delta=-0.1", r"delta=-0.1: .*greater than 0"),
+    ("delta=1.5", r"delta=1.5: .*less than 1"),
+    ("max_grad_norm=0", r"max_grad_norm=0: .*greater than 0"),
+    ("lr=", r"lr=None: .*valid number"),
+    ("lr=.nan", r"lr=nan: .*finite"),
+    ("privacy=user", r"privacy='user': allowed: 'none', 'sample' or 'client'"),
+    ("methods=[deer, fedprox]", r"methods='fedprox': unknown method"),
+    ("clients_per_round=3", r"clients_per_round=3 is larger than num_clients=2"),
+    ("lora_qkv_slices=[q, x]", r"lora_qkv_slices='x': allowed: 'q', 'k' or 'v'"),
+    ("lora_r=1000", r"lora_r=1000 .*exceeds the largest rank.*'head': 10.*set lora_r <= "),
+    ("lorar=4", r"unknown key\(s\) 'lorar' \(did you mean 'lora_r'\?\)"),
+]
+
+
+@pytest.mark.parametrize("override,why", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_values_fail_in_one_line_before_any_work(tmp_path, capsys, override, why):
+    import re
+    run = tmp_path / "run"
+    rc = main(["train", "--run-dir", str(run), "--no-progress", *TINY, override])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("deer: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert re.search(why, err), err
+    assert not (run / "backbone.safetensors").exists()        # nothing pretrained
+
+
+def test_single_values_for_list_keys(tmp_path):
+    cfg = load_config(None, ["methods=deer", "lora_targets=head", "public_classes=3"])
+    assert (cfg.methods, cfg.lora_targets, cfg.public_classes) == (["deer"], ["head"], [3])
+
+
+def test_one_class_image_folder_is_refused(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    os.makedirs(tmp_path / "data" / "polyp")
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "data" / "polyp" / f"{i}.png")
+    rc = main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", "--data", str(tmp_path / "data"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "one class folder ('polyp')" in err and "\n" not in err, err
+
+
+def test_a_run_that_trained_nothing_exits_non_zero(tmp_path, capsys):
+    """Every client passes its deadline at once: every sub-round is skipped, nothing is aggregated."""
+    rc = main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", "methods=[ffa]", *TINY,
+               "client_timeout_s=1e-9"])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err
+    assert "FFA-LoRA trained nothing: every sub-round was skipped" in captured.err
+    assert "client 0 left out" in captured.out and "deadline" in captured.out
+
+
+def test_resume_refuses_changes_it_cannot_honour(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--no-progress", "methods=[ffa]", *TINY, "rounds=1"]) == 0
+    capsys.readouterr()
+    for extra, why in ((["rounds=3"], r"--resume: rounds=3 \(the run has 1\); .*Only progress, methods, torch_threads"),
+                       (["--data", "digits"], r"--data would change it"),
+                       (["--checkpoint", "x.pth"], r"--checkpoint would change it")):
+        assert main(["train", "--resume", str(run), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        import re
+        assert re.search(why, err) and "\n" not in err, err
+    assert main(["train", "--resume", str(run), "--no-progress", "torch_threads=1"]) == 0

@@ -25,8 +25,8 @@ def test_federated_and_drop_in_models_are_the_same_model(tmp_path, gen, slices):
     # the drop-in path: the same backbone, deer.nn.inject_lora with the job's LoRAConfig and seed
     model = build_backbone(cfg.model, job.data.num_classes, job.data.test.in_chans, cfg.model_kwargs)
     model.load_state_dict(load_file(backbone))
-    inject_lora(model, LoRAConfig(tuple(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha, qkv_slices=slices)
-                .capped(model), seed=stream_seed(cfg.seed, "init"))
+    inject_lora(model, LoRAConfig(tuple(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha, qkv_slices=slices),
+                seed=stream_seed(cfg.seed, "init"))
 
     fed_units, own_units = lora_units(job.model), lora_units(model)
     assert [n for n, _ in fed_units] == [n for n, _ in own_units]

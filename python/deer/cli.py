@@ -35,7 +35,46 @@ def _run(cfg, run_dir: str, title: str, started: float) -> int:
     paths = save_report(out["results"], run_dir, title)
     print(f"[deer] wrote {paths['results']}, {paths['plot']}, and per method: metrics.json, adapter.safetensors, "
           f"releases.jsonl (privacy journal) under {run_dir}/<method>/ ; {time.time() - started:.0f}s in all")
+    return _outcome(cfg, out["results"])
+
+
+def _outcome(cfg, results: dict) -> int:
+    """0 when every method trained; 1 (and why) when a method's every sub-round was skipped, i.e. no
+    client update was ever aggregated and its adapters are the initial ones."""
+    from .fed.config import method_spec
+    failed = [r["label"] for name, r in results.items()
+              if len(r["skipped"]) >= cfg.rounds * len(method_spec(name).phases)]
+    partial = {r["label"]: len(r["skipped"]) for r in results.values() if r["skipped"] and r["label"] not in failed}
+    if partial:
+        print("[deer] warning: sub-rounds skipped (fewer valid client updates than min_clients; the log says "
+              f"why each client was left out): {partial}", file=sys.stderr)
+    if failed:
+        print(f"deer: error: {', '.join(failed)} trained nothing: every sub-round was skipped because no client "
+              "update was valid (see the 'left out' lines above for each client's reason); the adapters are the "
+              "initial ones", file=sys.stderr)
+        return 1
     return 0
+
+
+def _resume_config(run_dir: str, args):
+    """RUN_DIR's own config; overrides may change only keys that do not change results."""
+    from .fed.config import RESULT_NEUTRAL, load_config
+    given = [f"--{o}" for o in ("config", "data", "checkpoint") if getattr(args, o)]
+    if given:
+        raise ValueError(f"--resume continues {run_dir} with the configuration it started with "
+                         f"({run_dir}/config.yaml); {', '.join(given)} would change it: drop them, or start a new "
+                         "run directory")
+    cfg_file = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(cfg_file):
+        raise ValueError(f"{run_dir!r} is not a deer run directory (no config.yaml)")
+    saved, cfg = load_config(cfg_file).to_dict(), load_config(cfg_file, args.overrides)
+    changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if k not in RESULT_NEUTRAL and v != saved[k]}
+    if changed:
+        raise ValueError(f"--resume: {', '.join(f'{k}={new!r} (the run has {old!r})' for k, (old, new) in changed.items())}"
+                         f"; a resumed run keeps the configuration its noise and privacy accounting were computed "
+                         f"for. Only {', '.join(RESULT_NEUTRAL[1:])} may change; start a new run directory to "
+                         "change anything else")
+    return cfg
 
 
 def _describe(cfg) -> str:
@@ -90,12 +129,7 @@ def main(argv=None):
                 title = "deer demo"
             else:
                 if args.resume:
-                    if args.config:
-                        raise ValueError("--resume takes the configuration from RUN_DIR/config.yaml; drop --config")
-                    cfg_file = os.path.join(args.resume, "config.yaml")
-                    if not os.path.exists(cfg_file):
-                        raise ValueError(f"{args.resume!r} is not a deer run directory (no config.yaml)")
-                    cfg = load_config(cfg_file, args.overrides)
+                    cfg = _resume_config(args.resume, args)
                     run_dir = args.resume
                 else:
                     ov = list(args.overrides)

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..nn.config import LoRAConfig
 from ..privacy.mechanism import LAM, PRESETS, Mechanism
@@ -55,97 +58,120 @@ def method_spec(name: str) -> MethodSpec:
 
 
 PRIVACY = ("none", "sample", "client")
+# Keys that do not change a method's results: a resumed run may change these and no other.
+RESULT_NEUTRAL = ("run_dir", "progress", "methods", "torch_threads")
 BACKENDS = (None, "cpu", "cuda", "triton", "reference")
 
 
-@dataclass
+def _listed(v):
+    """A list-typed key given one value (`methods=deer`, `lora_targets: qkv`) is a list of one."""
+    return [v] if isinstance(v, (str, int, float)) and not isinstance(v, bool) else v
+
+
+def _method(name: str) -> str:
+    method_spec(name)
+    return name
+
+
+_Pos = Annotated[int, Field(ge=1)]
+_PosFloat = Annotated[float, Field(gt=0)]
+_Fraction = Annotated[float, Field(ge=0, lt=1)]
+_Names = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), BeforeValidator(_listed)]
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True))
 class FedConfig:
+    """Every key is type- and range-checked when the config is built (from YAML, key=value overrides or
+    Python), before any data is loaded: an error names the key, the value and what is allowed."""
     # what to run
-    methods: list[str] = field(default_factory=lambda: ["deer", "ffa", "fedavg"])
-    privacy: str = "sample"              # none | sample (DP-SGD in each client) | client (server-side)
-    rounds: int = 5
+    methods: Annotated[list[Annotated[str, AfterValidator(_method)]], Field(min_length=1),
+                       BeforeValidator(_listed)] = field(default_factory=lambda: ["deer", "ffa", "fedavg"])
+    privacy: Literal["none", "sample", "client"] = "sample"  # sample: DP-SGD in each client; client: server-side
+    rounds: _Pos = 5
     # data
-    dataset: str = "digits"              # 'digits' (bundled), an image folder, or a MedMNIST .npz
-    image_size: int = 16
-    image_mode: str = "L"                # 'L' grayscale or 'RGB' (image folders)
-    num_clients: int = 4
+    dataset: Annotated[str, Field(min_length=1)] = "digits"  # 'digits' (bundled), an image folder, or a MedMNIST .npz
+    image_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    image_mode: Literal["L", "RGB"] = "L"  # grayscale or RGB (image folders)
+    num_clients: _Pos = 4
     # none/sample level: exactly this many clients, drawn without replacement once per round;
     # client level: the EXPECTED number per sub-round, each client taking part independently with
     # probability q = clients_per_round / num_clients, redrawn every sub-round (Poisson sampling, what
     # the client-level accountant assumes; docs/privacy.md section 8.1)
-    clients_per_round: int = 4
-    partition: str = "dirichlet"         # iid | dirichlet
-    alpha: float = 0.5                   # Dirichlet concentration (smaller = more non-IID)
-    public_fraction: float = 0.5         # share of the training data used for non-private pretraining
-    public_classes: list[int] | None = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    test_fraction: float = 0.25
+    clients_per_round: _Pos = 4
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: _PosFloat = 0.5               # Dirichlet concentration (smaller = more non-IID)
+    public_fraction: _Fraction = 0.5     # share of the training data used for non-private pretraining
+    public_classes: Annotated[list[Annotated[int, Field(ge=0)]] | None, BeforeValidator(_listed)] = \
+        field(default_factory=lambda: [0, 1, 2, 3, 4])
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     # model
-    model: str = "vit_tiny_patch16_224"  # any timm model name; built without downloads
-    model_kwargs: dict = field(default_factory=lambda: {
+    model: Annotated[str, Field(min_length=1)] = "vit_tiny_patch16_224"  # any timm model name; built without downloads
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: {
         "img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0})
     checkpoint: str | None = None        # local safetensors/.pth weights; skips pretraining
-    pretrain_epochs: int = 8
-    pretrain_lr: float = 3e-3
-    lora_r: int = 4
-    lora_alpha: float = 8.0
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "head"])
-    lora_qkv_slices: list[str] | None = None  # null: a fused timm qkv is one LoRA layer; [q, k, v]: one per slice
+    pretrain_epochs: Annotated[int, Field(ge=0)] = 8
+    pretrain_lr: _PosFloat = 3e-3
+    lora_r: _Pos = 4
+    lora_alpha: _PosFloat = 8.0
+    lora_targets: _Names = field(default_factory=lambda: ["qkv", "head"])
+    # {layer name, dotted suffix or regex: rank} for targets whose rank differs from lora_r
+    lora_rank_pattern: dict[str, _Pos] = field(default_factory=dict)
+    # null: a fused timm qkv is one LoRA layer; [q, k, v] (or a subset): one per slice
+    lora_qkv_slices: Annotated[list[Literal["q", "k", "v"]] | None, BeforeValidator(_listed)] = None
     # local training
-    local_epochs: int = 1
-    local_steps: int | None = None       # fixed steps per client per sub-round (overrides local_epochs)
-    batch_size: int = 32
-    lr: float = 0.1
-    weighting: str = "examples"          # FedAvg weights when not client-level private: examples | uniform
+    local_epochs: _Pos = 1
+    local_steps: _Pos | None = None      # fixed steps per client per sub-round (overrides local_epochs)
+    batch_size: _Pos = 32
+    lr: _PosFloat = 0.1
+    weighting: Literal["examples", "uniform"] = "examples"  # FedAvg weights when not client-level private
     # privacy
-    target_epsilon: float | None = 8.0   # calibrate the noise multiplier to this budget ...
-    noise_multiplier: float | None = None  # ... or fix it
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    lam: float = LAM                     # ridge of the regulated metric K = frozen^T frozen + lam I
-    backend: str | None = None           # sample-level DP-SGD kernels: null (auto: DEER_BACKEND or the device's),
-    #                                      cpu | cuda | triton | reference (the float64 oracle, same noise)
+    target_epsilon: _PosFloat | None = 8.0   # calibrate the noise multiplier to this budget ...
+    noise_multiplier: Annotated[float, Field(ge=0)] | None = None  # ... or fix it (0: no noise, epsilon inf)
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    max_grad_norm: _PosFloat = 1.0
+    lam: _PosFloat = LAM                 # ridge of the regulated metric K = frozen^T frozen + lam I
+    # sample-level DP-SGD kernels: null (auto: DEER_BACKEND or the device's), cpu | cuda | triton |
+    # reference (the float64 oracle, same noise)
+    backend: Literal["cpu", "cuda", "triton", "reference"] | None = None
     # engineering
-    seed: int = 0
-    min_clients: int = 1                 # a sub-round with fewer client updates is skipped (nothing released);
+    seed: Annotated[int, Field(ge=0)] = 0
+    min_clients: _Pos = 1                # a sub-round with fewer client updates is skipped (nothing released);
     #                                      at client level only where that is sound (docs/privacy.md 7.1)
-    client_timeout_s: float | None = None
+    client_timeout_s: _PosFloat | None = None
     run_dir: str | None = None
     progress: bool = True
-    torch_threads: int | None = None     # intra-op threads; 1 is fastest for the tiny default model
+    torch_threads: _Pos | None = None    # intra-op threads; 1 is fastest for the tiny default model
+
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> "FedConfig":
-        for m in self.methods:   # the run's lam in each method's mechanism (checks lam, too)
+        """The rules between keys (each key's own type and range are checked on construction)."""
+        for m in self.methods:   # the run's lam in each method's mechanism
             method_spec(m).mechanism.replace(lam=self.lam)
-        if self.privacy not in PRIVACY:
-            raise ValueError(f"privacy must be one of {PRIVACY}, got {self.privacy!r}")
-        if not 1 <= self.clients_per_round <= self.num_clients:
-            raise ValueError(f"clients_per_round must be in [1, num_clients={self.num_clients}], "
-                             f"got {self.clients_per_round}")
-        if self.rounds < 1 or self.local_epochs < 1 or self.batch_size < 1 or (self.local_steps or 1) < 1:
-            raise ValueError("rounds, local_epochs, local_steps and batch_size must be >= 1")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"clients_per_round={self.clients_per_round} is larger than num_clients="
+                             f"{self.num_clients}: allowed 1..{self.num_clients}")
         if self.privacy != "none" and self.noise_multiplier is None and self.target_epsilon is None:
-            raise ValueError("a private run needs target_epsilon or noise_multiplier")
-        if self.weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting must be 'examples' or 'uniform', got {self.weighting!r}")
-        if not 1 <= self.min_clients <= self.clients_per_round:
-            raise ValueError(f"min_clients must be in [1, clients_per_round={self.clients_per_round}], "
-                             f"got {self.min_clients}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} (None: automatic), got {self.backend!r}")
+            raise ValueError(f"privacy={self.privacy!r} needs target_epsilon or noise_multiplier (both are null)")
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(f"min_clients={self.min_clients} is larger than clients_per_round="
+                             f"{self.clients_per_round}: allowed 1..{self.clients_per_round}")
         self.lora_config()
         return self
 
     def lora_config(self) -> LoRAConfig:
         """The adapters every party injects (deer.nn.inject_lora), from lora_r/alpha/targets/qkv_slices."""
-        return LoRAConfig(tuple(self.lora_targets), self.lora_r, self.lora_alpha, qkv_slices=self.lora_qkv_slices)
+        return LoRAConfig(tuple(self.lora_targets), self.lora_r, self.lora_alpha, self.lora_rank_pattern,
+                          qkv_slices=self.lora_qkv_slices)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not run_dir/progress/methods list)."""
+        """Hash of everything that changes results (every key but RESULT_NEUTRAL)."""
         d = self.to_dict()
-        for k in ("run_dir", "progress", "methods", "torch_threads"):
+        for k in RESULT_NEUTRAL:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -153,12 +179,38 @@ class FedConfig:
         return dataclasses.replace(self, **kw)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FedConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+    def from_dict(cls, d: dict, source: str = "config") -> "FedConfig":
+        """Build and check a config; any problem is one ConfigError line naming `source`, the key, the
+        value and what is allowed."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**d).validate()
+            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            raise ConfigError(f"{source}: unknown key(s) " + ", ".join(
+                f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+                + f"; valid keys: {', '.join(sorted(names))}")
+        try:
+            return cls(**d)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {_one_line(e)}") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+class ConfigError(ValueError):
+    """A config key with a wrong type or value, or keys that contradict each other (one line)."""
+
+
+def _one_line(e: ValidationError) -> str:
+    out = []
+    for err in e.errors(include_url=False):
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        key = ".".join(loc[:1]) if loc else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "allowed:")
+        out.append(f"{key}={err['input']!r}: {msg}" if key else msg)
+    return "; ".join(dict.fromkeys(out))
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FedConfig:
@@ -179,7 +231,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         raise ValueError(f"{src}: a config is a YAML mapping of key: value, got {type(d).__name__}")
     for ov in overrides:
         apply_override(d, ov)
-    return FedConfig.from_dict(d)
+    return FedConfig.from_dict(d, src + (f" with overrides {list(overrides)}" if overrides else ""))
 
 
 def apply_override(d: dict, ov: str) -> None:

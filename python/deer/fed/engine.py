@@ -36,7 +36,7 @@ from ..nn import LoRAConfig, LoRAState, get_lora_state, inject_lora, lora_key, s
 from .accounting import ReleaseJournal, noise_for_budget
 from .aggregate import aggregate
 from .client import ClientUpdate, LocalTrainConfig, local_steps, local_train
-from .config import FedConfig, MethodSpec, method_spec
+from .config import ConfigError, FedConfig, MethodSpec, method_spec
 from .metrics import evaluate
 from . import replies as replies_mod
 from .rundir import RunDir, RunDirError
@@ -166,6 +166,12 @@ def prepare_job(cfg: FedConfig, log=print, backbone_path: str | None = None) -> 
     notes = []
     model = build_backbone(cfg.model, data.num_classes, data.test.in_chans, cfg.model_kwargs,
                            cfg.checkpoint, log=log)
+    lora = cfg.lora_config()
+    too_large = lora.too_large(model)   # before any pretraining
+    if too_large:
+        raise ConfigError(f"lora_r={cfg.lora_r} (or lora_rank_pattern) exceeds the largest rank, min(out, in), of "
+                          f"the target layer(s) {too_large}: set lora_r <= {min(too_large.values())}, or give those "
+                          f"layers their own rank, e.g. lora_rank_pattern={ {n: v for n, v in too_large.items()} }")
     if backbone_path and os.path.exists(backbone_path):
         from safetensors.torch import load_file
         model.load_state_dict(load_file(backbone_path))
@@ -187,7 +193,6 @@ def prepare_job(cfg: FedConfig, log=print, backbone_path: str | None = None) -> 
     if backbone_path and not os.path.exists(backbone_path):
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, backbone_path)
-    lora = cfg.lora_config().capped(model)   # e.g. a head with fewer classes than lora_r gets rank num_classes
     inject_lora(model, lora, seed=stream_seed(cfg.seed, "init"))
     return Job(cfg, data, model, get_lora_state(model), lora, notes)
 

@@ -2,7 +2,6 @@
 the federated trainer (FedConfig.lora_config) and `deer.save_adapter` (peft's adapter_config.json)."""
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
@@ -88,12 +87,11 @@ class LoRAConfig:
     def alpha_for(self, name: str) -> float | None:
         return self._lookup(self.alpha_pattern, name, self.alpha)
 
-    def capped(self, model: nn.Module) -> "LoRAConfig":
-        """This config with the rank of every matched Linear of `model` capped at min(out, in)
-        (exact rank_pattern entries), e.g. a classifier head with fewer classes than r."""
-        caps = {n: min(m.weight.shape) for n, m in model.named_modules()
+    def too_large(self, model: nn.Module) -> dict[str, int]:
+        """{target name: the largest rank it allows, min(out, in)} for each matched Linear of `model`
+        whose configured rank exceeds it (e.g. a classifier head with fewer classes than r)."""
+        return {n: min(m.weight.shape) for n, m in model.named_modules()
                 if isinstance(m, nn.Linear) and self.matches(n, m) and self.rank_for(n) > min(m.weight.shape)}
-        return dataclasses.replace(self, rank_pattern={**self.rank_pattern, **caps}) if caps else self
 
     @classmethod
     def from_units(cls, units) -> "LoRAConfig":
