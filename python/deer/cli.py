@@ -3,6 +3,7 @@
     deer demo                              the embedded default: DEeR vs FFA-LoRA vs FedAvg-LoRA, one budget
     deer train --config job.yaml k=v ...   a federated run from a YAML config with key=value overrides
     deer train --resume runs/X             continue a killed run from its last completed round
+    deer flower init --superlink H:P DIR   a Flower deployment: job, app, TLS certificates, site keys
     deer info                              versions and kernel backends
 """
 from __future__ import annotations
@@ -115,6 +116,17 @@ def main(argv=None):
     t.add_argument("--data", default=None, help="data set: 'digits', an image folder or a MedMNIST .npz")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds=10 methods=[deer] lr=0.05")
+    fl = sub.add_parser("flower", help="Flower deployments").add_subparsers(dest="flower_cmd", required=True)
+    fi = fl.add_parser("init", help="write a complete Flower deployment (job, app, TLS certificates, site keys) "
+                                    "into a new folder; docs/flower.md shows the commands that run it")
+    fi.add_argument("folder")
+    fi.add_argument("--superlink", required=True, metavar="HOST:PORT",
+                    help="the address sites will reach the SuperLink at (its TLS certificate is issued for HOST)")
+    fi.add_argument("--config", default=None, help="YAML file (default: the embedded deer/configs/default.yaml)")
+    fi.add_argument("--method", default="deer", help="deer | deer_no_nr | deer_no_de | ffa | fedavg")
+    fi.add_argument("--insecure", action="store_true",
+                    help="no TLS and no SuperNode authentication (a test on one machine only)")
+    fi.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     sub.add_parser("info", help="print versions and the backends available here")
     args = p.parse_args(argv)
     started = time.time()
@@ -154,6 +166,19 @@ def main(argv=None):
         except ValueError as e:
             print(f"deer: error: {e}", file=sys.stderr)
             return 2
+    if args.cmd == "flower":
+        from .fed.config import load_config
+        from .fed.flower_app import init_deployment
+        try:
+            cfg = load_config(args.config, [*args.overrides, "progress=false"])
+            paths = init_deployment(args.folder, cfg, args.superlink, args.method, args.insecure, log=_log)
+        except ValueError as e:
+            print(f"deer: error: {e}", file=sys.stderr)
+            return 2
+        print(f"[deer] wrote a Flower deployment of {cfg.num_clients} sites to {os.path.abspath(args.folder)}: "
+              + ", ".join(f"{k}/" for k in paths if os.path.exists(paths[k]))
+              + "; docs/flower.md, section 'Deployment', lists the commands that run it")
+        return 0
     if args.cmd == "info":
         import torch
         from . import __version__, _ext

@@ -7,7 +7,8 @@ Run config keys (pyproject `[tool.flwr.app.config]` or `flwr run -c`):
     job-dir   folder with config.yaml and backbone.safetensors (readable by the server and every client)
     method    deer | deer_no_nr | deer_no_de | ffa | fedavg
     out-dir   the run directory: adapter.safetensors, metrics.json, releases.jsonl, state.json + state.r<N>.safetensors (resume)
-Node config (`flower-supernode --node-config`): partition-id=<k> selects client k's data shard.
+Node config (`flower-supernode --node-config`): partition-id=<k> selects client k's data shard;
+job-dir=<path> where this site keeps the job folder, if not at the coordinator's path.
 
 Only the trained factor travels back: a client's reply carries the factor(s) of the current phase,
 and the round loop aggregates exactly those (the frozen factor is already identical everywhere).
@@ -22,8 +23,6 @@ from logging import INFO
 
 import torch
 
-from .. import reference as ref
-from ..nn import lora_key
 from .client import ClientUpdate
 from .config import FedConfig, load_config, method_spec
 from .engine import prepare_job, run_method, train_client
@@ -63,35 +62,98 @@ def _from_record(rec) -> dict[str, torch.Tensor]:
     return dict(rec.to_torch_state_dict())
 
 
+def _ask_partitions(grid, nodes, num_clients: int, timeout: float, log) -> dict[int, int]:
+    """Ask `nodes` which partition each serves: {partition: node id}. A node that fails to answer, or
+    names a partition outside 0..num_clients-1, is logged and left out."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    ask = {n: Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), dst_node_id=n,
+                      message_type="query") for n in sorted(nodes)}
+    if not ask:
+        return {}
+    replies = list(grid.send_and_receive(list(ask.values()), timeout=timeout))
+    node_of_msg = {m.metadata.message_id: n for n, m in ask.items()}   # ids are set when pushed
+    found = {}
+    for rep in replies:
+        node = node_of_msg.get(rep.metadata.reply_to_message_id)
+        if node is None:
+            continue
+        if rep.has_error():
+            log(f"SuperNode {node} did not report its partition: {rep.error.reason}")
+            continue
+        try:
+            k = int(rep.content["config"]["partition-id"])
+        except (KeyError, TypeError, ValueError) as e:
+            log(f"SuperNode {node} sent a malformed partition reply ({type(e).__name__}: {e})")
+            continue
+        if not 0 <= k < num_clients:
+            log(f"SuperNode {node} serves partition-id={k}, outside 0..{num_clients - 1}: not used")
+            continue
+        found[k] = node
+    return found
+
+
+def _update_of(rep) -> ClientUpdate | str:
+    """A train reply as a ClientUpdate, its values as sent (deer.fed.replies checks them), or why not."""
+    try:
+        meta = rep.content["metrics"]
+        factors = _from_record(rep.content["factors"])
+        releases = json.loads(rep.content["config"]["releases"])
+        return ClientUpdate(factors, meta["num-examples"], meta["steps"], meta["loss"], releases)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"malformed reply ({type(e).__name__}: {e})"
+
+
 class FlowerClients:
     """The round loop's transport (engine.run_method's `clients`) in a Flower deployment: the sampled
     clients of a sub-round train on the SuperNodes serving their partitions. Everything else (schedule,
     sampling, noise, min_clients, aggregation, journal, evaluation, checkpoints) is the in-process
-    engine's own loop."""
+    engine's own loop.
 
-    def __init__(self, grid, node_of: dict[int, int], timeout: float | None):
-        self.grid, self.node_of, self.timeout = grid, node_of, timeout
-        self.cid_of = {v: k for k, v in node_of.items()}
+    Sites are known by partition-id, not node id: before each sub-round, connected nodes not seen yet
+    are asked their partition, so a restarted SuperNode (new node id) serves its partition again. A
+    reply is matched to its request by message id; Flower's error replies (node unavailable, reply
+    lost) leave that site out of the sub-round with the reason, as does no reply within the timeout."""
+
+    def __init__(self, grid, node_of: dict[int, int], timeout: float | None, num_clients: int, log=print):
+        self.grid, self.node_of, self.timeout = grid, dict(node_of), timeout
+        self.num_clients, self.log = num_clients, log
+
+    def _refresh(self) -> set[int]:
+        online = set(self.grid.get_node_ids())
+        unknown = online - set(self.node_of.values())
+        if unknown:
+            # the newest node to claim a partition serves it (a restarted site; its old id may still be
+            # listed until the SuperLink's heartbeat check drops it)
+            for k, node in _ask_partitions(self.grid, unknown, self.num_clients, self.timeout or 60.0, self.log).items():
+                self.log(f"partition {k} is now served by SuperNode {node} (was {self.node_of.get(k)})")
+                self.node_of[k] = node
+        return online
 
     def available(self) -> int:
-        return len(set(self.grid.get_node_ids()) & set(self.node_of.values()))
+        return len(self._refresh() & set(self.node_of.values()))
 
     def train(self, cids, rnd, si, phase, spec, sigma, start) -> dict[int, ClientUpdate | str]:
         from flwr.app import ConfigRecord, Message, RecordDict
+        online = self._refresh()
         config = ConfigRecord({"round": rnd, "subround": si, "phase": phase, "method": spec.name,
                                "noise-multiplier": float(sigma)})
-        msgs = [Message(RecordDict({"adapters": _to_record(start), "config": config}), dst_node_id=self.node_of[cid],
-                        message_type="train", group_id=f"{rnd}.{si}") for cid in cids]
-        replies: dict[int, ClientUpdate | str] = {cid: f"no reply within {self.timeout}s" for cid in cids}
-        for rep in (self.grid.send_and_receive(msgs, timeout=self.timeout) if msgs else []):
-            cid = self.cid_of[rep.metadata.src_node_id]
-            if rep.has_error():
-                replies[cid] = f"client error: {rep.error.reason}"
+        replies: dict[int, ClientUpdate | str] = {}
+        sent = {}
+        for cid in cids:
+            node = self.node_of.get(cid)
+            if node not in online:
+                replies[cid] = "no SuperNode serving its partition is connected"
                 continue
-            meta = rep.content["metrics"]
-            replies[cid] = ClientUpdate(_from_record(rep.content["factors"]), int(meta["num-examples"]),
-                                        int(meta["steps"]), float(meta["loss"]),
-                                        [tuple(r) for r in json.loads(rep.content["config"]["releases"])])
+            sent[cid] = Message(RecordDict({"adapters": _to_record(start), "config": config}), dst_node_id=node,
+                                message_type="train", group_id=f"{rnd}.{si}")
+            replies[cid] = f"no reply within {self.timeout}s"
+        answers = list(self.grid.send_and_receive(list(sent.values()), timeout=self.timeout)) if sent else []
+        cid_of_msg = {m.metadata.message_id: cid for cid, m in sent.items()}
+        for rep in answers:
+            cid = cid_of_msg.get(rep.metadata.reply_to_message_id)
+            if cid is None:
+                continue
+            replies[cid] = f"error reply: {rep.error.reason}" if rep.has_error() else _update_of(rep)
         return replies
 
 
@@ -99,21 +161,14 @@ class FlowerClients:
 # ServerApp
 # ----------------------------------------------------------------------------------------------
 
-def _connect(grid, cfg: FedConfig, timeout: float) -> dict[int, int]:
+def _connect(grid, cfg: FedConfig, timeout: float, log) -> dict[int, int]:
     """Wait for the SuperNodes, then learn which node serves which partition: {client: node id}."""
-    from flwr.app import ConfigRecord, Message, RecordDict
     deadline = time.monotonic() + timeout
     while len(list(grid.get_node_ids())) < cfg.num_clients:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {cfg.num_clients} SuperNodes connected")
         time.sleep(0.5)
-    ask = [Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), dst_node_id=n, message_type="query")
-           for n in sorted(grid.get_node_ids())]
-    node_of = {}
-    for rep in grid.send_and_receive(ask, timeout=timeout):
-        if rep.has_error():
-            raise RuntimeError(f"node {rep.metadata.src_node_id} failed to report its partition: {rep.error.reason}")
-        node_of[int(rep.content["config"]["partition-id"])] = rep.metadata.src_node_id
+    node_of = _ask_partitions(grid, grid.get_node_ids(), cfg.num_clients, timeout, log)
     missing = sorted(set(range(cfg.num_clients)) - set(node_of))
     if missing:
         raise RuntimeError(f"no SuperNode serves partition(s) {missing}; start one per partition-id 0..{cfg.num_clients - 1}")
@@ -124,9 +179,10 @@ def _server_main(grid, context) -> None:
     from flwr.common.logger import log
     rc = context.run_config
     job = load_job(str(rc["job-dir"]))
-    node_of = _connect(grid, job.cfg, float(rc.get("connect-timeout", 120)))
-    run_method(job, str(rc.get("method", "deer")), str(rc["out-dir"]), log=lambda msg: log(INFO, msg),
-               clients=FlowerClients(grid, node_of, job.cfg.client_timeout_s))
+    say = lambda msg: log(INFO, msg)  # noqa: E731
+    node_of = _connect(grid, job.cfg, float(rc.get("connect-timeout", 120)), say)
+    run_method(job, str(rc.get("method", "deer")), str(rc["out-dir"]), log=say,
+               clients=FlowerClients(grid, node_of, job.cfg.client_timeout_s, job.cfg.num_clients, say))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +202,8 @@ def _client_query(msg, context):
 
 def _client_train(msg, context):
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-    job = load_job(str(context.run_config["job-dir"]))
+    # a site may keep the job folder elsewhere than the coordinator: --node-config "job-dir=<path>"
+    job = load_job(str(context.node_config.get("job-dir", context.run_config["job-dir"])))
     cfg = job.cfg
     cid = _partition_id(context)
     conf = msg.content["config"]
@@ -155,8 +212,7 @@ def _client_train(msg, context):
     start = _from_record(msg.content["adapters"])
     deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
     upd = train_client(job, cid, rnd, si, phase, spec, float(conf["noise-multiplier"]), start, deadline=deadline)
-    factors = {k: t for k, t in upd.adapters.items() if lora_key(k)[1] in ref.trained_factors(phase)}
-    content = RecordDict({"factors": _to_record(factors),
+    content = RecordDict({"factors": _to_record(upd.adapters),
                           "metrics": MetricRecord({"num-examples": upd.num_examples, "steps": upd.steps,
                                                    "loss": upd.loss if math.isfinite(upd.loss) else -1.0}),
                           "config": ConfigRecord({"releases": json.dumps(upd.releases)})})
@@ -178,3 +234,126 @@ try:  # importing this module without flwr installed must still work (write_job,
     server_app, client_app = _make_apps()
 except ImportError:  # pragma: no cover
     server_app = client_app = None
+
+
+# ----------------------------------------------------------------------------------------------
+# `deer flower init`: everything a deployment needs, in one folder
+# ----------------------------------------------------------------------------------------------
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "deerflower"
+version = "1.0.0"
+description = "deer federated LoRA (DEeR) on Flower"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "deer"
+
+[tool.flwr.app.components]
+serverapp = "deer.fed.flower_app:server_app"
+clientapp = "deer.fed.flower_app:client_app"
+
+[tool.flwr.app.config]
+job-dir = "{job_dir}"
+out-dir = "{out_dir}"
+method = "{method}"
+connect-timeout = {connect_timeout}
+"""
+
+
+def _tls_files(certs: str, host: str, days: int = 365) -> None:
+    """A private CA and a SuperLink certificate it signs, valid for `host` (an IP or a DNS name)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def pem_key(key, path):
+        with open(path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        os.chmod(path, 0o600)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deer federation CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    try:
+        alt = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt = x509.DNSName(host)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    os.makedirs(certs, exist_ok=True)
+    with open(os.path.join(certs, "ca.crt"), "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(os.path.join(certs, "server.pem"), "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    pem_key(ca_key, os.path.join(certs, "ca.key"))
+    pem_key(key, os.path.join(certs, "server.key"))
+
+
+def _site_keys(keys: str, sites: int) -> None:
+    """One EC key pair per site in OpenSSH format (what flower-supernode --auth-supernode-private-key and
+    `flwr supernode register` read)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    os.makedirs(keys, exist_ok=True)
+    for k in range(sites):
+        key = ec.generate_private_key(ec.SECP384R1())
+        path = os.path.join(keys, f"site{k}")
+        with open(path, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                      serialization.NoEncryption()))
+        os.chmod(path, 0o600)
+        with open(path + ".pub", "wb") as f:
+            f.write(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+def init_deployment(folder: str, cfg: FedConfig, superlink: str, method: str = "deer", insecure: bool = False,
+                    connect_timeout: float = 300, log=print) -> dict[str, str]:
+    """Write a complete Flower deployment of `cfg` into `folder`: job/ (config + backbone, what every
+    party loads), app/pyproject.toml (deer's ServerApp and ClientApp, the run config), flwr/config.toml
+    (the federation "deer" for the flwr CLI: `FLWR_HOME=<folder>/flwr`), and unless insecure, certs/ (a
+    private CA and the SuperLink's TLS certificate for the host of `superlink`) and keys/ (one key pair
+    per site for SuperNode authentication). Refuses a folder that already holds a deployment."""
+    method_spec(method)
+    host, sep, port = superlink.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--superlink {superlink!r} must be HOST:PORT, e.g. 10.0.0.5:9093")
+    folder = os.path.abspath(folder)
+    if os.path.exists(os.path.join(folder, "job")) or os.path.exists(os.path.join(folder, "app")):
+        raise ValueError(f"{folder} already holds a deployment (job/ or app/): choose a new folder")
+    paths = {k: os.path.join(folder, k) for k in ("job", "app", "out", "flwr", "certs", "keys")}
+    write_job(cfg, paths["job"], log=log)
+    os.makedirs(paths["app"])
+    with open(os.path.join(paths["app"], "pyproject.toml"), "w") as f:
+        f.write(APP_PYPROJECT.format(job_dir=paths["job"], out_dir=paths["out"], method=method,
+                                     connect_timeout=int(connect_timeout)))
+    os.makedirs(paths["flwr"])
+    security = "insecure = true" if insecure else f'root-certificates = "{os.path.join(paths["certs"], "ca.crt")}"'
+    with open(os.path.join(paths["flwr"], "config.toml"), "w") as f:
+        f.write(f'[superlink]\ndefault = "deer"\n\n[superlink.deer]\naddress = "{superlink}"\n{security}\n')
+    if not insecure:
+        _tls_files(paths["certs"], host.strip("[]"))
+        _site_keys(paths["keys"], cfg.num_clients)
+    return paths
