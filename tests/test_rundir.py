@@ -205,3 +205,12 @@ def test_warning_when_a_resumed_run_passes_its_target(tmp_path):
     logs.clear()
     run_method(job, "deer", str(tmp_path / "fresh"), log=logs.append)
     assert not any("WARNING" in l for l in logs)
+
+
+def test_damaged_backbone_is_one_error_naming_it(tmp_path):
+    """A torn or foreign backbone.safetensors (the run's pretrained backbone) is refused by name."""
+    path = tmp_path / "backbone.safetensors"
+    for content in (b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{bad", b"not safetensors at all"):
+        path.write_bytes(content)
+        with pytest.raises(RunDirError, match=r"backbone\.safetensors \(the pretrained backbone\) cannot be read"):
+            prepare_job(tiny_cfg(1, rounds=1), log=_quiet, backbone_path=str(path))

@@ -26,9 +26,12 @@ def _run(cfg, run_dir: str, title: str, started: float) -> int:
     from .fed.report import print_table, save_report
     os.makedirs(run_dir, exist_ok=True)
     cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(cfg_path):
-        with open(cfg_path, "w") as f:
+    if not os.path.exists(cfg_path):  # atomically: a kill must never leave a torn config to resume from
+        with open(cfg_path + ".tmp", "w") as f:
             yaml.safe_dump({**cfg.to_dict(), "run_dir": None}, f, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(cfg_path + ".tmp", cfg_path)
     _log(f"[deer] run directory {run_dir}")
     out = engine.run(cfg, run_dir, log=_log)
     print()

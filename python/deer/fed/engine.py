@@ -39,7 +39,7 @@ from .client import ClientUpdate, LocalTrainConfig, local_steps, local_train
 from .config import ConfigError, FedConfig, MethodSpec, method_spec
 from .metrics import evaluate
 from . import replies as replies_mod
-from .rundir import RunDir, RunDirError
+from .rundir import RunDir, RunDirError, read_safetensors, write_safetensors
 from .model import build_backbone, pretrain
 
 ROLE_CODE = {"client": 1, "server": 2, "sample": 3, "init": 4, "pretrain": 5, "noise": 6}
@@ -173,8 +173,7 @@ def prepare_job(cfg: FedConfig, log=print, backbone_path: str | None = None) -> 
                           f"the target layer(s) {too_large}: set lora_r <= {min(too_large.values())}, or give those "
                           f"layers their own rank, e.g. lora_rank_pattern={ {n: v for n, v in too_large.items()} }")
     if backbone_path and os.path.exists(backbone_path):
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(backbone_path))
+        model.load_state_dict(read_safetensors(backbone_path, "the pretrained backbone"))
         notes.append(f"backbone: {cfg.model} loaded from {backbone_path}")
     elif cfg.checkpoint:
         notes.append(f"backbone: {cfg.model} with weights from {cfg.checkpoint}")
@@ -191,8 +190,7 @@ def prepare_job(cfg: FedConfig, log=print, backbone_path: str | None = None) -> 
     else:
         notes.append(f"backbone: {cfg.model} randomly initialised (no checkpoint, no pretraining)")
     if backbone_path and not os.path.exists(backbone_path):
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, backbone_path)
+        write_safetensors(model.state_dict(), backbone_path)
     inject_lora(model, lora, seed=stream_seed(cfg.seed, "init"))
     return Job(cfg, data, model, get_lora_state(model), lora, notes)
 
@@ -368,11 +366,12 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
               "skipped": skipped, "releases": len(journal.entries), "initial": initial,
               "final": history[-1] if history else {}}
     if rundir:
-        from safetensors.torch import save_file
         # deer.privacy.checkpoint.save_lora_state's format: load with load_lora_state(model, path)
-        save_file({k: v.contiguous() for k, v in global_state.items()}, os.path.join(rundir.path, "adapter.safetensors"))
-        with open(os.path.join(rundir.path, "metrics.json"), "w") as f:
+        write_safetensors(global_state, os.path.join(rundir.path, "adapter.safetensors"))
+        metrics = os.path.join(rundir.path, "metrics.json")
+        with open(metrics + ".tmp", "w") as f:
             json.dump(result, f, indent=1, default=float)
+        os.replace(metrics + ".tmp", metrics)
     result["adapters"] = global_state
     return result
 

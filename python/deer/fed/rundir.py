@@ -51,6 +51,24 @@ def _fsync_replace(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Write a safetensors file atomically: a kill leaves the old file or the new one, never a torn one."""
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path + ".tmp")
+    _fsync_replace(path + ".tmp", path)
+
+
+def read_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, or a RunDirError naming it and `what` it is."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunDirError(f"{path} ({what}) cannot be read ({type(e).__name__}: {e}): it is damaged or not a "
+                          "safetensors file. Restore it, or remove it to have deer write it again") from None
+
+
 class RunDir:
     """The run directory of one method: lock it, read its journal, load and save checkpoints."""
 
@@ -132,11 +150,9 @@ class RunDir:
              method: str) -> None:
         """Checkpoint after round `rnd`: a new adapters file first, then state.json (the commit point),
         then the adapters files no checkpoint points at any more."""
-        from safetensors.torch import save_file
         name = f"state.r{rnd + 1}.safetensors"
         ts, js = os.path.join(self.path, name), os.path.join(self.path, STATE_JSON)
-        save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, ts + ".tmp")
-        _fsync_replace(ts + ".tmp", ts)
+        write_safetensors(adapters, ts)
         st = {"format": FORMAT, "round": rnd, "history": history, "skipped": skipped, "fingerprint": fingerprint,
               "method": method, "releases": len(self.journal.entries), "journal_sha256": self.journal.digest(),
               "tensors": name, "tensors_sha256": _sha256(ts)}
