@@ -97,13 +97,15 @@ class Deployment:
     """A real Flower deployment on 127.0.0.1: one flower-superlink, SuperNodes by partition-id, `flwr
     run` of deer's apps on a job directory. Every process is stopped (with its children) at the end."""
 
-    def __init__(self, tmp_path, job_dir, out_dir, method, num_partitions):
+    def __init__(self, tmp_path, job_dir, out_dir, method, num_partitions, clientapp=None):
         self.tmp, self.port, self.n = tmp_path, _free_port(), num_partitions
-        self.procs, self.nodes, self.starts, self.runs = [], {}, 0, []
+        self.procs, self.nodes, self.starts = [], {}, 0
         self.app, home = tmp_path / "app", tmp_path / "flwr_home"
         self.app.mkdir()
-        (self.app / "pyproject.toml").write_text(APP_PYPROJECT.format(job_dir=job_dir, out_dir=out_dir, method=method,
-                                                                     connect_timeout=60))
+        app = APP_PYPROJECT.format(job_dir=job_dir, out_dir=out_dir, method=method, connect_timeout=60)
+        if clientapp:
+            app = app.replace('clientapp = "deer.fed.flower_app:client_app"', f'clientapp = "{clientapp}"')
+        (self.app / "pyproject.toml").write_text(app)
         home.mkdir()
         (home / "config.toml").write_text(f"""
 [superlink]
@@ -129,10 +131,11 @@ insecure = true
                                  str(self.port), "--disable-runtime-dependency-installation",
                                  *(["--database", str(database)] if database else [])], "superlink")
 
-    def supernode(self, k):
+    def supernode(self, k, node_config=""):
         self.nodes[k] = self._start([_tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                                      "--host", "127.0.0.1", "--port", str(_free_port()),
-                                     "--node-config", f"partition-id={k} num-partitions={self.n}"], f"supernode{k}")
+                                     "--node-config", f"partition-id={k} num-partitions={self.n} {node_config}".strip()],
+                                    f"supernode{k}")
 
     def submit(self):
         deadline = time.monotonic() + 60
@@ -143,13 +146,6 @@ insecure = true
                 break
             time.sleep(2)
         assert sub.returncode == 0, sub.stdout + sub.stderr + self.logs()
-        self.runs.append(re.search(r"run (\d+)", sub.stdout).group(1))
-
-    def run_log(self):
-        """The ServerApp's log of the last run (`flwr log RUN_ID local --show`)."""
-        sub = subprocess.run([_tool("flwr"), "log", self.runs[-1], "local", "--show"], env=self.env,
-                             capture_output=True, text=True, timeout=60, cwd=self.tmp)
-        return sub.stdout + sub.stderr
 
     def logs(self):
         return "\n".join(f"== {f.name}\n" + f.read_text()[-3000:] for f in sorted(self.tmp.glob("*.log")))
@@ -238,7 +234,7 @@ def test_flower_survives_a_killed_supernode_and_takes_it_back(tmp_path, gen):
         d.supernode(1)
         d.wait_for(out_dir / "metrics.json", timeout=500)
         time.sleep(0.5)
-        log = d.run_log()
+        log = (out_dir / "server.log").read_text()
     journal = ReleaseJournal(str(out_dir / "releases.jsonl"))
     rounds_of = {c: sorted({e["round"] for e in journal.entries if e["ledger"] == f"client{c}"}) for c in range(3)}
     assert rounds_of[0] == rounds_of[2] == [0, 1, 2, 3], (rounds_of, log[-4000:])
@@ -271,7 +267,7 @@ def test_flower_resumes_after_a_superlink_restart(tmp_path, gen):
         d.submit()
         d.wait_for(out_dir / "metrics.json", timeout=500)
         time.sleep(0.5)
-        log = d.run_log()
+        log = (out_dir / "server.log").read_text()
         assert all(p.poll() is None for p in d.nodes.values()), d.logs()   # the SuperNodes reconnected
     assert "resuming after round" in log, log[-4000:]
     got = load_file(str(out_dir / "adapter.safetensors"))
@@ -444,3 +440,45 @@ def test_flower_recipe_with_tls_and_node_authentication(tmp_path, gen):
     assert set(got) == set(expected)
     for k, t in expected.items():
         torch.testing.assert_close(got[k], t, rtol=1e-5, atol=1e-6, msg=f"{k} (seed {seed})")
+
+
+def test_flower_one_malicious_site(tmp_path, gen):
+    """One of three SuperNodes runs a malicious ClientApp (tests/flower_malicious.py) that sends, one
+    round each: a wrong-shape factor, a wrong dtype, a missing layer, an extra tensor, NaN, a 1e30-norm
+    update, num-examples = 10^9, a fake release report, and a reply that never comes. The run
+    completes; each bad reply is left out or bounded with its logged reason, and the adapters and the
+    journal equal the in-process engine's with the same site tampering the same way (one check, both
+    transports)."""
+    from deer.fed.engine import InProcessClients
+    import flower_malicious as M
+    seed = gen.initial_seed() % 100000
+    cfg = _tiny(seed, rounds=len(M.ROUND_ATTACKS), num_clients=3, clients_per_round=3, methods=["ffa"],
+                client_timeout_s=30.0, update_norm_bound=5.0)
+    job_dir, out_dir = tmp_path / "job", tmp_path / "out"
+    job = write_job(cfg, str(job_dir), log=lambda *a: None)
+
+    class Tampered(InProcessClients):
+        def train(self, cids, rnd, si, phase, spec, sigma, start):
+            out = super().train(cids, rnd, si, phase, spec, sigma, start)
+            out[2] = M.attack(rnd, out[2])
+            return out
+
+    expected = run_method(job, "ffa", log=lambda *a: None, clients=Tampered(job))
+    with Deployment(tmp_path, job_dir, out_dir, "ffa", 3, clientapp="flower_malicious:client_app") as d:
+        d.superlink()
+        for k in range(3):
+            d.supernode(k, "attack=true" if k == 2 else "")
+        d.submit()
+        d.wait_for(out_dir / "metrics.json", timeout=600)
+        time.sleep(0.5)
+        log = (out_dir / "server.log").read_text()
+    for rnd, (name, _, said) in enumerate(M.ROUND_ATTACKS):
+        assert re.search(rf"round {rnd + 1} B: client 2:? {said}", log), \
+            (name, [line for line in log.splitlines() if f"round {rnd + 1} " in line])
+    got = load_file(str(out_dir / "adapter.safetensors"))
+    assert set(got) == set(expected["adapters"])
+    for k, t in expected["adapters"].items():
+        torch.testing.assert_close(got[k], t, rtol=1e-5, atol=1e-6, msg=f"{k} (seed {seed})")
+    res = json.loads((out_dir / "metrics.json").read_text())
+    assert len(res["history"]) == cfg.rounds and res["releases"] == expected["releases"]
+    assert res["epsilon"] == pytest.approx(expected["epsilon"], rel=1e-12)

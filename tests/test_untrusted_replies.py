@@ -187,3 +187,51 @@ def test_huge_update_at_client_level_is_bounded(jobs):
         first[name] = aggs[0]["after"]
     gap = sum(float((first["bad"][k] - first["honest"][k]).pow(2).sum()) for k in first["bad"]) ** 0.5
     assert 0 < gap <= 2 * job.cfg.max_grad_norm / job.cfg.num_clients * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("privacy", ["none", "sample"])
+def test_update_norm_bound_scales_a_huge_update(jobs, privacy):
+    """A finite 1e30-norm update: accepted as is without a bound (it drags the mean); with
+    update_norm_bound it is scaled to the bound, logged, and the mean stays near the honest ones."""
+    job = jobs[privacy]
+
+    def huge(r):       # (a site that failed to train has nothing to inflate)
+        return r if isinstance(r, str) else _map(r, lambda d: {k: v + 1e29 for k, v in d.items()})
+
+    logs = []
+    bound = 0.5
+    job_b = prepare_job(job.cfg.replace(update_norm_bound=bound), log=_quiet)
+    seen = []
+
+    def watch(info):
+        seen.append(info)
+    res = run_method(job_b, "deer", log=logs.append, clients=OneMalicious(job_b, huge), on_aggregate=watch)
+    assert any(re.search(rf"client {BAD}: update norm [\d.]+e\+\d\d scaled to update_norm_bound=0.5", m) for m in logs), logs
+    for info in seen:                     # the bad site's update, as aggregated, has norm <= the bound
+        ids = info["ids"]
+        assert BAD in ids
+        upd = info["clients"][ids.index(BAD)]
+        norm = sum(float((upd[k].double() - info["before"][k].double()).pow(2).sum()) for k in upd
+                   if not torch.equal(upd[k], info["before"][k])) ** 0.5
+        assert norm <= bound * (1 + 1e-5), norm
+    assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in res["adapters"].values())
+    unbounded = run_method(job, "deer", log=_quiet, clients=OneMalicious(job, huge))
+    assert max(float(t.abs().max()) for t in unbounded["adapters"].values()) > 1e25
+
+
+def test_update_norm_bound_is_refused_at_client_level():
+    with pytest.raises(ValueError, match="update_norm_bound=1.0 applies at privacy 'none' or 'sample'"):
+        tiny_cfg(1, privacy="client", noise_multiplier=1.0, update_norm_bound=1.0)
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedavg", "deer_no_nr"])
+def test_fake_noise_multiplier_is_caught_for_isotropic_methods(jobs, method):
+    """Euclidean clipping + isotropic noise charges sigma itself, so a report of another sigma is
+    inconsistent and must be left out, as for DEeR's regulated pair."""
+    job = jobs["sample"]
+    attack, field = SAMPLE_ATTACKS["report bigger sigma"]
+    logs = []
+    res = run_method(job, method, log=logs.append, clients=OneMalicious(job, attack))
+    assert re.search(rf"client {BAD} left out: .*{field}", "\n".join(logs))
+    honest = run_method(job, method, log=_quiet, clients=OneMalicious(job, lambda r: "gone"))
+    assert res["releases"] == honest["releases"] and res["epsilon"] == honest["epsilon"]

@@ -138,6 +138,9 @@ class FedConfig:
     min_clients: _Pos = 1                # a sub-round with fewer client updates is skipped (nothing released);
     #                                      at client level only where that is sound (docs/privacy.md 7.1)
     client_timeout_s: _PosFloat | None = None
+    # none/sample level: each site's update (its factors minus the global ones) scaled down to this
+    # Euclidean norm if larger; post-processing, no privacy cost; bounds one site's pull on the mean
+    update_norm_bound: _PosFloat | None = None
     run_dir: str | None = None
     progress: bool = True
     torch_threads: _Pos | None = None    # intra-op threads; 1 is fastest for the tiny default model
@@ -157,6 +160,9 @@ class FedConfig:
         if self.min_clients > self.clients_per_round:
             raise ValueError(f"min_clients={self.min_clients} is larger than clients_per_round="
                              f"{self.clients_per_round}: allowed 1..{self.clients_per_round}")
+        if self.update_norm_bound is not None and self.privacy == "client":
+            raise ValueError(f"update_norm_bound={self.update_norm_bound} applies at privacy 'none' or 'sample'; at "
+                             "client level the server already clips every update to max_grad_norm")
         self.lora_config()
         return self
 

@@ -398,7 +398,7 @@ def _collect(job: Job, spec: MethodSpec, sigma: float, journal: ReleaseJournal, 
             global_state, phase, n, **(dict(
                 sample_rate=min(1.0, cfg.batch_size / n),
                 steps=cfg.local_steps or local_steps(n, cfg.batch_size, cfg.local_epochs),
-                sigma=sigma if mech.metric == mech.noise else None) if cfg.privacy == "sample" else {}))
+                sigma=sigma if mech.matched else None) if cfg.privacy == "sample" else {}))
         try:
             if cfg.privacy == "sample":
                 for s, q, k in replies_mod.check_releases(upd.releases, exp):
@@ -409,6 +409,10 @@ def _collect(job: Job, spec: MethodSpec, sigma: float, journal: ReleaseJournal, 
             continue
         if note:
             log(f"{where}: client {cid}: {note}")
+        if cfg.update_norm_bound is not None:
+            got, note = replies_mod.bound_update(got, exp, cfg.update_norm_bound)
+            if note:
+                log(f"{where}: client {cid}: {note}")
         valid[cid] = ({**global_state, **got}, weight)
     return valid, received
 

@@ -6,7 +6,8 @@ the same global adapters.
 Run config keys (pyproject `[tool.flwr.app.config]` or `flwr run -c`):
     job-dir   folder with config.yaml and backbone.safetensors (readable by the server and every client)
     method    deer | deer_no_nr | deer_no_de | ffa | fedavg
-    out-dir   the run directory: adapter.safetensors, metrics.json, releases.jsonl, state.json + state.r<N>.safetensors (resume)
+    out-dir   the run directory: adapter.safetensors, metrics.json, releases.jsonl, state.json + state.r<N>.safetensors
+              (resume), server.log (the ServerApp's log, every run appended)
 Node config (`flower-supernode --node-config`): partition-id=<k> selects client k's data shard;
 job-dir=<path> where this site keeps the job folder, if not at the coordinator's path.
 
@@ -179,10 +180,15 @@ def _server_main(grid, context) -> None:
     from flwr.common.logger import log
     rc = context.run_config
     job = load_job(str(rc["job-dir"]))
-    say = lambda msg: log(INFO, msg)  # noqa: E731
-    node_of = _connect(grid, job.cfg, float(rc.get("connect-timeout", 120)), say)
-    run_method(job, str(rc.get("method", "deer")), str(rc["out-dir"]), log=say,
-               clients=FlowerClients(grid, node_of, job.cfg.client_timeout_s, job.cfg.num_clients, say))
+    out_dir = str(rc["out-dir"])
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "server.log"), "a", buffering=1) as server_log:
+        def say(msg):  # to `flwr log` and to <out-dir>/server.log, which keeps every line of every run
+            log(INFO, msg)
+            server_log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
+        node_of = _connect(grid, job.cfg, float(rc.get("connect-timeout", 120)), say)
+        run_method(job, str(rc.get("method", "deer")), out_dir, log=say,
+                   clients=FlowerClients(grid, node_of, job.cfg.client_timeout_s, job.cfg.num_clients, say))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,23 +206,30 @@ def _client_query(msg, context):
     return Message(RecordDict({"config": ConfigRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
 
 
-def _client_train(msg, context):
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+def client_update(msg, context) -> ClientUpdate:
+    """What this site trains for one `train` message: its partition, the sub-round's phase and noise."""
     # a site may keep the job folder elsewhere than the coordinator: --node-config "job-dir=<path>"
     job = load_job(str(context.node_config.get("job-dir", context.run_config["job-dir"])))
     cfg = job.cfg
-    cid = _partition_id(context)
     conf = msg.content["config"]
     rnd, si, phase = int(conf["round"]), int(conf["subround"]), str(conf["phase"])
-    spec = method_spec(str(conf["method"]))
-    start = _from_record(msg.content["adapters"])
     deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
-    upd = train_client(job, cid, rnd, si, phase, spec, float(conf["noise-multiplier"]), start, deadline=deadline)
+    return train_client(job, _partition_id(context), rnd, si, phase, method_spec(str(conf["method"])),
+                        float(conf["noise-multiplier"]), _from_record(msg.content["adapters"]), deadline=deadline)
+
+
+def reply_message(msg, upd: ClientUpdate):
+    """The reply carrying a site's update: its trained factors, counts and release report."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     content = RecordDict({"factors": _to_record(upd.adapters),
                           "metrics": MetricRecord({"num-examples": upd.num_examples, "steps": upd.steps,
                                                    "loss": upd.loss if math.isfinite(upd.loss) else -1.0}),
                           "config": ConfigRecord({"releases": json.dumps(upd.releases)})})
     return Message(content, reply_to=msg)
+
+
+def _client_train(msg, context):
+    return reply_message(msg, client_update(msg, context))
 
 
 def _make_apps():

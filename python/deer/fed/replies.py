@@ -104,3 +104,21 @@ def check_update(adapters, num_examples, exp: Expected) -> tuple[LoRAState, floa
         note = f"num-examples {num_examples:g} capped at its partition's {exp.max_examples}"
         num_examples = exp.max_examples
     return {k: adapters[k] for k in exp.factors}, float(num_examples), note
+
+
+def bound_update(factors: LoRAState, exp: Expected, bound: float) -> tuple[LoRAState, str | None]:
+    """The update (factors minus what the server sent) scaled down to Euclidean norm `bound` if it is
+    larger, and a note saying so. Post-processing of what the site released: it costs no privacy. It
+    bounds how far one well-formed update moves the mean (at most bound times its weight); it does not
+    detect a poisoned update below the bound."""
+    delta = {k: factors[k].double() - exp.factors[k].double() for k in exp.factors}
+    # the norm of delta / s times s, s its largest entry: no finite update overflows to inf
+    s = max((float(d.abs().max()) for d in delta.values() if d.numel()), default=0.0)
+    if not s > 0:
+        return factors, None
+    norm = s * math.sqrt(sum(float(((d / s) ** 2).sum()) for d in delta.values()))
+    if norm <= bound:
+        return factors, None
+    c = bound / norm
+    out = {k: (exp.factors[k].double() + c * d).to(exp.factors[k].dtype) for k, d in delta.items()}
+    return out, f"update norm {norm:.3g} scaled to update_norm_bound={bound:g}"

@@ -86,6 +86,12 @@ class Mechanism:
             return float(max_grad_norm)
         return math.sqrt(sum(b * b for b in ref.per_layer_bounds(max_grad_norm, n_tensors)))
 
+    @property
+    def matched(self) -> bool:
+        """Metric and noise agree (Euclidean clipping + isotropic noise, or regulated + regulated): the
+        multiplier charged is the noise multiplier itself, whatever the grams."""
+        return (self.metric, self.noise) in (("euclidean", "isotropic"), ("regulated", "regulated"))
+
     def effective_multiplier(self, noise_multiplier: float, grams: Sequence[torch.Tensor | None]) -> float:
         """The multiplier the accountant is charged for one release with noise std sigma * sensitivity
         (deer.reference.effective_multiplier: sigma when metric and noise agree)."""
