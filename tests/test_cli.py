@@ -7,7 +7,6 @@ import yaml
 
 from deer.cli import main
 from deer.fed.config import FedConfig, load_config
-import torch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,3 +125,58 @@ def test_resume_refuses_changes_it_cannot_honour(tmp_path, capsys):
         import re
         assert re.search(why, err) and "\n" not in err, err
     assert main(["train", "--resume", str(run), "--no-progress", "torch_threads=1"]) == 0
+
+
+def _readme_train_commands():
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Federated training.*?```bash\n(.*?)```", text, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.startswith(".venv/bin/deer train")]
+
+
+def test_readme_train_commands_run(tmp_path, monkeypatch, capsys):
+    """The README's `deer train` lines, as written, on files this test makes (a tiny model and data set
+    appended as overrides, so each takes seconds)."""
+    import shlex
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+    from deer.fed.model import build_backbone
+    lines = _readme_train_commands()
+    assert len(lines) == 3 and "--resume" in lines[-1]
+    monkeypatch.chdir(tmp_path)
+    tiny = dict(o.split("=", 1) for o in TINY)
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump({k: yaml.safe_load(v) for k, v in tiny.items()}))
+    rng = np.random.default_rng(0)
+    for c in ("polyps", "ulcer", "normal"):
+        os.makedirs(tmp_path / "data" / "kvasir-v2" / c)
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / "kvasir-v2" / c / f"{i}.png")
+    mk = yaml.safe_load(tiny["model_kwargs"])
+    save_file(build_backbone("vit_tiny_patch16_224", 3, 1, mk).state_dict(), str(tmp_path / "vit_small.safetensors"))
+    runs = []
+    for line in lines:
+        args = shlex.split(line.replace("/data/kvasir-v2", str(tmp_path / "data" / "kvasir-v2")))[1:]
+        if "--resume" in args:
+            args[args.index("--resume") + 1] = runs[0]
+            rc = main([*args, "--no-progress"])
+        else:
+            rc = main([*args, "--no-progress", *([] if "--config" in args else TINY)])
+            runs.append(str(sorted((tmp_path / "runs").iterdir(), key=os.path.getmtime)[-1]))
+        out = capsys.readouterr()
+        assert rc == 0, (line, out.err[-2000:])
+    assert "resuming after round" in out.out          # the last line resumed the first line's run
+
+
+def test_a_new_run_never_reuses_a_run_directory(tmp_path, monkeypatch, capsys):
+    from deer.cli import _new_run_dir
+    monkeypatch.chdir(tmp_path)
+    a, b = _new_run_dir(None, "train-20261203-120000"), _new_run_dir(None, "train-20261203-120000")
+    assert a != b and os.path.isdir(a) and os.path.isdir(b)       # two runs started in the same second
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--no-progress", "methods=[ffa]", *TINY, "rounds=1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--no-progress", "methods=[ffa]", *TINY, "rounds=1", "lr=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} already holds a run: continue it with --resume {run}" in err

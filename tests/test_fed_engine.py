@@ -216,3 +216,16 @@ def test_client_level_poisson_never_skips_after_the_draw(gen):
         assert torch.equal(t, empty["before"][k]) == (lora_key(k)[1] == "A")
     assert res["releases"] == 4
     assert res["epsilon"] == pytest.approx(epsilon([(1.0, 0.5, 4)], cfg.delta), rel=1e-9)
+
+
+def test_warning_when_client_level_noise_drowns_every_update():
+    """sigma > clients_per_round: the aggregate's noise std per coordinate (sigma C / clients_per_round)
+    exceeds any clipped update's whole norm C. Said at the start; not said when the noise is small."""
+    for sigma, warned in ((5.0, True), (1.0, False)):
+        cfg = tiny_cfg(5, rounds=1, privacy="client", noise_multiplier=sigma, min_clients=1)
+        logs = []
+        run_method(prepare_job(cfg, log=lambda *a: None), "ffa", log=logs.append)
+        hit = [m for m in logs if "unlikely to learn" in m]
+        assert bool(hit) == warned, logs
+        if warned:
+            assert "clients_per_round >= sigma = 5" in hit[0]

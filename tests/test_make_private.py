@@ -85,7 +85,9 @@ def test_step_matches_reference(gen, phase, noise, regulator, clipping):
                                            msg=f"{phase} {noise} {regulator} {clipping} seed {gen.initial_seed()}")
             else:
                 assert p.grad is None
-    assert 0.2 < opt.last_step["clipped_fraction"] < 0.9
+    # flat: C is the median norm, so about half the samples are clipped. per_layer: each tensor has its
+    # own share of C and a sample counts as clipped if any of its tensors is, which can be all of them.
+    assert 0.2 < opt.last_step["clipped_fraction"] <= (1.0 if clipping == "per_layer" else 0.9)
 
 
 @pytest.mark.filterwarnings("ignore:noise_multiplier=0")

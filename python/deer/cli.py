@@ -60,6 +60,25 @@ def _outcome(cfg, results: dict) -> int:
     return 0
 
 
+def _new_run_dir(given: str | None, name: str) -> str:
+    """The directory of a new run: `given`, which must not hold a run already, or runs/<name> (with a
+    suffix if a run started in the same second took that name)."""
+    if given:
+        if os.path.exists(os.path.join(given, "config.yaml")):
+            raise ValueError(f"{given} already holds a run: continue it with --resume {given}, or choose a new "
+                             "--run-dir")
+        return given
+    os.makedirs("runs", exist_ok=True)
+    path, n = os.path.join("runs", name), 1
+    while True:
+        try:
+            os.mkdir(path)          # claims the name: two runs never share a directory
+            return path
+        except FileExistsError:
+            n += 1
+            path = os.path.join("runs", f"{name}-{n}")
+
+
 def _resume_config(run_dir: str, args):
     """RUN_DIR's own config; overrides may change only keys that do not change results."""
     from .fed.config import RESULT_NEUTRAL, load_config
@@ -131,7 +150,14 @@ def main(argv=None):
                     help="no TLS and no SuperNode authentication (a test on one machine only)")
     fi.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     sub.add_parser("info", help="print versions and the backends available here")
-    args = p.parse_args(argv)
+    # key=value overrides may come before, between or after the options (argparse alone takes only the
+    # first run of positionals)
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
@@ -140,7 +166,7 @@ def main(argv=None):
         try:
             if args.cmd == "demo":
                 cfg = load_config(None, [f"seed={args.seed}", *args.overrides])
-                run_dir = args.run_dir or os.path.join("runs", f"demo-{stamp}")
+                run_dir = _new_run_dir(args.run_dir, f"demo-{stamp}")
                 title = "deer demo"
             else:
                 if args.resume:
@@ -153,7 +179,7 @@ def main(argv=None):
                     if args.data:
                         ov.append(f"dataset={args.data}")
                     cfg = load_config(args.config, ov)
-                    run_dir = args.run_dir or os.path.join("runs", f"train-{stamp}")
+                    run_dir = _new_run_dir(args.run_dir, f"train-{stamp}")
                 title = f"deer train ({args.config or 'default config'})"
             if args.no_progress:
                 cfg = cfg.replace(progress=False)

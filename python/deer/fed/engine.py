@@ -315,6 +315,12 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
         log(f"[{spec.label}] phases per round {list(spec.phases)}, mechanism {spec.mechanism.replace(lam=cfg.lam).name}, "
             f"privacy {cfg.privacy}" + (f", noise multiplier {sigma:.4g} ({how}), C={cfg.max_grad_norm}, "
                                          f"lambda={cfg.lam}, delta={cfg.delta}" if cfg.privacy != "none" else ""))
+        if cfg.privacy == "client" and sigma > cfg.clients_per_round:
+            # the aggregate's noise std sigma C / (q N) against the largest clipped update C
+            log(f"[{spec.label}] WARNING: this configuration is unlikely to learn: at client level the noise on "
+                f"the aggregate (std sigma C / clients_per_round = {sigma / cfg.clients_per_round:.3g} C) is larger "
+                f"than any client's clipped update (C). Noise and signal balance only with clients_per_round >= "
+                f"sigma = {sigma:.3g} expected participants per sub-round (more clients, or a larger budget)")
     set_lora_state(model, job.init_adapters)  # B = 0: the pretrained backbone's own predictions
     initial = evaluate(model, data.test.x, data.test.y, data.num_classes)
     if start == 0 and not history:
