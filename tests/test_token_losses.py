@@ -103,11 +103,11 @@ def _llama():
 
 
 def _gpt2():
-    # GPT-2's attention/MLP use transformers' Conv1D, not nn.Linear: only the (tied) lm_head is a target.
+    # GPT-2's attention and MLP projections are transformers' Conv1D, adapted like Linear layers
     cfg = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32,
                                  bos_token_id=0, eos_token_id=0)
     cfg._attn_implementation = "eager"
-    return transformers.GPT2LMHeadModel(cfg), ["lm_head"]
+    return transformers.GPT2LMHeadModel(cfg), ["c_attn", "c_proj", "lm_head"]
 
 
 def _model(gen, build):

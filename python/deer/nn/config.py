@@ -8,6 +8,8 @@ from typing import Any, Callable, Union
 
 import torch.nn as nn
 
+from .lora import adaptable
+
 Target = Union[str, type, Callable[[str, nn.Module], bool]]
 INITS = ("kaiming", "gaussian")   # A ~ kaiming-uniform(a=sqrt(5)) (LoRA's and peft's default) | N(0, 1/r^2)
 
@@ -91,7 +93,7 @@ class LoRAConfig:
         """{target name: the largest rank it allows, min(out, in)} for each matched Linear of `model`
         whose configured rank exceeds it (e.g. a classifier head with fewer classes than r)."""
         return {n: min(m.weight.shape) for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) and self.matches(n, m) and self.rank_for(n) > min(m.weight.shape)}
+                if adaptable(m) and self.matches(n, m) and self.rank_for(n) > min(m.weight.shape)}
 
     @classmethod
     def from_units(cls, units) -> "LoRAConfig":

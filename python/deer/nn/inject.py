@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..reference import check_phase
 from .config import LoRAConfig, Target
-from .lora import LoRAFactors, LoRALinear, LoRAQKV, lora_units
+from .lora import LoRAFactors, LoRALinear, LoRAQKV, adaptable, lora_units
 from .mha import PROJECTIONS, LinearMultiheadAttention
 
 LoRAState = dict[str, torch.Tensor]
@@ -30,16 +30,16 @@ class NoLoRALayersError(ValueError):
     """The model has no LoRA layers where some were required."""
 
 
-def _is_fused_qkv(name: str, module: nn.Linear) -> bool:
-    return name.split(".")[-1] == "qkv" and module.out_features % 3 == 0 \
+def _is_fused_qkv(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and name.split(".")[-1] == "qkv" and module.out_features % 3 == 0 \
         and module.out_features // 3 == module.in_features
 
 
 def _summary_of_names(model: nn.Module, limit: int = 40) -> str:
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    linear = [n for n, m in model.named_modules() if adaptable(m) and n]
     shown = ", ".join(map(repr, linear[:limit])) + (f", ... ({len(linear) - limit} more)" if len(linear) > limit else "")
-    return f"nn.Linear modules in this model: [{shown}]" if linear else \
-        f"this model has no nn.Linear modules (module types: {sorted({type(m).__name__ for m in model.modules()})})"
+    return f"nn.Linear / Conv1D modules in this model: [{shown}]" if linear else \
+        f"this model has no nn.Linear or Conv1D modules (module types: {sorted({type(m).__name__ for m in model.modules()})})"
 
 
 _UNSET = object()
@@ -84,9 +84,9 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
             raise TypeError(f"inject_lora: target {name!r} is an nn.MultiheadAttention; name its projections "
                             f"instead: {[f'{name}.{p}' for p in PROJECTIONS]} (or suffixes such as 'q_proj', "
                             f"'out_proj'), which deer then adapts as Linear layers")
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"inject_lora: target {name!r} is a {type(module).__name__}, not an nn.Linear; "
-                            f"LoRA here adapts Linear layers only. Narrow target_modules (e.g. "
+        if not adaptable(module):
+            raise TypeError(f"inject_lora: target {name!r} is a {type(module).__name__}, not an nn.Linear or a "
+                            f"transformers Conv1D; LoRA here adapts those layers only. Narrow target_modules (e.g. "
                             f"{name + '.<linear name>'!r}). {_summary_of_names(model)}")
         if name == "":
             raise ValueError("inject_lora: the model itself is the target Linear; wrap it yourself with "
@@ -132,7 +132,7 @@ def _convert_attention(model: nn.Module, config: LoRAConfig) -> None:
             convert.append(name)
     if not convert:
         return
-    targets = convert + [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.matches(n, m)]
+    targets = convert + [n for n, m in model.named_modules() if adaptable(m) and config.matches(n, m)]
     for lname, layer in model.named_modules():
         if not isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) or layer.self_attn.batch_first:
             continue

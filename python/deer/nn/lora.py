@@ -180,31 +180,46 @@ class LoRAFactors(nn.Module):
                 f"alpha={self.alpha}, phase={self.phase}")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's attention and MLP projections): y = x W + b with W of shape
+    (in, out), a Linear with its weight stored transposed."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def adaptable(module: nn.Module) -> bool:
+    """A module LoRALinear can wrap: nn.Linear, or transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 class LoRALinear(LoRAFactors):
-    """Drop-in replacement for an `nn.Linear` (frozen) plus a LoRA branch.
+    """Drop-in replacement for an `nn.Linear` (frozen) plus a LoRA branch; also wraps transformers'
+    Conv1D (weight stored (in, out): `fan_in_fan_out` is True, as peft names it).
 
     `dtype` sets the factors' dtype (default: the base weight's), e.g. fp32 factors on a bf16 base."""
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
                  name: str = "", dtype: torch.dtype | None = None, **init):
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}"
+        if not adaptable(base):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or a transformers Conv1D, got {type(base).__name__}"
                             + (f" at {name!r}" if name else ""))
         w = base.weight
-        super().__init__(base.in_features, base.out_features, r, alpha, dropout,
-                         dtype=dtype or w.dtype, device=w.device, name=name, **init)
+        self_fan_in_fan_out = is_conv1d(base)
+        n, m = (w.shape[0], w.shape[1]) if self_fan_in_fan_out else (w.shape[1], w.shape[0])
+        super().__init__(n, m, r, alpha, dropout, dtype=dtype or w.dtype, device=w.device, name=name, **init)
         self.base = base
+        self.fan_in_fan_out = self_fan_in_fan_out
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.merged = False
 
     @property
     def in_features(self):
-        return self.base.in_features
+        return self.lora_A.shape[1]
 
     @property
     def out_features(self):
-        return self.base.out_features
+        return self.lora_B.shape[0]
 
     @property
     def weight(self):
@@ -214,21 +229,25 @@ class LoRALinear(LoRAFactors):
     def bias(self):
         return self.base.bias
 
+    def _delta_as_base(self) -> torch.Tensor:
+        d = self.delta_weight().to(self.base.weight.dtype)
+        return d.T if self.fan_in_fan_out else d
+
     @torch.no_grad()
     def merge(self):
         """Fold s B A into the base weight (inference); forward then skips the branch."""
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight += self._delta_as_base()
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight -= self._delta_as_base()
             self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.base.weight, self.base.bias)
+        y = self.base(x)
         if self.merged:
             return y
         return y + self.lora_delta(x)

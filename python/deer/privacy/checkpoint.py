@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..nn.config import LoRAConfig
 from ..nn.inject import _require_lora, get_lora_state, set_lora_state
 from ..nn.lora import LoRALinear, LoRAQKV
+from ..nn.mha import LinearMultiheadAttention
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -36,6 +37,13 @@ def _peft_units(model: nn.Module):
                          f"(e.g. {qkv[0]!r}), which peft cannot represent. Inject them with qkv_slices=None "
                          f"for a peft-compatible adapter, or use deer.privacy.checkpoint.save_lora_state.")
     units = [(n, m) for n, m in _require_lora(model, "save_adapter")]
+    attn = [n for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)
+            and any(u.startswith(n + ".") for u, _ in units)]
+    if attn:
+        raise ValueError(f"save_adapter: LoRA on the projections of nn.MultiheadAttention modules (e.g. {attn[0]!r}, "
+                         "converted by inject_lora to q_proj/k_proj/v_proj/out_proj) has no peft equivalent (peft "
+                         "adapts the fused in_proj of the original module): use "
+                         "deer.privacy.checkpoint.save_lora_state")
     odd = [n for n, m in units if not isinstance(m, LoRALinear)]
     if odd:
         raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear layers; peft cannot load them")
@@ -58,6 +66,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     base = None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
     try:   # the model's LoRAConfig (what inject_lora was given), written as peft's adapter_config.json
         config = LoRAConfig.from_units(units).to_peft([n for n, _ in units], base)
+        # peft keeps one flag per adapter and corrects it per layer type; True says "Conv1D layers here"
+        config["fan_in_fan_out"] = any(m.fan_in_fan_out for _, m in units)
     except ValueError as e:
         raise ValueError(f"save_adapter: {e}") from None
     path = os.path.abspath(directory)
