@@ -164,3 +164,11 @@ def test_per_sample_gradients_match_autograd(gen, build):
     got = _private_grads(model, lambda m: ce(m(x), y, reduction="sum").backward(), b)
     want = _oracle_grads(oracle, lambda m, i: ce(m(x[i:i + 1]), y[i:i + 1]), b)
     _assert_close(got, want)
+
+
+def test_save_adapter_refuses_converted_attention(tmp_path):
+    from deer import save_adapter
+    model = inject_lora(torchvision_vit(1), ALL + ["heads.head"], r=2)
+    with pytest.raises(ValueError, match=r"nn.MultiheadAttention .*no peft equivalent.*save_lora_state"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
