@@ -180,3 +180,17 @@ def test_a_new_run_never_reuses_a_run_directory(tmp_path, monkeypatch, capsys):
     assert main(["train", "--run-dir", str(run), "--no-progress", "methods=[ffa]", *TINY, "rounds=1", "lr=0.2"]) == 2
     err = capsys.readouterr().err
     assert f"{run} already holds a run: continue it with --resume {run}" in err
+
+
+def test_a_round_where_every_client_failed_exits_non_zero(tmp_path, capsys, monkeypatch):
+    from deer.fed import engine
+    real = engine.train_client
+
+    def flaky(job, cid, rnd, *a, **kw):
+        if rnd == 1:
+            raise RuntimeError("site network down")
+        return real(job, cid, rnd, *a, **kw)
+    monkeypatch.setattr(engine, "train_client", flaky)
+    rc = main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", "methods=[ffa]", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 1 and "FFA-LoRA: every sampled client failed in round 2 B" in err, err

@@ -93,7 +93,7 @@ def test_faults_raise_nan_timeout_and_min_clients(gen):
     assert "round 2 A: skipped, 1 client updates received < min_clients=2" in text
     assert [(a["round"], a["phase"], a["ids"]) for a in aggs] == [
         (0, "B", [0, 2, 3]), (0, "A", [0, 1, 3]), (1, "B", [0, 1, 2])]
-    assert res["skipped"] == [{"round": 1, "phase": "A", "valid": 1}]
+    assert res["skipped"] == [{"round": 1, "phase": "A", "valid": 1, "sampled": 4}]
     # the skipped sub-round released nothing: 3 server releases, and epsilon is theirs exactly
     assert res["releases"] == 3
     assert res["epsilon"] == pytest.approx(epsilon([(1.0, 1.0, 3)], cfg.delta), rel=1e-9)
@@ -229,3 +229,16 @@ def test_warning_when_client_level_noise_drowns_every_update():
         assert bool(hit) == warned, logs
         if warned:
             assert "clients_per_round >= sigma = 5" in hit[0]
+
+
+def test_warning_when_a_class_has_no_client_records(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(90, 8, 8), dtype=np.uint8)
+    y = np.arange(90) % 2                                         # classes 0 and 1 in train
+    xt, yt = x[:12], np.array([0, 1, 2] * 4)                      # class 2 only in test
+    np.savez(tmp_path / "d.npz", train_images=x, train_labels=y, test_images=xt, test_labels=yt)
+    logs = []
+    prepare_job(tiny_cfg(3, dataset=str(tmp_path / "d.npz"), num_clients=2, clients_per_round=2, public_fraction=0.0,
+                         pretrain_epochs=0), log=logs.append)
+    assert any("class(es) ['2'] have no training records on any client" in m for m in logs), logs

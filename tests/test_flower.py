@@ -334,7 +334,7 @@ def test_flower_transport_matches_in_process_client_level_poisson(gen, tmp_path)
     down = _Relay(job, up=1)
     res = run_method(job, "deer", str(tmp_path / "down"), log=lambda *a: None, clients=down)
     assert down.asked == 0 and res["releases"] == 0 and res["epsilon"] == 0.0
-    assert res["skipped"] == [{"round": r, "phase": p, "valid": 0} for r in range(2) for p in ("B", "A")]
+    assert res["skipped"] == [{"round": r, "phase": p, "valid": 0, "sampled": 0} for r in range(2) for p in ("B", "A")]
     assert all(torch.equal(res["adapters"][k], t) for k, t in job.init_adapters.items())
 
 

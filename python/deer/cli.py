@@ -43,21 +43,25 @@ def _run(cfg, run_dir: str, title: str, started: float) -> int:
 
 
 def _outcome(cfg, results: dict) -> int:
-    """0 when every method trained; 1 (and why) when a method's every sub-round was skipped, i.e. no
-    client update was ever aggregated and its adapters are the initial ones."""
+    """0 when every sub-round that sampled clients aggregated something; 1, and why, when a method
+    trained nothing, or when every sampled client of some sub-round failed (no valid update)."""
     from .fed.config import method_spec
-    failed = [r["label"] for name, r in results.items()
-              if len(r["skipped"]) >= cfg.rounds * len(method_spec(name).phases)]
-    partial = {r["label"]: len(r["skipped"]) for r in results.values() if r["skipped"] and r["label"] not in failed}
-    if partial:
-        print("[deer] warning: sub-rounds skipped (fewer valid client updates than min_clients; the log says "
-              f"why each client was left out): {partial}", file=sys.stderr)
-    if failed:
-        print(f"deer: error: {', '.join(failed)} trained nothing: every sub-round was skipped because no client "
-              "update was valid (see the 'left out' lines above for each client's reason); the adapters are the "
-              "initial ones", file=sys.stderr)
-        return 1
-    return 0
+    status = 0
+    for name, r in results.items():
+        failed = [s for s in r["skipped"] if s["sampled"] > 0 and s["valid"] == 0]
+        if len(r["skipped"]) >= cfg.rounds * len(method_spec(name).phases):
+            print(f"deer: error: {r['label']} trained nothing: every sub-round was skipped (see the 'left out' and "
+                  "'skipped' lines above for why); the adapters are the initial ones", file=sys.stderr)
+            status = 1
+        elif failed:
+            where = ", ".join(f"round {s['round'] + 1} {s['phase']}" for s in failed)
+            print(f"deer: error: {r['label']}: every sampled client failed in {where} (see the 'left out' lines "
+                  "above); the run finished without those sub-rounds", file=sys.stderr)
+            status = 1
+        elif r["skipped"]:
+            print(f"[deer] warning: {r['label']}: {len(r['skipped'])} sub-rounds skipped (fewer valid client updates "
+                  "than min_clients, or no client sampled)", file=sys.stderr)
+    return status
 
 
 def _new_run_dir(given: str | None, name: str) -> str:

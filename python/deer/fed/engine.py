@@ -164,6 +164,12 @@ def prepare_job(cfg: FedConfig, log=print, backbone_path: str | None = None) -> 
                         public_fraction=0.0 if cfg.checkpoint else cfg.public_fraction,
                         public_classes=cfg.public_classes, test_fraction=cfg.test_fraction)
     notes = []
+    on_clients = set(torch.cat([c.y for c in data.clients]).tolist()) if data.clients else set()
+    absent = [data.test.classes[k] for k in range(data.num_classes) if k not in on_clients]
+    if absent:   # said before any pretraining: the private fine-tuning has no record of these classes
+        log(f"[deer] WARNING: class(es) {absent} have no training records on any client (all their records are in "
+            "the test or public split): fine-tuning cannot learn them, and per-class metrics for them measure "
+            "the backbone alone")
     model = build_backbone(cfg.model, data.num_classes, data.test.in_chans, cfg.model_kwargs,
                            cfg.checkpoint, log=log)
     lora = cfg.lora_config()
@@ -342,7 +348,7 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
                 why = skip_reason(cfg, len(valid), received)
             if why:
                 log(f"{where}: skipped, {why}; global adapters unchanged, nothing released")
-                skipped.append({"round": rnd, "phase": phase, "valid": len(valid)})
+                skipped.append({"round": rnd, "phase": phase, "valid": len(valid), "sampled": len(sampled)})
                 continue
             rel = server_aggregate(cfg, spec, sigma, global_state, valid, rnd, si, phase)
             if cfg.privacy == "client":
