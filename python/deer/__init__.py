@@ -17,6 +17,7 @@ from . import losses, reference  # noqa: F401,E402  (pure PyTorch, always availa
 _LAZY = {
     "inject_lora": "nn", "set_phase": "nn", "get_phase": "nn", "get_lora_state": "nn",
     "set_lora_state": "nn", "LoRALinear": "nn", "LoRAQKV": "nn", "NoLoRALayersError": "nn", "LoRAConfig": "nn",
+    "from_peft": "nn",
     "PrivacyEngine": "privacy", "make_private": "privacy", "DPLoRAOptimizer": "privacy",
     "PrivacyBudgetExceeded": "privacy", "save_adapter": "privacy", "load_adapter": "privacy",
 }

@@ -2,9 +2,10 @@
 from .lora import QKV_SLICES, LoRAFactors, LoRALinear, LoRAQKV, lora_layers, lora_units  # noqa: F401
 from .config import LoRAConfig  # noqa: F401
 from .mha import LinearMultiheadAttention  # noqa: F401
+from .from_peft import from_peft  # noqa: F401
 from .inject import (LoRAState, NoLoRALayersError, get_lora_state, get_phase, inject_lora,  # noqa: F401
                      lora_key, set_lora_state, set_phase)
 
 __all__ = ["LoRAConfig", "LoRAFactors", "LoRALinear", "LoRAQKV", "QKV_SLICES", "lora_layers", "lora_units",
            "inject_lora", "set_phase", "get_phase", "get_lora_state", "set_lora_state", "lora_key", "LoRAState",
-           "NoLoRALayersError", "LinearMultiheadAttention"]
+           "NoLoRALayersError", "LinearMultiheadAttention", "from_peft"]

@@ -47,7 +47,13 @@ def _peft_units(model: nn.Module):
     odd = [n for n, m in units if not isinstance(m, LoRALinear)]
     if odd:
         raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear layers; peft cannot load them")
-    return units
+    # paths as peft names them: a PeftModel's own start with base_model.model., which peft adds on load
+    strip = _own_prefix(model)
+    return [(n.removeprefix(strip), m) for n, m in units]
+
+
+def _own_prefix(model: nn.Module) -> str:
+    return PREFIX if getattr(model, "peft_config", None) else ""
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike,
@@ -103,7 +109,7 @@ def load_adapter(model: nn.Module, directory: str) -> None:
         if path not in units or which not in ("lora_A", "lora_B"):
             raise KeyError(f"load_adapter: {key!r} has no matching LoRA layer in this model; LoRA layers: "
                            f"{list(units)[:5]}")
-        state[f"{path}.{which}"] = t
+        state[f"{_own_prefix(model)}{path}.{which}"] = t
     set_lora_state(model, state, strict=True)
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .. import reference as ref
 from ..nn.inject import NoLoRALayersError, _require_lora, set_phase as _set_phase
+from ..nn.from_peft import from_peft, is_peft_lora
 from ..nn.lora import lora_units
 from .accountant import DeerAccountant, noise_multiplier_for
 from .mechanism import Mechanism, mechanism as _mechanism
@@ -326,6 +327,8 @@ class PrivacyEngine:
                 if g["params"]:
                     FusedUpdate.from_optimizer(optimizer, g["params"][0])
 
+        if not lora_units(module) and is_peft_lora(module):
+            from_peft(module)     # a peft model: its LoRA layers become deer's, sharing the tensors
         units = _require_lora(module, "make_private")
         phase = phase or ("B" if mech.needs_gram else _current_phase(units))
         mech.validate(phase)

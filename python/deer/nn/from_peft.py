@@ -1,0 +1,77 @@
+"""peft models in: `from_peft(model)` turns the LoRA layers of a peft model into deer's LoRALinear, in
+place, sharing peft's factor tensors, so an optimizer built on the peft model's parameters keeps
+working and `make_private` can clip and noise them.
+
+What carries over: r, lora_alpha (and rank_pattern / alpha_pattern, which peft has already resolved
+per layer into r and scaling), use_rslora (its scaling alpha / sqrt(r) becomes deer's scale), lora_dropout,
+target_modules, Linear and Conv1D base layers. What deer refuses, by name, rather than train wrongly:
+DoRA (use_dora), trainable biases (bias != 'none', lora_bias), modules_to_save (full layers trained
+beside LoRA), several adapters in one layer, a merged layer, and peft's LoRA on Embedding / Conv layers.
+After the conversion, save with deer.save_adapter (peft's format; PeftModel.from_pretrained loads it).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .lora import LoRALinear
+
+
+def _refuse(what: str, why: str):
+    raise ValueError(f"from_peft: {what}; {why}")
+
+
+def is_peft_lora(model: nn.Module) -> bool:
+    """The model holds peft LoRA layers (peft importable and at least one LoraLayer)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def from_peft(model: nn.Module) -> nn.Module:
+    """Convert every peft LoRA layer of `model` (a PeftModel, or a model with peft's LoRA layers) to a
+    deer LoRALinear in place, with the same base layer, factors (the same Parameter objects), scale and
+    dropout; returns the model. The forward is unchanged."""
+    from peft.tuners.lora import LoraLayer
+    from .inject import NoLoRALayersError
+    for name, cfg in (getattr(model, "peft_config", None) or {}).items():
+        if getattr(cfg, "peft_type", None) is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
+            _refuse(f"adapter {name!r} is {cfg.peft_type}", "deer converts LoRA adapters only")
+        if getattr(cfg, "use_dora", False):
+            _refuse(f"adapter {name!r} uses DoRA (use_dora=True)", "deer's per-sample gradients are for plain LoRA")
+        if getattr(cfg, "bias", "none") != "none":
+            _refuse(f"adapter {name!r} trains biases (bias={cfg.bias!r})",
+                    "those gradients would escape clipping; use bias='none'")
+        if getattr(cfg, "modules_to_save", None):
+            _refuse(f"adapter {name!r} trains full modules (modules_to_save={list(cfg.modules_to_save)})",
+                    "deer does not clip full-layer gradients yet; make them LoRA targets instead")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise NoLoRALayersError("from_peft: the model has no peft LoRA layers (peft.get_peft_model(model, "
+                                "LoraConfig(...)) makes them)")
+    for name, layer in layers:
+        adapters = list(layer.lora_A.keys())
+        if len(adapters) != 1 or list(layer.active_adapters) != adapters:
+            _refuse(f"{name!r} holds adapters {adapters} (active {list(layer.active_adapters)})",
+                    "deer trains one adapter: delete the others (model.delete_adapter) first")
+        a = adapters[0]
+        if type(layer).__name__ != "Linear":
+            _refuse(f"{name!r} is peft's LoRA on a {type(layer.get_base_layer()).__name__}",
+                    "deer converts LoRA on Linear and Conv1D layers only")
+        if layer.use_dora.get(a, False):
+            _refuse(f"{name!r} uses DoRA", "deer's per-sample gradients are for plain LoRA")
+        if getattr(layer, "lora_bias", {}).get(a, False):
+            _refuse(f"{name!r} has a LoRA bias (lora_bias=True)", "its gradient would escape clipping")
+        if layer.merged:
+            _refuse(f"{name!r} is merged into its base weight", "call model.unmerge_adapter() first")
+        drop = layer.lora_dropout[a]
+        r, scale = int(layer.r[a]), float(layer.scaling[a])
+        unit = LoRALinear(layer.get_base_layer(), r, alpha=scale * r,
+                          dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, name=name)
+        unit.lora_A = layer.lora_A[a].weight           # the same Parameters: (r, in) and (out, r)
+        unit.lora_B = layer.lora_B[a].weight
+        unit.train(layer.training)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, unit)
+    return model
