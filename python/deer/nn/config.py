@@ -8,7 +8,7 @@ from typing import Any, Callable, Union
 
 import torch.nn as nn
 
-from .lora import adaptable
+from .lora import adaptable, max_rank
 
 Target = Union[str, type, Callable[[str, nn.Module], bool]]
 INITS = ("kaiming", "gaussian")   # A ~ kaiming-uniform(a=sqrt(5)) (LoRA's and peft's default) | N(0, 1/r^2)
@@ -48,9 +48,9 @@ class LoRAConfig:
         if not targets:
             raise ValueError("inject_lora: target_modules is empty; name the nn.Linear modules to adapt")
         for t in targets:
-            if isinstance(t, type) and not issubclass(t, nn.Linear):
-                raise TypeError(f"inject_lora: LoRA targets must be nn.Linear modules, but the target type "
-                                f"{t.__name__} is not a subclass of nn.Linear")
+            if isinstance(t, type) and not issubclass(t, (nn.Linear, nn.Conv2d)):
+                raise TypeError(f"inject_lora: LoRA targets must be nn.Linear or nn.Conv2d modules, but the target "
+                                f"type {t.__name__} is neither")
             if not isinstance(t, (str, type)) and not callable(t):
                 raise TypeError(f"target_modules entries must be names/regexes (str), module types, or "
                                 f"callables (name, module) -> bool; got {t!r}")
@@ -92,8 +92,8 @@ class LoRAConfig:
     def too_large(self, model: nn.Module) -> dict[str, int]:
         """{target name: the largest rank it allows, min(out, in)} for each matched Linear of `model`
         whose configured rank exceeds it (e.g. a classifier head with fewer classes than r)."""
-        return {n: min(m.weight.shape) for n, m in model.named_modules()
-                if adaptable(m) and self.matches(n, m) and self.rank_for(n) > min(m.weight.shape)}
+        return {n: max_rank(m) for n, m in model.named_modules()
+                if adaptable(m) and self.matches(n, m) and self.rank_for(n) > max_rank(m)}
 
     @classmethod
     def from_units(cls, units) -> "LoRAConfig":

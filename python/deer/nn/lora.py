@@ -188,8 +188,16 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def adaptable(module: nn.Module) -> bool:
-    """A module LoRALinear can wrap: nn.Linear, or transformers' Conv1D."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """A module inject_lora can adapt: nn.Linear or transformers' Conv1D (LoRALinear), nn.Conv2d
+    (LoRAConv2d)."""
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d(module)
+
+
+def max_rank(module: nn.Module) -> int:
+    """The largest LoRA rank a layer allows: min(out, in) of the matrix its LoRA factors multiply to."""
+    if isinstance(module, nn.Conv2d):
+        return min(module.out_channels, module.weight[0].numel())
+    return min(module.weight.shape)
 
 
 class LoRALinear(LoRAFactors):
@@ -251,6 +259,61 @@ class LoRALinear(LoRAFactors):
         if self.merged:
             return y
         return y + self.lora_delta(x)
+
+
+class LoRAConv2d(LoRAFactors):
+    """An `nn.Conv2d` (frozen) plus a LoRA branch, as peft's conv LoRA: A is a convolution with the
+    base's kernel, stride, padding and dilation into r channels, B a 1x1 convolution to the output
+    channels. deer computes it as a Linear branch on the unfolded input (patches of in x kh x kw
+    values, one row per output position), so the per-sample capture and kernels are those of every
+    LoRA layer: A is (r, in * kh * kw), B (out, r), and each output position is one of the sample's
+    rows (as a token is). Unfolding costs kh x kw times the input's memory in the branch."""
+
+    def __init__(self, base: nn.Conv2d, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                 name: str = "", dtype: torch.dtype | None = None, **init):
+        where = f" at {name!r}" if name else ""
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}{where}")
+        if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError(f"LoRAConv2d{where}: groups={base.groups}, padding_mode={base.padding_mode!r}, "
+                             f"padding={base.padding!r}; deer adapts convolutions with groups=1, zero padding "
+                             "given as numbers (depthwise and 'same'/'valid' padding are not supported)")
+        w = base.weight
+        super().__init__(w[0].numel(), base.out_channels, r, alpha, dropout, dtype=dtype or w.dtype,
+                         device=w.device, name=name, **init)
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.merged = False
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype).view_as(self.base.weight)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype).view_as(self.base.weight)
+            self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        b = self.base
+        cols = F.unfold(x, b.kernel_size, dilation=b.dilation, padding=b.padding, stride=b.stride)
+        delta = self.lora_delta(cols.transpose(1, 2))        # (batch, positions, out)
+        return y + delta.transpose(1, 2).reshape(y.shape)
 
 
 QKV_SLICES = ("q", "k", "v")

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..nn.config import LoRAConfig
 from ..nn.inject import _require_lora, get_lora_state, set_lora_state
-from ..nn.lora import LoRALinear, LoRAQKV
+from ..nn.lora import LoRAConv2d, LoRALinear, LoRAQKV
 from ..nn.mha import LinearMultiheadAttention
 
 WEIGHTS = "adapter_model.safetensors"
@@ -44,12 +44,22 @@ def _peft_units(model: nn.Module):
                          "converted by inject_lora to q_proj/k_proj/v_proj/out_proj) has no peft equivalent (peft "
                          "adapts the fused in_proj of the original module): use "
                          "deer.privacy.checkpoint.save_lora_state")
-    odd = [n for n, m in units if not isinstance(m, LoRALinear)]
+    odd = [n for n, m in units if not isinstance(m, (LoRALinear, LoRAConv2d))]
     if odd:
-        raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear layers; peft cannot load them")
+        raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear / LoRAConv2d layers; peft cannot "
+                         "load them")
     # paths as peft names them: a PeftModel's own start with base_model.model., which peft adds on load
     strip = _own_prefix(model)
     return [(n.removeprefix(strip), m) for n, m in units]
+
+
+def _peft_shapes(m) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """peft's shapes of (lora_A, lora_B): (r, in) and (out, r) for a Linear; for a Conv2d its A is a
+    convolution (r, in, kh, kw) and its B a 1x1 convolution (out, r, 1, 1)."""
+    r = m.lora_A.shape[0]
+    if isinstance(m, LoRAConv2d):
+        return (r, *m.base.weight.shape[1:]), (m.base.weight.shape[0], r, 1, 1)
+    return tuple(m.lora_A.shape), tuple(m.lora_B.shape)
 
 
 def _own_prefix(model: nn.Module) -> str:
@@ -67,13 +77,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
         raise ValueError("save_adapter: some LoRA layers are merged into their base weights; unmerge() first")
     tensors = {}
     for name, m in units:
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+        A, B = _peft_shapes(m)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().reshape(A).contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().reshape(B).contiguous().cpu()
     base = None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
     try:   # the model's LoRAConfig (what inject_lora was given), written as peft's adapter_config.json
         config = LoRAConfig.from_units(units).to_peft([n for n, _ in units], base)
         # peft keeps one flag per adapter and corrects it per layer type; True says "Conv1D layers here"
-        config["fan_in_fan_out"] = any(m.fan_in_fan_out for _, m in units)
+        config["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for _, m in units)
     except ValueError as e:
         raise ValueError(f"save_adapter: {e}") from None
     path = os.path.abspath(directory)
@@ -109,7 +120,9 @@ def load_adapter(model: nn.Module, directory: str) -> None:
         if path not in units or which not in ("lora_A", "lora_B"):
             raise KeyError(f"load_adapter: {key!r} has no matching LoRA layer in this model; LoRA layers: "
                            f"{list(units)[:5]}")
-        state[f"{_own_prefix(model)}{path}.{which}"] = t
+        unit = units[path]
+        state[f"{_own_prefix(model)}{path}.{which}"] = t.reshape(unit.factor(which[-1]).shape) \
+            if t.numel() == unit.factor(which[-1]).numel() else t
     set_lora_state(model, state, strict=True)
 
 

@@ -1,0 +1,109 @@
+"""LoRA on nn.Conv2d (timm ResNet, ConvNeXt stems), as peft's conv LoRA: computed as a Linear branch on
+the unfolded input, so per-sample capture and kernels are those of every LoRA layer. The output is
+unchanged with B = 0 and every branch moves it, merge folds the delta, per-sample gradients through
+make_private equal per-sample autograd on a copy that never saw the privacy engine, the adapter
+reloads in peft with identical outputs, and convolutions deer cannot adapt are refused."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deer import save_adapter
+from deer.nn import inject_lora, lora_units
+from deer.nn.lora import LoRAConv2d
+
+from test_lora_probe import dead_units
+from test_reused_layers import _assert_close, _oracle_grads, _prepare, _private_grads
+
+timm = pytest.importorskip("timm")
+
+
+def _resnet(seed=0):
+    torch.manual_seed(seed)
+    # zero_init_last=False: timm zeroes each block's last BatchNorm, which would zero the blocks' gradients
+    return timm.create_model("resnet18", pretrained=False, num_classes=3, in_chans=3, zero_init_last=False).eval()
+
+
+# "(conv1)": a regex, so it matches the stem alone (a plain "conv1" also matches every block's conv1)
+TARGETS = [r"layer1\.0\.conv1", r"layer2\.0\.conv2", r"layer2\.0\.downsample\.0", "(conv1)", "fc"]
+
+
+def test_conv2d_is_wrapped_with_the_same_output_and_live_branches(gen):
+    model = _resnet()
+    x = torch.randn(2, 3, 19, 23, generator=gen)          # odd sizes: padding and stride at the edges
+    with torch.no_grad():
+        want = model(x)
+    inject_lora(model, TARGETS, r=3)
+    convs = [n for n, u in lora_units(model) if isinstance(u, LoRAConv2d)]
+    assert sorted(convs) == ["conv1", "layer1.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    assert dead_units(model, x, gen) == []
+    with torch.no_grad():
+        for _, u in lora_units(model):
+            u.lora_B.copy_(0.1 * torch.randn(u.lora_B.shape, generator=gen))
+        live = model(x)
+        for _, u in lora_units(model):
+            u.merge()
+        torch.testing.assert_close(model(x), live, rtol=1e-4, atol=1e-4)
+
+
+def test_branch_is_peft_conv_lora(gen):
+    """s * B(A(x)) with A a convolution like the base (r out channels) and B a 1x1 convolution."""
+    base = nn.Conv2d(5, 7, kernel_size=3, stride=2, padding=1, dilation=1, bias=True)
+    u = LoRAConv2d(base, r=2, alpha=3.0)
+    with torch.no_grad():
+        u.lora_B.copy_(torch.randn(u.lora_B.shape, generator=gen))
+    x = torch.randn(3, 5, 9, 11, generator=gen)
+    want = base(x) + 1.5 * F.conv2d(F.conv2d(x, u.lora_A.view(2, 5, 3, 3), stride=2, padding=1),
+                                    u.lora_B.view(7, 2, 1, 1))
+    torch.testing.assert_close(u(x), want, rtol=1e-5, atol=1e-5)
+    for bad in (nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding="same"),
+                nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")):
+        with pytest.raises(ValueError, match="groups=1, zero padding"):
+            LoRAConv2d(bad, r=2)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, stride=2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c2(torch.tanh(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("build", ["cnn", "resnet"])
+def test_per_sample_gradients_match_autograd(gen, build):
+    b = 5
+    if build == "cnn":
+        net, targets, x = SmallCNN(), ["c1", "c2", "fc"], torch.randn(b, 3, 9, 7, generator=gen)
+    else:
+        net, targets, x = _resnet(int(gen.initial_seed() % 1000)), TARGETS, torch.randn(b, 3, 16, 16, generator=gen)
+        net.train()
+        for m in net.modules():          # BatchNorm in training mode couples samples; eval statistics do not
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    y = torch.randint(0, 3, (b,), generator=gen)
+    model, oracle = _prepare(net, gen, targets)
+    got = _private_grads(model, lambda m: F.cross_entropy(m(x), y, reduction="sum").backward(), b)
+    want = _oracle_grads(oracle, lambda m, i: F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]), b)
+    _assert_close(got, want)
+
+
+def test_conv_adapter_reloads_in_peft(tmp_path, gen):
+    peft = pytest.importorskip("peft")
+    base = SmallCNN().eval()
+    model = inject_lora(copy.deepcopy(base), ["c1", "c2", "fc"], r=2, alpha=4)
+    with torch.no_grad():
+        for _, u in lora_units(model):
+            u.lora_B.copy_(torch.randn(u.lora_B.shape, generator=gen))
+    save_adapter(model, tmp_path / "adapter")
+    x = torch.randn(2, 3, 9, 7, generator=gen)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
