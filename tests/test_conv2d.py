@@ -107,3 +107,28 @@ def test_conv_adapter_reloads_in_peft(tmp_path, gen):
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_in_training_mode_is_refused(gen):
+    """BatchNorm's batch statistics couple the samples: make_private refuses the step, naming the layers;
+    with BatchNorm in eval mode the same model trains."""
+    import warnings
+    import deer
+    model = inject_lora(_resnet(), ["(conv1)", "fc"], r=2).train()
+    params = [p for _, u in lora_units(model) for p in (u.lora_A, u.lora_B)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, _ = deer.make_private(model, torch.optim.SGD(params, lr=0.1), None, noise_multiplier=1.0,
+                                          max_grad_norm=1.0, sample_rate=0.1, expected_batch_size=4.0, seed=0)
+    x, y = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"BatchNorm layer\(s\) \['bn1', 'layer1.0.bn1'.*training mode.*nothing was charged"):
+        opt.step()
+    assert opt.steps_taken == 0 and opt.engine.get_epsilon(1e-5) == 0.0      # nothing charged
+    opt.zero_grad()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.steps_taken == 1

@@ -219,16 +219,19 @@ def test_client_level_poisson_never_skips_after_the_draw(gen):
 
 
 def test_warning_when_client_level_noise_drowns_every_update():
-    """sigma > clients_per_round: the aggregate's noise std per coordinate (sigma C / clients_per_round)
-    exceeds any clipped update's whole norm C. Said at the start; not said when the noise is small."""
-    for sigma, warned in ((5.0, True), (1.0, False)):
+    """The aggregate's noise norm (about sigma C sqrt(d) / clients_per_round) above C, the largest norm a
+    mean of clipped updates can have: said at the start, with the participants needed; not said when
+    the noise is small."""
+    for sigma, warned in ((1.0, True), (0.05, False)):
         cfg = tiny_cfg(5, rounds=1, privacy="client", noise_multiplier=sigma, min_clients=1)
         logs = []
-        run_method(prepare_job(cfg, log=lambda *a: None), "ffa", log=logs.append)
+        job = prepare_job(cfg, log=lambda *a: None)
+        run_method(job, "ffa", log=logs.append)
         hit = [m for m in logs if "unlikely to learn" in m]
         assert bool(hit) == warned, logs
         if warned:
-            assert "clients_per_round >= sigma = 5" in hit[0]
+            d = sum(t.numel() for k, t in job.init_adapters.items() if k.endswith(".lora_B"))
+            assert f"d = {d} trained entries" in hit[0] and f"about {sigma * d ** 0.5:.0f} expected participants" in hit[0]
 
 
 def test_warning_when_a_class_has_no_client_records(tmp_path):

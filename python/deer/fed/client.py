@@ -144,6 +144,9 @@ def local_train(model: nn.Module, start: LoRAState, x: torch.Tensor, y: torch.Te
     steps = cfg.local_steps or local_steps(n, cfg.batch_size, cfg.local_epochs)
     releases: list[tuple[float, float, int]] = []
     model.train()
+    for m in model.modules():   # the backbone is frozen, its BatchNorm statistics too (and batch statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):   # would mix samples: no per-sample gradients)
+            m.eval()
     last = float("nan")
     q = min(1.0, cfg.batch_size / n)
     if cfg.privacy == "sample" and noise_seed is None:

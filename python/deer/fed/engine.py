@@ -21,6 +21,7 @@ completed round and its epsilon still counts the releases of the round it was ki
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -321,12 +322,18 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
         log(f"[{spec.label}] phases per round {list(spec.phases)}, mechanism {spec.mechanism.replace(lam=cfg.lam).name}, "
             f"privacy {cfg.privacy}" + (f", noise multiplier {sigma:.4g} ({how}), C={cfg.max_grad_norm}, "
                                          f"lambda={cfg.lam}, delta={cfg.delta}" if cfg.privacy != "none" else ""))
-        if cfg.privacy == "client" and sigma > cfg.clients_per_round:
-            # the aggregate's noise std sigma C / (q N) against the largest clipped update C
-            log(f"[{spec.label}] WARNING: this configuration is unlikely to learn: at client level the noise on "
-                f"the aggregate (std sigma C / clients_per_round = {sigma / cfg.clients_per_round:.3g} C) is larger "
-                f"than any client's clipped update (C). Noise and signal balance only with clients_per_round >= "
-                f"sigma = {sigma:.3g} expected participants per sub-round (more clients, or a larger budget)")
+        if cfg.privacy == "client":
+            # the aggregate's noise, of norm about sigma C sqrt(d) / clients_per_round over the d trained
+            # entries of a sub-round, against the mean of clipped updates, of norm at most C
+            d = max(sum(t.numel() for k, t in job.init_adapters.items() if lora_key(k)[1] in ref.trained_factors(p))
+                    for p in spec.phases)
+            need = sigma * math.sqrt(d)
+            if need > cfg.clients_per_round:
+                log(f"[{spec.label}] WARNING: this configuration is unlikely to learn: at client level the noise on "
+                    f"the aggregate (norm about sigma C sqrt(d) / clients_per_round = {need / cfg.clients_per_round:.3g} C, "
+                    f"sigma {sigma:.3g}, d = {d} trained entries) is larger than any mean of clipped updates (at most "
+                    f"C). They balance at about {need:.0f} expected participants per sub-round: more clients, fewer "
+                    f"trained entries (lora_r, lora_targets), or a larger budget")
     set_lora_state(model, job.init_adapters)  # B = 0: the pretrained backbone's own predictions
     initial = evaluate(model, data.test.x, data.test.y, data.num_classes)
     if start == 0 and not history:

@@ -133,6 +133,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         units = e._units
         if not units:
             units = _require_lora(e.module, "DP step")   # raises, naming the problem
+        _refuse_batchnorm_training(e.module)
         phase = {u.phase for _, u in units}
         if len(phase) != 1:
             raise ValueError(f"LoRA layers are in different phases {sorted(phase)}; use engine.set_phase()")
@@ -233,6 +234,19 @@ def _refuse_token_mean_loss(module, args, out) -> None:
                          f"and the clipping bound does not hold. Call the model without labels= and train on "
                          f"deer.losses.causal_lm_loss(out.logits, labels) (each sample's mean over its own tokens; "
                          f"shift=False for masked LMs and token classifiers) with loss_reduction='mean'.")
+
+
+def _refuse_batchnorm_training(module: nn.Module) -> None:
+    """BatchNorm in training mode normalises each sample with its batch's statistics: every sample's
+    gradient then depends on the other samples, and the sensitivity bound of the sum does not hold."""
+    bn = [n or type(m).__name__ for n, m in module.named_modules()
+          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if bn:
+        raise ValueError(f"deer: BatchNorm layer(s) {bn[:5]}{' ...' if len(bn) > 5 else ''} are in training mode: their "
+                         f"batch statistics mix the samples of a batch, so no gradient is per-sample and clipping "
+                         f"does not bound a record's influence. Put them in eval mode after model.train() "
+                         f"(for m in model.modules(): if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): "
+                         f"m.eval()), or replace them with GroupNorm. No step was taken and nothing was charged.")
 
 
 def _refuse_unreached(tensors) -> None:
