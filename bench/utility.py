@@ -114,7 +114,7 @@ def report(rows: list[dict], out: str, g: dict) -> str:
     cells = defaultdict(list)
     for r in rows:
         cells[(r["privacy"], r["alpha"], r["label"], r["epsilon"])].append(r)
-    lines = [f"# Utility benchmark\n", f"{len(rows)} runs; machine: {platform.processor() or platform.machine()}, "
+    lines = ["# Utility benchmark\n", f"{len(rows)} runs; machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs; commit {_commit()}; grid: methods {g['methods']}, epsilons {g['epsilons']}, "
              f"alphas {g['alphas']}, privacy {g['privacy']}, seeds {g['seeds']}.\n",
              "Metrics: the final round's, on the held-out test split (mean +- std over seeds). Floor: the "
