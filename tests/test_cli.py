@@ -194,3 +194,12 @@ def test_a_round_where_every_client_failed_exits_non_zero(tmp_path, capsys, monk
     rc = main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", "methods=[ffa]", *TINY])
     err = capsys.readouterr().err
     assert rc == 1 and "FFA-LoRA: every sampled client failed in round 2 B" in err, err
+
+
+def test_a_diverged_run_exits_non_zero(tmp_path, capsys):
+    """A learning rate so large that the adapters stay finite but the model's outputs do not."""
+    rc = main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", "methods=[fedavg]", "privacy=none",
+               *TINY, "lr=1e12"])
+    captured = capsys.readouterr()
+    assert "diverged" in captured.out + captured.err
+    assert rc == 1, captured.err

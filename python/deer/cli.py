@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -52,6 +53,10 @@ def _outcome(cfg, results: dict) -> int:
         if len(r["skipped"]) >= cfg.rounds * len(method_spec(name).phases):
             print(f"deer: error: {r['label']} trained nothing: every sub-round was skipped (see the 'left out' and "
                   "'skipped' lines above for why); the adapters are the initial ones", file=sys.stderr)
+            status = 1
+        elif not math.isfinite(float(r["final"].get("accuracy", math.nan))):
+            print(f"deer: error: {r['label']}: the final model's outputs are not finite (the adapters diverged; "
+                  "lower lr or set update_norm_bound)", file=sys.stderr)
             status = 1
         elif failed:
             where = ", ".join(f"round {s['round'] + 1} {s['phase']}" for s in failed)

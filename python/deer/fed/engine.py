@@ -372,6 +372,9 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
         history.append(row)
         log(f"[{spec.label}] round {rnd + 1}/{cfg.rounds}: acc {row['accuracy']:.3f}  F1 {row['f1']:.3f}  "
             f"AUC {row['auc']:.3f}  eps {row['epsilon']:.3f}  ({row['seconds']:.1f}s)")
+        if not math.isfinite(row["accuracy"]):
+            log(f"[{spec.label}] WARNING: round {rnd + 1}: the model's outputs on the test set are not finite: the "
+                f"adapters diverged (finite but huge). Lower lr, or bound each update with update_norm_bound")
         if rundir:
             rundir.save(rnd, global_state, history, skipped, cfg.fingerprint(), spec.name)
         bar.update()
