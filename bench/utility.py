@@ -93,11 +93,16 @@ def run_grid(grid_path: str, out: str, quick: bool = False, log=print) -> list[d
             with open(path, "a") as f:
                 f.write(json.dumps(row, default=float) + "\n")
             done[key] = row
+            report(_ordered(done), out, g)   # after every run: an interrupted grid still has its report
             log(f"[utility] {n}/{todo} {privacy} alpha={alpha} eps={eps} {method} seed={seed}: "
                 f"acc {row['final'].get('accuracy', math.nan):.3f} ({row['seconds']:.0f}s)")
-    rows = [done[k] for k in sorted(done, key=lambda k: tuple(str(x) for x in k))]
+    rows = _ordered(done)
     report(rows, out, g)
     return rows
+
+
+def _ordered(done: dict) -> list[dict]:
+    return [done[k] for k in sorted(done, key=lambda k: tuple(str(x) for x in k))]
 
 
 def _mean_std(xs):
