@@ -200,34 +200,15 @@ def max_rank(module: nn.Module) -> int:
     return min(module.weight.shape)
 
 
-class LoRALinear(LoRAFactors):
-    """Drop-in replacement for an `nn.Linear` (frozen) plus a LoRA branch; also wraps transformers'
-    Conv1D (weight stored (in, out): `fan_in_fan_out` is True, as peft names it).
+class _Wrapped(LoRAFactors):
+    """LoRA factors beside a frozen base layer: forward is base(x) + the branch, merge folds the delta
+    into the base weight in the base's own layout (`_delta_as_base`)."""
 
-    `dtype` sets the factors' dtype (default: the base weight's), e.g. fp32 factors on a bf16 base."""
-
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 name: str = "", dtype: torch.dtype | None = None, **init):
-        if not adaptable(base):
-            raise TypeError(f"LoRALinear wraps an nn.Linear or a transformers Conv1D, got {type(base).__name__}"
-                            + (f" at {name!r}" if name else ""))
-        w = base.weight
-        self_fan_in_fan_out = is_conv1d(base)
-        n, m = (w.shape[0], w.shape[1]) if self_fan_in_fan_out else (w.shape[1], w.shape[0])
-        super().__init__(n, m, r, alpha, dropout, dtype=dtype or w.dtype, device=w.device, name=name, **init)
+    def _wrap(self, base: nn.Module) -> None:
         self.base = base
-        self.fan_in_fan_out = self_fan_in_fan_out
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.merged = False
-
-    @property
-    def in_features(self):
-        return self.lora_A.shape[1]
-
-    @property
-    def out_features(self):
-        return self.lora_B.shape[0]
 
     @property
     def weight(self):
@@ -236,10 +217,6 @@ class LoRALinear(LoRAFactors):
     @property
     def bias(self):
         return self.base.bias
-
-    def _delta_as_base(self) -> torch.Tensor:
-        d = self.delta_weight().to(self.base.weight.dtype)
-        return d.T if self.fan_in_fan_out else d
 
     @torch.no_grad()
     def merge(self):
@@ -258,10 +235,44 @@ class LoRALinear(LoRAFactors):
         y = self.base(x)
         if self.merged:
             return y
-        return y + self.lora_delta(x)
+        return y + self._branch(x, y)
 
 
-class LoRAConv2d(LoRAFactors):
+class LoRALinear(_Wrapped):
+    """Drop-in replacement for an `nn.Linear` (frozen) plus a LoRA branch; also wraps transformers'
+    Conv1D (weight stored (in, out): `fan_in_fan_out` is True, as peft names it).
+
+    `dtype` sets the factors' dtype (default: the base weight's), e.g. fp32 factors on a bf16 base."""
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                 name: str = "", dtype: torch.dtype | None = None, **init):
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or a transformers Conv1D, got {type(base).__name__}"
+                            + (f" at {name!r}" if name else ""))
+        w = base.weight
+        fan_in_fan_out = is_conv1d(base)
+        n, m = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        super().__init__(n, m, r, alpha, dropout, dtype=dtype or w.dtype, device=w.device, name=name, **init)
+        self._wrap(base)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    @property
+    def in_features(self):
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self):
+        return self.lora_B.shape[0]
+
+    def _delta_as_base(self) -> torch.Tensor:
+        d = self.delta_weight().to(self.base.weight.dtype)
+        return d.T if self.fan_in_fan_out else d
+
+    def _branch(self, x, y):
+        return self.lora_delta(x)
+
+
+class LoRAConv2d(_Wrapped):
     """An `nn.Conv2d` (frozen) plus a LoRA branch, as peft's conv LoRA: A is a convolution with the
     base's kernel, stride, padding and dilation into r channels, B a 1x1 convolution to the output
     channels. deer computes it as a Linear branch on the unfolded input (patches of in x kh x kw
@@ -281,39 +292,16 @@ class LoRAConv2d(LoRAFactors):
         w = base.weight
         super().__init__(w[0].numel(), base.out_channels, r, alpha, dropout, dtype=dtype or w.dtype,
                          device=w.device, name=name, **init)
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.merged = False
+        self._wrap(base)
 
-    @property
-    def weight(self):
-        return self.base.weight
+    def _delta_as_base(self) -> torch.Tensor:
+        return self.delta_weight().to(self.base.weight.dtype).view_as(self.base.weight)
 
-    @property
-    def bias(self):
-        return self.base.bias
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype).view_as(self.base.weight)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype).view_as(self.base.weight)
-            self.merged = False
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.merged:
-            return y
+    def _branch(self, x, y):
         b = self.base
         cols = F.unfold(x, b.kernel_size, dilation=b.dilation, padding=b.padding, stride=b.stride)
         delta = self.lora_delta(cols.transpose(1, 2))        # (batch, positions, out)
-        return y + delta.transpose(1, 2).reshape(y.shape)
+        return delta.transpose(1, 2).reshape(y.shape)
 
 
 QKV_SLICES = ("q", "k", "v")
