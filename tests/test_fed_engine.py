@@ -11,7 +11,7 @@ import torch
 
 from deer.fed import FedConfig, prepare_job, run_method
 from deer.fed.accounting import ReleaseJournal, epsilon
-from deer.nn import lora_key
+from deer.nn import get_lora_state, lora_key
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,3 +245,87 @@ def test_warning_when_a_class_has_no_client_records(tmp_path):
     prepare_job(tiny_cfg(3, dataset=str(tmp_path / "d.npz"), num_clients=2, clients_per_round=2, public_fraction=0.0,
                          pretrain_epochs=0), log=logs.append)
     assert any("class(es) ['2'] have no training records on any client" in m for m in logs), logs
+
+
+@pytest.mark.parametrize("privacy", ["none", "sample", "client"])
+def test_fedsa_shares_a_and_keeps_each_clients_b(gen, privacy):
+    """FedSA-LoRA: clients train A and B, only A is sent and aggregated (the server's B stays at its
+    initial value), and every client starts each round from its own B of the round before."""
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, privacy=privacy, noise_multiplier=0.8 if privacy != "none" else None, lr=0.3, rounds=3)
+    job = prepare_job(cfg, log=lambda *a: None)
+    infos, starts = [], {}
+
+    def hook(cid, rnd, phase, step, model):
+        if step == 0:
+            starts[(cid, rnd)] = {k: t.detach().clone() for k, t in get_lora_state(model).items()}
+
+    res = run_method(job, "fedsa", log=lambda *a: None, on_aggregate=infos.append, client_hook=hook)
+    assert [i["phase"] for i in infos] == ["AB"] * cfg.rounds
+    b_keys = [k for k in job.init_adapters if lora_key(k)[1] == "B"]
+    a_keys = [k for k in job.init_adapters if lora_key(k)[1] == "A"]
+    for k in b_keys:   # B never aggregated: the global one is the initial one
+        assert torch.equal(res["adapters"][k], job.init_adapters[k])
+    for i in infos:
+        for c in i["clients"]:   # what reached the server: the global B, the client's A
+            assert all(torch.equal(c[k], i["before"][k]) for k in b_keys)
+        if privacy == "none":    # the server averages A only
+            w = torch.tensor(i["weights"], dtype=torch.float64) / sum(i["weights"])
+            for k in a_keys:
+                mean = sum(wk * c[k].double() for wk, c in zip(w, i["clients"]))
+                torch.testing.assert_close(i["after"][k].double(), mean, rtol=1e-6, atol=1e-7)
+    # round r+1 starts from the global A and the client's own B, which moved away from the initial one
+    for cid in range(cfg.num_clients):
+        for rnd in range(1, cfg.rounds):
+            s = starts[(cid, rnd)]
+            assert all(torch.equal(s[k], infos[rnd - 1]["after"][k]) for k in a_keys)
+            assert any(not torch.equal(s[k], job.init_adapters[k]) for k in b_keys)
+            assert any(not torch.equal(s[k], starts[(cid, rnd - 1)][k]) for k in b_keys)
+        assert any(not torch.equal(starts[(cid, 1)][k], starts[(o, 1)][k]) for k in b_keys
+                   for o in range(cfg.num_clients) if o != cid)
+    if privacy == "client":   # only A is clipped and noised: one release per round
+        assert res["releases"] == cfg.rounds
+
+
+def test_fedsa_resume_restores_each_clients_b(tmp_path, gen):
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, rounds=3, lr=0.3)
+    job = prepare_job(cfg, log=lambda *a: None)
+    ref = run_method(job, "fedsa", log=lambda *a: None)
+
+    def stop(cid, rnd, phase, step, model):
+        if rnd == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_method(job, "fedsa", str(tmp_path / "fedsa"), log=lambda *a: None, client_hook=stop)
+    logs = []
+    res = run_method(job, "fedsa", str(tmp_path / "fedsa"), log=logs.append)
+    assert any("resuming after round 2" in l for l in logs), logs
+    # the personalised models of the last round are scored the same only if every B was restored
+    assert [h["accuracy"] for h in res["history"]] == [h["accuracy"] for h in ref["history"]]
+    assert [h["f1"] for h in res["history"]] == [h["f1"] for h in ref["history"]]
+    for k, t in ref["adapters"].items():
+        torch.testing.assert_close(res["adapters"][k], t, rtol=0, atol=0)
+
+
+def test_fedsa_refused_on_flower(tmp_path):
+    from deer.fed.flower_app import init_deployment
+    with pytest.raises(ValueError, match="in-process only"):
+        init_deployment(str(tmp_path / "d"), tiny_cfg(0), "127.0.0.1:9093", method="fedsa", insecure=True,
+                        log=lambda *a: None)
+
+
+def test_validation_split_selects_the_reported_round(gen):
+    """val_fraction holds out a public validation split of all classes, disjoint from the others; every
+    round is scored on it and "best" is the test row of the round with the best validation accuracy."""
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, rounds=4, val_fraction=0.15, lr=0.3)
+    job = prepare_job(cfg, log=lambda *a: None)
+    d = job.data
+    assert d.val is not None and len(set(d.val.y.tolist())) == d.num_classes
+    parts = [d.val, d.test, d.public, *d.clients]
+    assert sum(len(p) for p in parts) == 1797
+    res = run_method(job, "fedavg", log=lambda *a: None)
+    vals = [h["val"]["accuracy"] for h in res["history"]]
+    assert res["best"] is res["history"][vals.index(max(vals))]
+    assert tiny_cfg(seed).val_fraction == 0.0 and prepare_job(tiny_cfg(seed), log=lambda *a: None).data.val is None

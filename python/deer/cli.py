@@ -154,7 +154,7 @@ def main(argv=None):
     fi.add_argument("--superlink", required=True, metavar="HOST:PORT",
                     help="the address sites will reach the SuperLink at (its TLS certificate is issued for HOST)")
     fi.add_argument("--config", default=None, help="YAML file (default: the embedded deer/configs/default.yaml)")
-    fi.add_argument("--method", default="deer", help="deer | deer_no_nr | deer_no_de | ffa | fedavg")
+    fi.add_argument("--method", default="deer", help="deer | deer_no_nr | deer_no_de | ffa | fedavg (fedsa runs in-process only)")
     fi.add_argument("--insecure", action="store_true",
                     help="no TLS and no SuperNode authentication (a test on one machine only)")
     fi.add_argument("overrides", nargs="*", help="key=value overrides of the config")

@@ -18,6 +18,7 @@ class FedData:
     clients: list[ArrayDataset]
     test: ArrayDataset
     info: dict = field(default_factory=dict)
+    val: ArrayDataset | None = None   # public validation split (all classes, never a client's or pretrained on)
 
     @property
     def num_classes(self) -> int:
@@ -44,7 +45,7 @@ def load_dataset(spec: str, image_size: int = 32, mode: str = "RGB") -> dict[str
 def prepare_data(dataset: str = "digits", *, num_clients: int = 4, partition: str = "dirichlet",
                  alpha: float = 0.5, seed: int = 0, image_size: int = 16, mode: str = "RGB",
                  public_fraction: float = 0.5, public_classes: list[int] | None = None,
-                 test_fraction: float = 0.25, max_train: int | None = None) -> FedData:
+                 test_fraction: float = 0.25, val_fraction: float = 0.0, max_train: int | None = None) -> FedData:
     """Split a data set for a federated run.
 
     Without a test (or val) split, test_fraction of the data is held out for testing. A
@@ -52,6 +53,8 @@ def prepare_data(dataset: str = "digits", *, num_clients: int = 4, partition: st
     the public split the default backbone is pretrained on, non-privately; the rest is private and is
     partitioned across num_clients by `partition` ('iid' or 'dirichlet' with `alpha`). Splits are
     disjoint; public images that are not in public_classes are dropped from training and reported.
+    val_fraction > 0 first holds out that share of the training data (all classes) as a public
+    validation split, for model selection that does not look at private records or the test split.
     """
     splits = load_dataset(dataset, image_size, mode)
     rng = np.random.default_rng(seed)
@@ -70,6 +73,13 @@ def prepare_data(dataset: str = "digits", *, num_clients: int = 4, partition: st
             raise ValueError(f"test_fraction={test_fraction} leaves no test or no training data for {len(full)} samples")
         test, train = full.subset(perm[:n_test], "test"), full.subset(perm[n_test:], "train")
     info["note"] = next(iter(splits.values())).info.get("note", "")
+    val = None
+    if val_fraction > 0:
+        perm = rng.permutation(len(train))
+        n_val = int(round(val_fraction * len(train)))
+        if not 0 < n_val < len(train):
+            raise ValueError(f"val_fraction={val_fraction} leaves no validation or no training data for {len(train)} samples")
+        val, train = train.subset(np.sort(perm[:n_val]), "val"), train.subset(np.sort(perm[n_val:]), "train")
     public = None
     if public_fraction > 0:
         perm = rng.permutation(len(train))
@@ -92,6 +102,7 @@ def prepare_data(dataset: str = "digits", *, num_clients: int = 4, partition: st
         raise ValueError(f"partition must be 'iid' or 'dirichlet', got {partition!r}")
     clients = [train.subset(p, f"client{k}") for k, p in enumerate(parts)]
     info.update({"public": 0 if public is None else len(public), "private": len(train), "test": len(test),
+                 "val": 0 if val is None else len(val),
                  "client_sizes": [len(c) for c in clients], "partition": partition,
                  "alpha": alpha if partition == "dirichlet" else None})
-    return FedData(public, clients, test, info)
+    return FedData(public, clients, test, info, val)

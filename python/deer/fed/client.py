@@ -1,7 +1,8 @@
 """One client's local training, the same code for every method, engine and privacy level.
 
-The client starts from the global adapters, trains the factors of the current phase with plain SGD
-(no optimizer state survives the round) and returns its new adapters. Under sample-level privacy
+The client starts from the global adapters, trains the factors of the current phase with SGD
+(torch.optim.SGD, optional momentum and weight decay; the optimizer is created afresh every sub-round)
+and returns its new adapters. Under sample-level privacy
 each step is a DP-SGD step: Poisson sampling of the client's records with rate q = b / n_k (each
 record independently), per-sample clipping over all LoRA layers in the method's metric, Gaussian
 noise (isotropic, or regulated through the frozen factor), and division by the *expected* batch size
@@ -51,6 +52,8 @@ class LocalTrainConfig:
     lam: float = LAM
     local_steps: int | None = None  # fixed number of steps (else local_epochs passes over the data)
     backend: str | None = None      # DP-step backend: None (auto) | cpu | cuda | triton | reference
+    momentum: float = 0.0           # torch.optim.SGD's, on the (private) gradients; fresh every sub-round
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -61,6 +64,8 @@ class ClientUpdate:
     loss: float
     # sample-level accounting: what this client released, as (noise multiplier, sample rate, steps)
     releases: list[tuple[float, float, int]] = field(default_factory=list)
+    # trained factors the method keeps on the client (MethodSpec.shared: FedSA-LoRA's B); never sent
+    personal: LoRAState = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,7 @@ def local_train(model: nn.Module, start: LoRAState, x: torch.Tensor, y: torch.Te
     metric = FrozenMetric([(l.name, l) for l in layers], phase, mech.validate(phase, frozen_at_start=True)) \
         if cfg.privacy == "sample" else None
     trained = [getattr(l, "lora_" + f) for l in layers for f in ref.trained_factors(phase)]
+    opt = torch.optim.SGD(trained, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(y)
     if n == 0:
         raise ValueError("client has no training data")
@@ -162,9 +168,9 @@ def local_train(model: nn.Module, start: LoRAState, x: torch.Tensor, y: torch.Te
                 perm = torch.randperm(n, generator=gen)
             idx = perm[epoch_step * cfg.batch_size:(epoch_step + 1) * cfg.batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            with torch.no_grad():
-                for p, g in zip(trained, torch.autograd.grad(loss, trained)):
-                    p.sub_(cfg.lr * g)
+            for p, g in zip(trained, torch.autograd.grad(loss, trained)):
+                p.grad = g
+            opt.step()
             last = float(loss.detach())
             continue
         # Poisson sampling: every record independently with probability q (what the accountant assumes)
@@ -185,14 +191,14 @@ def local_train(model: nn.Module, start: LoRAState, x: torch.Tensor, y: torch.Te
             # An empty Poisson batch releases noise alone (skipping the step would reveal that the
             # batch was empty); it is the same subsampled Gaussian release and is charged the same.
             grads, sigma_eff = private_step(layers, phase, mech, cfg, q * n, metric, key, captured=[])
-        with torch.no_grad():
-            for l, gd in zip(layers, grads):
-                for f, gf in gd.items():
-                    p = getattr(l, "lora_" + f)
-                    p.sub_(cfg.lr * gf.to(p.dtype))
-        for p in trained:
-            p.grad = None
+        for l, gd in zip(layers, grads):
+            for f, gf in gd.items():
+                p = getattr(l, "lora_" + f)
+                p.grad = gf.to(p.dtype)
+        opt.step()
         releases.append((float(sigma_eff), q, 1))
+    for p in trained:
+        p.grad = None
     return ClientUpdate(get_lora_state(model), n, steps, last, _merge(releases))
 
 

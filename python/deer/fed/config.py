@@ -26,11 +26,18 @@ class MethodSpec:
     one privacy release. mechanism: the clipping metric and noise (docs/design.md section 5; a
     regulated one needs a frozen factor: in an 'AB' sub-round each factor is measured and noised
     through the *other* factor's value at the start of the sub-round, which every client shares and
-    the server has already released). The run's lam replaces the preset's (FedConfig.lam)."""
+    the server has already released). The run's lam replaces the preset's (FedConfig.lam).
+    shared: the factors a client sends and the server aggregates, when not every trained one (None):
+    FedSA-LoRA trains A and B but shares only A; each client keeps its own B across rounds."""
     name: str
     phases: tuple[str, ...]
     mechanism: Mechanism
     label: str
+    shared: str | None = None
+
+    def sent(self, phase: str) -> str:
+        """The factors of `phase` that leave the client, as a phase string ('A', 'B' or 'AB')."""
+        return phase if self.shared is None else "".join(f for f in phase if f in self.shared)
 
 
 METHODS = {
@@ -45,8 +52,12 @@ METHODS = {
     "ffa": MethodSpec("ffa", ("B",), PRESETS["isotropic"], "FFA-LoRA"),
     # FedAvg-LoRA: both factors train, server averages A and B separately (inexact).
     "fedavg": MethodSpec("fedavg", ("AB",), PRESETS["isotropic"], "FedAvg-LoRA"),
+    # FedSA-LoRA: both factors train, only A is sent and averaged; every client keeps its own B (a
+    # personalised model: global A, the client's B), which never leaves it.
+    "fedsa": MethodSpec("fedsa", ("AB",), PRESETS["isotropic"], "FedSA-LoRA", shared="A"),
 }
 _ALIASES = {"ffa-lora": "ffa", "ffa_lora": "ffa", "fedavg-lora": "fedavg", "fedavg_lora": "fedavg",
+            "fedsa-lora": "fedsa", "fedsa_lora": "fedsa",
             "deer-no-nr": "deer_no_nr", "deer-no-de": "deer_no_de"}
 
 
@@ -104,6 +115,9 @@ class FedConfig:
     public_classes: Annotated[list[Annotated[int, Field(ge=0)]] | None, BeforeValidator(_listed)] = \
         field(default_factory=lambda: [0, 1, 2, 3, 4])
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    # held out of the training data (all classes) as a public validation split: each round is scored
+    # on it too, and the result's "best" is the test score at the round with the best validation accuracy
+    val_fraction: _Fraction = 0.0
     # model
     model: Annotated[str, Field(min_length=1)] = "vit_tiny_patch16_224"  # any timm model name; built without downloads
     model_kwargs: dict[str, Any] = field(default_factory=lambda: {
@@ -123,6 +137,10 @@ class FedConfig:
     local_steps: _Pos | None = None      # fixed steps per client per sub-round (overrides local_epochs)
     batch_size: _Pos = 32
     lr: _PosFloat = 0.1
+    # local SGD's momentum and weight decay (torch.optim.SGD's), re-created at every sub-round: no
+    # optimizer state survives a client's sub-round; both act on the already private gradients
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
     weighting: Literal["examples", "uniform"] = "examples"  # FedAvg weights when not client-level private
     # privacy
     target_epsilon: _PosFloat | None = 8.0   # calibrate the noise multiplier to this budget ...

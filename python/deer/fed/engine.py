@@ -105,7 +105,7 @@ def skip_reason(cfg: FedConfig, valid: int, received: int, available: int | None
 
 def local_config(cfg: FedConfig, sigma: float) -> LocalTrainConfig:
     return LocalTrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.privacy, sigma, cfg.max_grad_norm,
-                            cfg.lam, cfg.local_steps, cfg.backend)
+                            cfg.lam, cfg.local_steps, cfg.backend, cfg.momentum, cfg.weight_decay)
 
 
 def train_client(job: "Job", cid: int, rnd: int, si: int, phase: str, spec: MethodSpec, sigma: float,
@@ -117,8 +117,11 @@ def train_client(job: "Job", cid: int, rnd: int, si: int, phase: str, spec: Meth
     upd = local_train(job.model, start, cd.x, cd.y, phase, spec, local_config(cfg, sigma),
                       generator(cfg.seed, "client", cid, rnd, si), deadline=deadline, hook=hook,
                       noise_seed=stream_seed(cfg.seed, "noise", cid, rnd, si), client=cid)
-    # a reply carries the phase's trained factor(s) only: the frozen one is the server's own
-    upd.adapters = {k: t for k, t in upd.adapters.items() if lora_key(k)[1] in ref.trained_factors(phase)}
+    # a reply carries the phase's trained and shared factor(s) only: the frozen one is the server's own,
+    # a personal one (MethodSpec.shared) stays on the client
+    trained, sent = ref.trained_factors(phase), ref.trained_factors(spec.sent(phase))
+    upd.personal = {k: t for k, t in upd.adapters.items() if lora_key(k)[1] in trained and lora_key(k)[1] not in sent}
+    upd.adapters = {k: t for k, t in upd.adapters.items() if lora_key(k)[1] in sent}
     return upd
 
 
@@ -137,7 +140,7 @@ def server_aggregate(cfg: FedConfig, spec: MethodSpec, sigma: float, global_stat
     ids = sorted(valid)
     client = cfg.privacy == "client"
     weights = [1.0] * len(ids) if (cfg.weighting == "uniform" or client) else [float(valid[c][1]) for c in ids]
-    agg = aggregate(global_state, [valid[c][0] for c in ids], weights, phase, spec.mechanism.replace(lam=cfg.lam),
+    agg = aggregate(global_state, [valid[c][0] for c in ids], weights, spec.sent(phase), spec.mechanism.replace(lam=cfg.lam),
                     privacy=cfg.privacy, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
                     generator=generator(cfg.seed, "server", rnd, si),
                     denominator=client_rate(cfg) * cfg.num_clients if client else None)
@@ -163,7 +166,8 @@ def prepare_job(cfg: FedConfig, log=print, backbone_path: str | None = None) -> 
     data = prepare_data(cfg.dataset, num_clients=cfg.num_clients, partition=cfg.partition, alpha=cfg.alpha,
                         seed=cfg.seed, image_size=cfg.image_size, mode=cfg.image_mode,
                         public_fraction=0.0 if cfg.checkpoint else cfg.public_fraction,
-                        public_classes=cfg.public_classes, test_fraction=cfg.test_fraction)
+                        public_classes=cfg.public_classes, test_fraction=cfg.test_fraction,
+                        val_fraction=cfg.val_fraction)
     notes = []
     on_clients = set(torch.cat([c.y for c in data.clients]).tolist()) if data.clients else set()
     absent = [data.test.classes[k] for k in range(data.num_classes) if k not in on_clients]
@@ -238,6 +242,9 @@ class InProcessClients:
 
     def __init__(self, job: "Job", client_hook: ClientHook | None = None):
         self.job, self.client_hook = job, client_hook
+        # each client's personal factors (MethodSpec.shared), kept here between its sub-rounds as the
+        # client itself would; the round loop checkpoints and restores them
+        self.personal: dict[int, LoRAState] = {}
 
     def available(self) -> int:
         return self.job.cfg.num_clients
@@ -252,7 +259,10 @@ class InProcessClients:
                 hook = lambda step, m, _c=cid: self.client_hook(_c, rnd, phase, step, m)  # noqa: E731
             deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
             try:
-                out[cid] = train_client(self.job, cid, rnd, si, phase, spec, sigma, start, deadline=deadline, hook=hook)
+                out[cid] = upd = train_client(self.job, cid, rnd, si, phase, spec, sigma,
+                                              {**start, **self.personal.get(cid, {})}, deadline=deadline, hook=hook)
+                if upd.personal:
+                    self.personal[cid] = upd.personal
             except Exception as e:  # noqa: BLE001  a failing client must not end the run
                 out[cid] = f"{type(e).__name__}: {e}"
             finally:
@@ -280,6 +290,10 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
         clients = InProcessClients(job, client_hook)
     elif client_hook is not None:
         raise ValueError("client_hook applies to the in-process clients only")
+    if spec.shared is not None and not isinstance(clients, InProcessClients):
+        raise ConfigError(f"method {spec.name!r} ({spec.label}) keeps every client's own {'/'.join(set('AB') - set(spec.shared))} "
+                          f"across rounds; deer's Flower ClientApp keeps no state between rounds, so it runs in-process "
+                          f"only: use another method on Flower")
     sigma, how = calibrate_noise(cfg, spec, data)
     rundir = RunDir(run_dir) if run_dir else None
     try:
@@ -294,9 +308,13 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
     journal = rundir.journal if rundir else ReleaseJournal(None)
     global_state = {k: t.clone() for k, t in job.init_adapters.items()}
     history, skipped, start = [], [], 0
+    personal = clients.personal if isinstance(clients, InProcessClients) else {}
     st = rundir.load(cfg.fingerprint(), spec.name) if rundir else None
     if st is not None:
         global_state, history, skipped = st["adapters"], st["history"], st["skipped"]
+        global_state, kept = _split_personal(global_state)
+        personal.clear()
+        personal.update(kept)
         try:
             set_lora_state(model, global_state, strict=True)
         except (KeyError, ValueError) as e:
@@ -325,8 +343,8 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
         if cfg.privacy == "client":
             # the aggregate's noise, of norm about sigma C sqrt(d) / clients_per_round over the d trained
             # entries of a sub-round, against the mean of clipped updates, of norm at most C
-            d = max(sum(t.numel() for k, t in job.init_adapters.items() if lora_key(k)[1] in ref.trained_factors(p))
-                    for p in spec.phases)
+            d = max(sum(t.numel() for k, t in job.init_adapters.items()
+                        if lora_key(k)[1] in ref.trained_factors(spec.sent(p))) for p in spec.phases)
             need = sigma * math.sqrt(d)
             if need > cfg.clients_per_round:
                 log(f"[{spec.label}] WARNING: this configuration is unlikely to learn: at client level the noise on "
@@ -365,10 +383,12 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
                               "clients": [valid[c][0] for c in rel.ids], "weights": rel.weights,
                               "ids": rel.ids, "sampled": sampled})
             global_state = rel.adapters
-        set_lora_state(model, global_state)
-        row = {"round": rnd + 1, **evaluate(model, data.test.x, data.test.y, data.num_classes),
+        row = {"round": rnd + 1, **_score(job, global_state, personal, data.test),
                "epsilon": journal.epsilon(cfg.delta) if cfg.privacy != "none" else 0.0,
                "seconds": time.time() - t0}
+        if data.val is not None:
+            row["val"] = _score(job, global_state, personal, data.val)
+        set_lora_state(model, global_state)
         history.append(row)
         log(f"[{spec.label}] round {rnd + 1}/{cfg.rounds}: acc {row['accuracy']:.3f}  F1 {row['f1']:.3f}  "
             f"AUC {row['auc']:.3f}  eps {row['epsilon']:.3f}  ({row['seconds']:.1f}s)")
@@ -376,7 +396,8 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
             log(f"[{spec.label}] WARNING: round {rnd + 1}: the model's outputs on the test set are not finite: the "
                 f"adapters diverged (finite but huge). Lower lr, or bound each update with update_norm_bound")
         if rundir:
-            rundir.save(rnd, global_state, history, skipped, cfg.fingerprint(), spec.name)
+            rundir.save(rnd, {**global_state, **{f"client{c}:{k}": t for c, st_c in personal.items()
+                                                 for k, t in st_c.items()}}, history, skipped, cfg.fingerprint(), spec.name)
         bar.update()
     bar.close()
     over_target("at the end of the run,")
@@ -386,7 +407,10 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
               # whose accounting epsilon is: the server's own releases, or the sites' checked reports
               "accounting": {"client": "server", "sample": "sites' reports"}.get(cfg.privacy), "history": history,
               "skipped": skipped, "releases": len(journal.entries), "initial": initial,
-              "final": history[-1] if history else {}}
+              "final": history[-1] if history else {},
+              # model selection on the public validation split: the round with the best val accuracy
+              "best": max(history, key=lambda r: r["val"]["accuracy"] if math.isfinite(r["val"]["accuracy"]) else -1.0)
+              if history and data.val is not None else None}
     if rundir:
         # deer.privacy.checkpoint.save_lora_state's format: load with load_lora_state(model, path)
         write_safetensors(global_state, os.path.join(rundir.path, "adapter.safetensors"))
@@ -417,7 +441,7 @@ def _collect(job: Job, spec: MethodSpec, sigma: float, journal: ReleaseJournal, 
         received += 1
         n = len(job.data.clients[cid].y)
         exp = replies_mod.expected(
-            global_state, phase, n, **(dict(
+            global_state, spec.sent(phase), n, **(dict(
                 sample_rate=min(1.0, cfg.batch_size / n),
                 steps=cfg.local_steps or local_steps(n, cfg.batch_size, cfg.local_epochs),
                 sigma=sigma if mech.matched else None) if cfg.privacy == "sample" else {}))
@@ -437,6 +461,34 @@ def _collect(job: Job, spec: MethodSpec, sigma: float, journal: ReleaseJournal, 
                 log(f"{where}: client {cid}: {note}")
         valid[cid] = ({**global_state, **got}, weight)
     return valid, received
+
+
+def _score(job: Job, global_state: LoRAState, personal: dict[int, LoRAState], split) -> dict:
+    """Metrics of the global adapters on a split; with personal factors (FedSA-LoRA), the mean over all
+    clients of each one's own model (global adapters + its personal factors; a client that has not
+    trained yet has the global ones). The simulation scores them centrally; a deployment would score
+    each client's model at the client. Leaves the model's adapters unspecified."""
+    model, k = job.model, job.data.num_classes
+    if not personal:
+        set_lora_state(model, global_state)
+        return evaluate(model, split.x, split.y, k)
+    rows = []
+    for cid in range(job.cfg.num_clients):
+        set_lora_state(model, {**global_state, **personal.get(cid, {})})
+        rows.append(evaluate(model, split.x, split.y, k))
+    return {m: float(np.mean([r[m] for r in rows])) for m in rows[0]}
+
+
+def _split_personal(state: LoRAState) -> tuple[LoRAState, dict[int, LoRAState]]:
+    """A checkpoint's adapters into the global ones and each client's personal ones ("client<id>:<key>")."""
+    glob, personal = {}, {}
+    for k, t in state.items():
+        head, sep, rest = k.partition(":")
+        if sep and head.startswith("client") and head[6:].isdigit():
+            personal.setdefault(int(head[6:]), {})[rest] = t
+        else:
+            glob[k] = t
+    return glob, personal
 
 
 def _progress(cfg: FedConfig, **kw):

@@ -5,7 +5,7 @@ the same global adapters.
 
 Run config keys (pyproject `[tool.flwr.app.config]` or `flwr run -c`):
     job-dir   folder with config.yaml and backbone.safetensors (readable by the server and every client)
-    method    deer | deer_no_nr | deer_no_de | ffa | fedavg
+    method    deer | deer_no_nr | deer_no_de | ffa | fedavg (not fedsa: it keeps state on the clients)
     out-dir   the run directory: adapter.safetensors, metrics.json, releases.jsonl, state.json + state.r<N>.safetensors
               (resume), server.log (the ServerApp's log, every run appended)
 Node config (`flower-supernode --node-config`): partition-id=<k> selects client k's data shard;
@@ -349,7 +349,9 @@ def init_deployment(folder: str, cfg: FedConfig, superlink: str, method: str = "
     (the federation "deer" for the flwr CLI: `FLWR_HOME=<folder>/flwr`), and unless insecure, certs/ (a
     private CA and the SuperLink's TLS certificate for the host of `superlink`) and keys/ (one key pair
     per site for SuperNode authentication). Refuses a folder that already holds a deployment."""
-    method_spec(method)
+    if method_spec(method).shared is not None:
+        raise ValueError(f"method {method!r} keeps state on each client between rounds, which deer's Flower ClientApp "
+                         f"does not: it runs in-process only (deer train methods=[{method}])")
     host, sep, port = superlink.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"--superlink {superlink!r} must be HOST:PORT, e.g. 10.0.0.5:9093")
