@@ -30,7 +30,7 @@ def test_no_lora_layers_matched_lists_names():
 def test_target_not_a_linear():
     with pytest.raises(TypeError, match="'1' is a LayerNorm, not an nn.Linear"):
         inject_lora(_mlp(), ["0", "1"], r=2)
-    with pytest.raises(TypeError, match="must be nn.Linear or nn.Conv2d modules, but the target type LayerNorm"):
+    with pytest.raises(TypeError, match="must be nn.Linear, nn.Conv2d or nn.Embedding modules, but the target type LayerNorm"):
         inject_lora(_mlp(), nn.LayerNorm, r=2)
 
 

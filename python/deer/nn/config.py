@@ -48,9 +48,9 @@ class LoRAConfig:
         if not targets:
             raise ValueError("inject_lora: target_modules is empty; name the nn.Linear modules to adapt")
         for t in targets:
-            if isinstance(t, type) and not issubclass(t, (nn.Linear, nn.Conv2d)):
-                raise TypeError(f"inject_lora: LoRA targets must be nn.Linear or nn.Conv2d modules, but the target "
-                                f"type {t.__name__} is neither")
+            if isinstance(t, type) and not issubclass(t, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                raise TypeError(f"inject_lora: LoRA targets must be nn.Linear, nn.Conv2d or nn.Embedding modules, but "
+                                f"the target type {t.__name__} is none of them")
             if not isinstance(t, (str, type)) and not callable(t):
                 raise TypeError(f"target_modules entries must be names/regexes (str), module types, or "
                                 f"callables (name, module) -> bool; got {t!r}")

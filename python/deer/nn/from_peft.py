@@ -4,16 +4,17 @@ working and `make_private` can clip and noise them.
 
 What carries over: r, lora_alpha (and rank_pattern / alpha_pattern, which peft has already resolved
 per layer into r and scaling), use_rslora (its scaling alpha / sqrt(r) becomes deer's scale), lora_dropout,
-target_modules, Linear and Conv1D base layers. What deer refuses, by name, rather than train wrongly:
+target_modules, Linear, Conv1D and Embedding base layers (an Embedding's lora_embedding_A / _B become
+LoRAEmbedding's A / B). What deer refuses, by name, rather than train wrongly:
 DoRA (use_dora), trainable biases (bias != 'none', lora_bias), modules_to_save (full layers trained
-beside LoRA), several adapters in one layer, a merged layer, and peft's LoRA on Embedding / Conv layers.
+beside LoRA), several adapters in one layer, a merged layer, and peft's LoRA on Conv layers.
 After the conversion, save with deer.save_adapter (peft's format; PeftModel.from_pretrained loads it).
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from .lora import LoRALinear
+from .lora import LoRAEmbedding, LoRALinear
 
 
 def _refuse(what: str, why: str):
@@ -51,14 +52,15 @@ def from_peft(model: nn.Module) -> nn.Module:
         raise NoLoRALayersError("from_peft: the model has no peft LoRA layers (peft.get_peft_model(model, "
                                 "LoraConfig(...)) makes them)")
     for name, layer in layers:
-        adapters = list(layer.lora_A.keys())
+        adapters = list(layer.lora_embedding_A.keys() if type(layer).__name__ == "Embedding" else layer.lora_A.keys())
         if len(adapters) != 1 or list(layer.active_adapters) != adapters:
             _refuse(f"{name!r} holds adapters {adapters} (active {list(layer.active_adapters)})",
                     "deer trains one adapter: delete the others (model.delete_adapter) first")
         a = adapters[0]
-        if type(layer).__name__ != "Linear":
+        kind = type(layer).__name__
+        if kind not in ("Linear", "Embedding"):
             _refuse(f"{name!r} is peft's LoRA on a {type(layer.get_base_layer()).__name__}",
-                    "deer converts LoRA on Linear and Conv1D layers only")
+                    "deer converts LoRA on Linear, Conv1D and Embedding layers only")
         if layer.use_dora.get(a, False):
             _refuse(f"{name!r} uses DoRA", "deer's per-sample gradients are for plain LoRA")
         if getattr(layer, "lora_bias", {}).get(a, False):
@@ -67,10 +69,15 @@ def from_peft(model: nn.Module) -> nn.Module:
             _refuse(f"{name!r} is merged into its base weight", "call model.unmerge_adapter() first")
         drop = layer.lora_dropout[a]
         r, scale = int(layer.r[a]), float(layer.scaling[a])
-        unit = LoRALinear(layer.get_base_layer(), r, alpha=scale * r,
-                          dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, name=name)
-        unit.lora_A = layer.lora_A[a].weight           # the same Parameters: (r, in) and (out, r)
-        unit.lora_B = layer.lora_B[a].weight
+        if kind == "Embedding":   # peft applies no dropout on the embedding branch, nor does deer
+            unit = LoRAEmbedding(layer.get_base_layer(), r, alpha=scale * r, name=name)
+            unit.lora_A = layer.lora_embedding_A[a]    # the same Parameters: (r, num_embeddings), (dim, r)
+            unit.lora_B = layer.lora_embedding_B[a]
+        else:
+            unit = LoRALinear(layer.get_base_layer(), r, alpha=scale * r,
+                              dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, name=name)
+            unit.lora_A = layer.lora_A[a].weight       # the same Parameters: (r, in) and (out, r)
+            unit.lora_B = layer.lora_B[a].weight
         unit.train(layer.training)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, unit)

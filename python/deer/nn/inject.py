@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..reference import check_phase
 from .config import LoRAConfig, Target
-from .lora import LoRAConv2d, LoRAFactors, LoRALinear, LoRAQKV, adaptable, lora_units
+from .lora import LoRAFactors, LoRAQKV, adaptable, lora_class, lora_units
 from .mha import PROJECTIONS, LinearMultiheadAttention
 
 LoRAState = dict[str, torch.Tensor]
@@ -38,8 +38,8 @@ def _is_fused_qkv(name: str, module: nn.Module) -> bool:
 def _summary_of_names(model: nn.Module, limit: int = 40) -> str:
     linear = [n for n, m in model.named_modules() if adaptable(m) and n]
     shown = ", ".join(map(repr, linear[:limit])) + (f", ... ({len(linear) - limit} more)" if len(linear) > limit else "")
-    return f"nn.Linear / Conv2d / Conv1D modules in this model: [{shown}]" if linear else \
-        f"this model has no nn.Linear, Conv2d or Conv1D modules (module types: {sorted({type(m).__name__ for m in model.modules()})})"
+    return f"nn.Linear / Conv2d / Conv1D / Embedding modules in this model: [{shown}]" if linear else \
+        f"this model has no nn.Linear, Conv2d, Conv1D or Embedding modules (module types: {sorted({type(m).__name__ for m in model.modules()})})"
 
 
 _UNSET = object()
@@ -86,7 +86,7 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
                             f"'out_proj'), which deer then adapts as Linear layers")
         if not adaptable(module):
             raise TypeError(f"inject_lora: target {name!r} is a {type(module).__name__}, not an nn.Linear, "
-                            f"nn.Conv2d or transformers Conv1D; LoRA here adapts those layers only. Narrow target_modules (e.g. "
+                            f"nn.Conv2d, nn.Embedding or transformers Conv1D; LoRA here adapts those layers only. Narrow target_modules (e.g. "
                             f"{name + '.<linear name>'!r}). {_summary_of_names(model)}")
         if name == "":
             raise ValueError("inject_lora: the model itself is the target Linear; wrap it yourself with "
@@ -102,7 +102,7 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
         if config.qkv_slices is not None and _is_fused_qkv(name, module):
             new = LoRAQKV(*args, slices=config.qkv_slices, **init)
         else:
-            new = (LoRAConv2d if isinstance(module, nn.Conv2d) else LoRALinear)(*args, **init)
+            new = lora_class(module)(*args, **init)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     return model

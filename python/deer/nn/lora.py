@@ -189,8 +189,15 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def adaptable(module: nn.Module) -> bool:
     """A module inject_lora can adapt: nn.Linear or transformers' Conv1D (LoRALinear), nn.Conv2d
-    (LoRAConv2d)."""
-    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d(module)
+    (LoRAConv2d), nn.Embedding (LoRAEmbedding)."""
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or is_conv1d(module)
+
+
+def lora_class(module: nn.Module) -> type:
+    """The deer LoRA layer that wraps an adaptable module."""
+    if isinstance(module, nn.Conv2d):
+        return LoRAConv2d
+    return LoRAEmbedding if isinstance(module, nn.Embedding) else LoRALinear
 
 
 def max_rank(module: nn.Module) -> int:
@@ -302,6 +309,39 @@ class LoRAConv2d(_Wrapped):
         cols = F.unfold(x, b.kernel_size, dilation=b.dilation, padding=b.padding, stride=b.stride)
         delta = self.lora_delta(cols.transpose(1, 2))        # (batch, positions, out)
         return delta.transpose(1, 2).reshape(y.shape)
+
+
+class LoRAEmbedding(_Wrapped):
+    """An `nn.Embedding` (frozen) plus a LoRA branch, as peft's embedding LoRA: the delta of the
+    (num_embeddings x dim) table is s (B A)^T with A: (r, num_embeddings), B: (dim, r), so a token t
+    gets s B A[:, t]. deer computes the branch as a Linear on the one-hot tokens (X = one_hot(ids),
+    n = num_embeddings), so the per-sample capture and kernels are those of every LoRA layer and each
+    token is one of the sample's rows. The one-hot input costs tokens x num_embeddings of memory in
+    the branch: fine for small vocabularies (special tokens, positions, a few thousand words), not
+    for a 50k-token table at a large batch. As in peft the branch has no dropout; the factors start as
+    every deer layer's (A kaiming-uniform, B zero; peft starts A at zero and B Gaussian)."""
+
+    def __init__(self, base: nn.Embedding, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                 name: str = "", dtype: torch.dtype | None = None, **init):
+        where = f" at {name!r}" if name else ""
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"LoRAEmbedding wraps an nn.Embedding, got {type(base).__name__}{where}")
+        if base.max_norm is not None:
+            raise ValueError(f"LoRAEmbedding{where}: max_norm={base.max_norm} renormalises the table's rows in place "
+                             "at every lookup; deer adapts embeddings without max_norm")
+        if dropout:
+            raise ValueError(f"LoRAEmbedding{where}: dropout={dropout}; the embedding branch has no dropout (as in "
+                             "peft): use dropout 0 for embedding targets")
+        w = base.weight
+        super().__init__(base.num_embeddings, base.embedding_dim, r, alpha, 0.0, dtype=dtype or w.dtype,
+                         device=w.device, name=name, **init)
+        self._wrap(base)
+
+    def _delta_as_base(self) -> torch.Tensor:
+        return self.delta_weight().to(self.base.weight.dtype).T
+
+    def _branch(self, x, y):
+        return self.lora_delta(F.one_hot(x, self.base.num_embeddings).to(self.lora_A.dtype))
 
 
 QKV_SLICES = ("q", "k", "v")

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..nn.config import LoRAConfig
 from ..nn.inject import _require_lora, get_lora_state, set_lora_state
-from ..nn.lora import LoRAConv2d, LoRALinear, LoRAQKV
+from ..nn.lora import LoRAConv2d, LoRAEmbedding, LoRALinear, LoRAQKV
 from ..nn.mha import LinearMultiheadAttention
 
 WEIGHTS = "adapter_model.safetensors"
@@ -44,10 +44,10 @@ def _peft_units(model: nn.Module):
                          "converted by inject_lora to q_proj/k_proj/v_proj/out_proj) has no peft equivalent (peft "
                          "adapts the fused in_proj of the original module): use "
                          "deer.privacy.checkpoint.save_lora_state")
-    odd = [n for n, m in units if not isinstance(m, (LoRALinear, LoRAConv2d))]
+    odd = [n for n, m in units if not isinstance(m, (LoRALinear, LoRAConv2d, LoRAEmbedding))]
     if odd:
-        raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear / LoRAConv2d layers; peft cannot "
-                         "load them")
+        raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear / LoRAConv2d / LoRAEmbedding layers; "
+                         "peft cannot load them")
     # paths as peft names them: a PeftModel's own start with base_model.model., which peft adds on load
     strip = _own_prefix(model)
     return [(n.removeprefix(strip), m) for n, m in units]
@@ -60,6 +60,14 @@ def _peft_shapes(m) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if isinstance(m, LoRAConv2d):
         return (r, *m.base.weight.shape[1:]), (m.base.weight.shape[0], r, 1, 1)
     return tuple(m.lora_A.shape), tuple(m.lora_B.shape)
+
+
+def _peft_keys(m) -> tuple[str, str]:
+    """peft's names of a layer's (A, B): Parameters lora_embedding_A / _B (r x num_embeddings and
+    dim x r) on an Embedding, the weights of the lora_A / lora_B modules elsewhere."""
+    if isinstance(m, LoRAEmbedding):
+        return "lora_embedding_A", "lora_embedding_B"
+    return "lora_A.weight", "lora_B.weight"
 
 
 def _own_prefix(model: nn.Module) -> str:
@@ -78,8 +86,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     tensors = {}
     for name, m in units:
         A, B = _peft_shapes(m)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().reshape(A).contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().reshape(B).contiguous().cpu()
+        ka, kb = _peft_keys(m)
+        tensors[f"{PREFIX}{name}.{ka}"] = m.lora_A.detach().reshape(A).contiguous().cpu()
+        tensors[f"{PREFIX}{name}.{kb}"] = m.lora_B.detach().reshape(B).contiguous().cpu()
     base = None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
     try:   # the model's LoRAConfig (what inject_lora was given), written as peft's adapter_config.json
         config = LoRAConfig.from_units(units).to_peft([n for n, _ in units], base)
@@ -113,14 +122,18 @@ def load_adapter(model: nn.Module, directory: str) -> None:
     tensors = load_file(os.path.join(directory, WEIGHTS))
     state = {}
     for key, t in tensors.items():
-        if not key.startswith(PREFIX) or not key.endswith(".weight"):
-            raise KeyError(f"load_adapter: unexpected key {key!r} (expected {PREFIX}<path>.lora_A/B.weight)")
-        path, which = key[len(PREFIX):-len(".weight")].rsplit(".", 1)
+        if not key.startswith(PREFIX):
+            raise KeyError(f"load_adapter: unexpected key {key!r} (expected {PREFIX}<path>.lora_A/B.weight or "
+                           f"<path>.lora_embedding_A/B)")
+        rel = key[len(PREFIX):]
+        path, which = rel.removesuffix(".weight").rsplit(".", 1)
+        leaf = rel[len(path) + 1:]             # lora_A.weight, lora_embedding_B, ...
         path = path.replace(".default", "") if path not in units else path
-        if path not in units or which not in ("lora_A", "lora_B"):
+        unit = units.get(path)
+        if unit is None or leaf not in _peft_keys(unit):
             raise KeyError(f"load_adapter: {key!r} has no matching LoRA layer in this model; LoRA layers: "
                            f"{list(units)[:5]}")
-        unit = units[path]
+        which = "lora_" + which[-1]
         state[f"{_own_prefix(model)}{path}.{which}"] = t.reshape(unit.factor(which[-1]).shape) \
             if t.numel() == unit.factor(which[-1]).numel() else t
     set_lora_state(model, state, strict=True)

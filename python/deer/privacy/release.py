@@ -160,7 +160,8 @@ def release(tensors: list[TensorGrads], mechanism: Mechanism, *, noise_multiplie
         raise ValueError(f"LoRA layers saw different numbers of samples in this step: {sizes}. deer treats "
                          f"dim 0 of every LoRA layer's input as the sample dimension, so per-sample gradients "
                          f"cannot be attributed where a model folds tokens into the batch (x.view(-1, n)) or "
-                         f"stacks two views of the batch along dim 0 (torch.cat([x1, x2])) before a LoRA layer: "
+                         f"stacks two views of the batch along dim 0 (torch.cat([x1, x2])) before a LoRA layer, or calls it "
+                             f"on an input the whole batch shares (position ids of shape (1, T) or (T,)): "
                          f"the layers whose count differs from the batch size are the ones to change (call "
                          f"them on (batch, ...) tensors, once per view).")
     batch = next(iter(sizes.values()), 0)
