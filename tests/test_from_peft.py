@@ -107,11 +107,19 @@ def test_deer_save_of_a_converted_peft_model_reloads_in_peft(tmp_path, gen):
     ({"use_dora": True}, r"uses DoRA"),
     ({"bias": "all"}, r"trains biases \(bias='all'\)"),
     ({"bias": "lora_only"}, r"trains biases \(bias='lora_only'\)"),
-    ({"modules_to_save": ["lm_head"]}, r"trains full modules \(modules_to_save=\['lm_head'\]\)"),
-], ids=["dora", "bias-all", "bias-lora-only", "modules-to-save"])
+], ids=["dora", "bias-all", "bias-lora-only"])
 def test_peft_options_deer_cannot_honour_are_refused(gen, kw, why):
     model = _peft(gen, **kw)
     with pytest.raises(ValueError, match=rf"from_peft: adapter 'default' {why}"):
+        from_peft(model)
+
+
+def test_modules_to_save_other_than_linear_are_refused(gen):
+    """A Linear in modules_to_save trains fully (tests/test_full_layers.py); other module types are
+    refused by name."""
+    model = _peft(gen, modules_to_save=["ln_f"])
+    with pytest.raises(ValueError, match=r"from_peft: 'base_model.model.transformer.ln_f' \(modules_to_save\) is a "
+                                         r"LayerNorm; deer trains nn.Linear modules fully"):
         from_peft(model)
 
 

@@ -64,7 +64,10 @@ def aggregate(global_state: LoRAState, updates: list[LoRAState], weights: list[f
     Ks = {}
     if mechanism.needs_gram:
         for k, (n, f) in trained.items():
-            A0, B0 = global_state[f"{n}.lora_A"].double(), global_state[f"{n}.lora_B"].double()
+            B0 = global_state[f"{n}.lora_B"].double()
+            # a unit trained fully (deer.nn.FullLinear) has no A in the state: its A is the identity
+            A0 = global_state[f"{n}.lora_A"].double() if f"{n}.lora_A" in global_state else \
+                torch.eye(B0.shape[1], dtype=torch.float64)
             Ks[k] = ref.metric_gram(A0, B0, f, mechanism.lam)
     # Norms of the deltas scaled by their largest entry s, so that no finite update (a float64 1e300 from a
     # faulty site) overflows the squared norm to inf (or the regulated quadratic form to inf - inf):

@@ -142,7 +142,7 @@ def local_train(model: nn.Module, start: LoRAState, x: torch.Tensor, y: torch.Te
     mech = spec.mechanism.replace(lam=cfg.lam)
     metric = FrozenMetric([(l.name, l) for l in layers], phase, mech.validate(phase, frozen_at_start=True)) \
         if cfg.privacy == "sample" else None
-    trained = [getattr(l, "lora_" + f) for l in layers for f in ref.trained_factors(phase)]
+    trained = [l.factor(f) for l in layers for f in l.trained]
     opt = torch.optim.SGD(trained, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(y)
     if n == 0:

@@ -132,6 +132,10 @@ class FedConfig:
     lora_rank_pattern: dict[str, _Pos] = field(default_factory=dict)
     # null: a fused timm qkv is one LoRA layer; [q, k, v] (or a subset): one per slice
     lora_qkv_slices: Annotated[list[Literal["q", "k", "v"]] | None, BeforeValidator(_listed)] = None
+    # layers trained fully beside the LoRA factors (peft's modules_to_save, e.g. [head]); they train in
+    # every sub-round that trains B (DEeR: the B sub-round) and are aggregated as they are
+    modules_to_save: Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_listed)] = \
+        field(default_factory=list)
     # local training
     local_epochs: _Pos = 1
     local_steps: _Pos | None = None      # fixed steps per client per sub-round (overrides local_epochs)
@@ -187,7 +191,7 @@ class FedConfig:
     def lora_config(self) -> LoRAConfig:
         """The adapters every party injects (deer.nn.inject_lora), from lora_r/alpha/targets/qkv_slices."""
         return LoRAConfig(tuple(self.lora_targets), self.lora_r, self.lora_alpha, self.lora_rank_pattern,
-                          qkv_slices=self.lora_qkv_slices)
+                          qkv_slices=self.lora_qkv_slices, modules_to_save=tuple(self.modules_to_save))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,7 +32,10 @@ class LoRAConfig:
     suffix or regex: value}; an exact name wins, else the first matching key), dropout, init of A
     ('kaiming' | 'gaussian'; B starts at 0) and qkv_slices: None wraps a fused timm `qkv` in one
     LoRALinear like any Linear (the default: fewer, larger units and peft-compatible; the README's
-    drop-in section), a subset of ('q', 'k', 'v') gives it a LoRAQKV with one pair per slice."""
+    drop-in section), a subset of ('q', 'k', 'v') gives it a LoRAQKV with one pair per slice.
+    modules_to_save: names (matched like target_modules) of nn.Linear modules trained fully beside
+    the LoRA factors, as peft's option of that name (deer.nn.FullLinear: clipped and noised jointly
+    with them, saved with the adapter), e.g. a freshly initialised classifier head."""
     target_modules: Any = ()
     r: int = 8
     alpha: float | None = None
@@ -41,6 +44,7 @@ class LoRAConfig:
     dropout: float = 0.0
     init: str = "kaiming"
     qkv_slices: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self):
         t = self.target_modules
@@ -61,6 +65,11 @@ class LoRAConfig:
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         if self.qkv_slices is not None:
             object.__setattr__(self, "qkv_slices", tuple(self.qkv_slices))
+        full = self.modules_to_save
+        full = (full,) if isinstance(full, str) else tuple(full or ())
+        if any(not isinstance(n, str) or not n for n in full):
+            raise TypeError(f"modules_to_save must be module names (str), got {list(full)!r}")
+        object.__setattr__(self, "modules_to_save", full)
 
     @classmethod
     def of(cls, spec, **kw) -> "LoRAConfig":
@@ -71,6 +80,10 @@ class LoRAConfig:
                 raise TypeError(f"inject_lora: pass a LoRAConfig or keyword arguments, not both (got {sorted(kw)})")
             return spec
         return cls(target_modules=spec, **kw)
+
+    def saves(self, name: str) -> bool:
+        """`name` is one of modules_to_save (trained fully)."""
+        return any(_name_matches(name, k) for k in self.modules_to_save)
 
     def matches(self, name: str, module: nn.Module) -> bool:
         return any(_name_matches(name, t) if isinstance(t, str) else
@@ -99,6 +112,11 @@ class LoRAConfig:
     def from_units(cls, units) -> "LoRAConfig":
         """The config of injected LoRA units [(module path, LoRALinear)] (several inject_lora calls
         included): the most common rank and alpha, exact-path patterns for the others."""
+        from .lora import FullLinear
+        full = tuple(n for n, u in units if isinstance(u, FullLinear))
+        units = [(n, u) for n, u in units if not isinstance(u, FullLinear)]
+        if not units:
+            raise ValueError(f"the model has fully trained modules {list(full)} but no LoRA layers")
         ranks, alphas = {n: u.r for n, u in units}, {n: u.alpha for n, u in units}
         drops = {u.lora_dropout_p for _, u in units}
         if len(drops) > 1:
@@ -106,7 +124,8 @@ class LoRAConfig:
         r0 = max(set(ranks.values()), key=list(ranks.values()).count)
         a0 = max(set(alphas.values()), key=list(alphas.values()).count)
         return cls(tuple(ranks), r0, a0, {n: r for n, r in ranks.items() if r != r0},
-                   {n: a for n, a in alphas.items() if a != a0}, drops.pop(), units[0][1].init)
+                   {n: a for n, a in alphas.items() if a != a0}, drops.pop(), units[0][1].init,
+                   modules_to_save=full)
 
     def to_peft(self, names: list[str], base_model_name_or_path: str | None = None) -> dict:
         """peft's adapter_config.json for this config injected at the module paths `names` (matched
@@ -118,7 +137,8 @@ class LoRAConfig:
         return {
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
             "r": self.r, "lora_alpha": a0, "lora_dropout": self.dropout, "target_modules": sorted(names),
-            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None,
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "modules_to_save": sorted(self.modules_to_save) or None,
             "init_lora_weights": True if self.init == "kaiming" else self.init, "inference_mode": True,
             "rank_pattern": {n: self.rank_for(n) for n in sorted(names) if self.rank_for(n) != self.r},
             "alpha_pattern": {n: alpha(n) for n in sorted(names) if alpha(n) != a0},

@@ -6,15 +6,17 @@ What carries over: r, lora_alpha (and rank_pattern / alpha_pattern, which peft h
 per layer into r and scaling), use_rslora (its scaling alpha / sqrt(r) becomes deer's scale), lora_dropout,
 target_modules, Linear, Conv1D and Embedding base layers (an Embedding's lora_embedding_A / _B become
 LoRAEmbedding's A / B). What deer refuses, by name, rather than train wrongly:
-DoRA (use_dora), trainable biases (bias != 'none', lora_bias), modules_to_save (full layers trained
-beside LoRA), several adapters in one layer, a merged layer, and peft's LoRA on Conv layers.
+DoRA (use_dora), trainable biases (bias != 'none', lora_bias), several adapters in one layer, a merged
+layer, and peft's LoRA on Conv layers. modules_to_save (full layers trained beside LoRA) become
+FullLinear units (nn.Linear modules only): their weight and bias are one new Parameter, B = [W | b],
+so the unit keeps peft's originals in `replaced` (make_private swaps them in the optimizer).
 After the conversion, save with deer.save_adapter (peft's format; PeftModel.from_pretrained loads it).
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from .lora import LoRAEmbedding, LoRALinear
+from .lora import FullLinear, LoRAEmbedding, LoRALinear
 
 
 def _refuse(what: str, why: str):
@@ -44,9 +46,7 @@ def from_peft(model: nn.Module) -> nn.Module:
         if getattr(cfg, "bias", "none") != "none":
             _refuse(f"adapter {name!r} trains biases (bias={cfg.bias!r})",
                     "those gradients would escape clipping; use bias='none'")
-        if getattr(cfg, "modules_to_save", None):
-            _refuse(f"adapter {name!r} trains full modules (modules_to_save={list(cfg.modules_to_save)})",
-                    "deer does not clip full-layer gradients yet; make them LoRA targets instead")
+    saved = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     if not layers:
         raise NoLoRALayersError("from_peft: the model has no peft LoRA layers (peft.get_peft_model(model, "
@@ -79,6 +79,20 @@ def from_peft(model: nn.Module) -> nn.Module:
             unit.lora_A = layer.lora_A[a].weight       # the same Parameters: (r, in) and (out, r)
             unit.lora_B = layer.lora_B[a].weight
         unit.train(layer.training)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, unit)
+    for name, wrapper in saved:
+        adapters = list(wrapper.modules_to_save.keys())
+        if len(adapters) != 1:
+            _refuse(f"{name!r} (modules_to_save) holds copies for adapters {adapters}",
+                    "deer trains one adapter: delete the others first")
+        trained = wrapper.modules_to_save[adapters[0]]
+        if type(trained) is not nn.Linear:
+            _refuse(f"{name!r} (modules_to_save) is a {type(trained).__name__}",
+                    "deer trains nn.Linear modules fully (a classifier head), other module types not yet")
+        unit = FullLinear(trained, name=name)
+        unit.replaced = [p for p in (trained.weight, trained.bias) if p is not None]
+        unit.train(wrapper.training)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, unit)
     return model

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..reference import check_phase
 from .config import LoRAConfig, Target
-from .lora import LoRAFactors, LoRAQKV, adaptable, lora_class, lora_units
+from .lora import FullLinear, LoRAFactors, LoRAQKV, adaptable, lora_class, lora_units
 from .mha import PROJECTIONS, LinearMultiheadAttention
 
 LoRAState = dict[str, torch.Tensor]
@@ -48,7 +48,7 @@ _UNSET = object()
 def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence[Target], r: int = _UNSET,
                 alpha: float | None = _UNSET, dropout: float = _UNSET, qkv_slices: Iterable[str] | None = _UNSET,
                 dtype: torch.dtype | None = None, freeze_base: bool = True, *, rank_pattern: dict = _UNSET,
-                init: str = _UNSET, seed: int | None = None) -> nn.Module:
+                init: str = _UNSET, seed: int | None = None, modules_to_save: Sequence[str] = _UNSET) -> nn.Module:
     """Replace the matched `nn.Linear` modules of `model` (in place) by LoRA layers and return it.
 
     target_modules: a `LoRAConfig`, or its target_modules with the other LoRAConfig fields as
@@ -58,10 +58,13 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
     seed: every A drawn from torch.Generator().manual_seed(seed), in module order, so every party that
       builds the model with the same seed gets the same adapters; the global RNG is not touched
       (None: A comes from the global RNG).
-    freeze_base: freeze every parameter that is not a LoRA factor (as peft does). Anything you want
-      to train privately (e.g. a classifier head) must be a LoRA target as well.
+    freeze_base: freeze every parameter that is not a LoRA factor (as peft does).
+    modules_to_save: nn.Linear modules to train fully (e.g. a fresh classifier head), as peft's option:
+      each becomes a FullLinear, clipped and noised jointly with the LoRA factors and saved with the
+      adapter (LoRAConfig.modules_to_save).
     """
-    kw = dict(r=r, alpha=alpha, dropout=dropout, qkv_slices=qkv_slices, rank_pattern=rank_pattern, init=init)
+    kw = dict(r=r, alpha=alpha, dropout=dropout, qkv_slices=qkv_slices, rank_pattern=rank_pattern, init=init,
+              modules_to_save=modules_to_save)
     config = LoRAConfig.of(target_modules, **{k: v for k, v in kw.items() if v is not _UNSET})
     # Modules inside an existing LoRA wrapper (its frozen base, its factors) are never targets.
     wrapped = [n for n, m in model.named_modules() if isinstance(m, (LoRAFactors, LoRAQKV))]
@@ -92,6 +95,18 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
             raise ValueError("inject_lora: the model itself is the target Linear; wrap it yourself with "
                              "deer.nn.LoRALinear(model, r=...)")
 
+    full = [(n, m) for n, m in model.named_modules() if n and config.saves(n)
+            and not any(n == w or n.startswith(w + ".") for w in wrapped)]
+    if config.modules_to_save and not full:
+        raise NoLoRALayersError(f"inject_lora: no module matched modules_to_save={list(config.modules_to_save)!r}. "
+                                f"{_summary_of_names(model)}")
+    for name, module in full:
+        if any(name == n for n, _ in matched):
+            raise ValueError(f"inject_lora: {name!r} is both a LoRA target and in modules_to_save; a module is "
+                             f"either adapted with LoRA or trained fully")
+        if type(module) is not nn.Linear:
+            raise TypeError(f"inject_lora: modules_to_save entry {name!r} is a {type(module).__name__}; deer trains "
+                            f"nn.Linear modules fully (a classifier head), other module types not yet")
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -105,6 +120,9 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
             new = lora_class(module)(*args, **init)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+    for name, module in full:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, FullLinear(module, name=name, dtype=dtype))
     return model
 
 
@@ -179,13 +197,14 @@ def get_phase(model: nn.Module) -> str:
 
 def get_lora_state(model: nn.Module, factors: Sequence[str] = ("A", "B")) -> dict[str, torch.Tensor]:
     """Detached copies of the LoRA factors: {'<unit name>.lora_A': (r, n), '<unit name>.lora_B': (m, r)}
-    (names as in model.state_dict()). factors=('B',) gives only what the B phase trains."""
+    (names as in model.state_dict()). factors=('B',) gives only what the B phase trains. A factor a
+    unit never trains (a FullLinear's identity A) is a constant, not state: it is left out."""
     bad = [f for f in factors if f not in ("A", "B")]
     if bad:
         raise ValueError(f"factors must be a subset of ('A', 'B'), got {tuple(factors)!r}")
     out = {}
     for name, u in _require_lora(model, "get_lora_state"):
-        for f in ("A", "B"):
+        for f in u.trainable:
             if f in factors:
                 out[f"{name}.lora_{f}"] = u.factor(f).detach().clone()
     return out
@@ -197,8 +216,8 @@ def set_lora_state(model: nn.Module, state: dict[str, torch.Tensor], strict: boo
     Unknown names or wrong shapes are errors; strict=True also requires every factor to be present."""
     params = {}
     for name, u in _require_lora(model, "set_lora_state"):
-        params[f"{name}.lora_A"] = u.lora_A
-        params[f"{name}.lora_B"] = u.lora_B
+        for f in u.trainable:
+            params[f"{name}.lora_{f}"] = u.factor(f)
     unknown = [k for k in state if k not in params]
     if unknown:
         raise KeyError(f"set_lora_state: {len(unknown)} names are not LoRA factors of this model, e.g. "

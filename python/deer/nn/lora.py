@@ -113,14 +113,18 @@ class LoRAFactors(nn.Module):
     """One pair of LoRA factors (A: (r, n), B: (m, r), scale alpha / r) with per-sample capture.
 
     This is the unit the privacy engine works on: its `phase` says which factor trains, its
-    capture list holds (X, U, G) chunks of the current logical batch."""
+    capture list holds (X, U, G) chunks of the current logical batch. `trainable`: the factors the
+    unit can train (a FullLinear trains B only)."""
+
+    trainable = ("A", "B")
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, dtype: torch.dtype | None = None, device=None, name: str = "",
                  init: str = "kaiming", generator: torch.Generator | None = None):
         super().__init__()
         m, n = out_features, in_features
-        _check_rank(r, m, n, repr(name) if name else "this layer")
+        if self.trainable == ("A", "B"):
+            _check_rank(r, m, n, repr(name) if name else "this layer")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.r = r
@@ -153,7 +157,7 @@ class LoRAFactors(nn.Module):
 
     @property
     def trained(self) -> tuple[str, ...]:
-        return trained_factors(self.phase)
+        return unit_factors(self, self.phase)
 
     def factor(self, f: str) -> nn.Parameter:
         return self.lora_A if f == "A" else self.lora_B
@@ -178,6 +182,11 @@ class LoRAFactors(nn.Module):
     def extra_repr(self):
         return (f"in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}, r={self.r}, "
                 f"alpha={self.alpha}, phase={self.phase}")
+
+
+def unit_factors(unit: "LoRAFactors", phase: str) -> tuple[str, ...]:
+    """The factors `unit` trains in `phase`: the phase's, less those the unit never trains."""
+    return tuple(f for f in trained_factors(phase) if f in unit.trainable)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -342,6 +351,65 @@ class LoRAEmbedding(_Wrapped):
 
     def _branch(self, x, y):
         return self.lora_delta(F.one_hot(x, self.base.num_embeddings).to(self.lora_A.dtype))
+
+
+class FullLinear(LoRAFactors):
+    """An `nn.Linear` trained fully (peft's `modules_to_save`, e.g. a fresh classifier head) as one
+    privacy unit of the same kind as the LoRA layers: its weight and bias are B = [W | b] (out x
+    (in + 1)), applied to [x, 1] through a frozen identity A, so
+
+        y = [x, 1] I^T B^T = x W^T + b
+
+    and the per-sample gradient of B (weight and bias together) is the B-phase gradient G_i^T U_i
+    with U = [x, 1]: deer's kernels compute it, and it is clipped jointly with the LoRA factors
+    (one flat norm) and noised in the same release. It trains whenever B trains (phases 'B' and
+    'AB'; in an 'A' phase it is frozen). Under a regulated metric its K = I + lam I is isotropic, so
+    its noise is isotropic too. The original module is kept (frozen, unchanged) as `base`; `weight`
+    and `bias` are views of B. The identity A costs (in + 1)^2 entries: meant for heads and other
+    small layers."""
+
+    trainable = ("B",)
+
+    def __init__(self, base: nn.Linear, name: str = "", dtype: torch.dtype | None = None, **_):
+        where = f" at {name!r}" if name else ""
+        if type(base) is not nn.Linear:
+            raise TypeError(f"FullLinear trains an nn.Linear fully, got {type(base).__name__}{where}")
+        w = base.weight
+        dtype = dtype or w.dtype
+        self.has_bias = base.bias is not None
+        n = base.in_features + self.has_bias
+        super().__init__(n, base.out_features, r=n, alpha=float(n), dtype=dtype, device=w.device, name=name)
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            self.lora_A = nn.Parameter(torch.eye(n, dtype=dtype, device=w.device), requires_grad=False)
+            B = w.detach().to(dtype)
+            if self.has_bias:
+                B = torch.cat([B, base.bias.detach().to(dtype)[:, None]], 1)
+            self.lora_B = nn.Parameter(B.clone())
+        self.merged = False
+
+    @property
+    def weight(self):
+        return self.lora_B[:, :self.base.in_features]
+
+    @property
+    def bias(self):
+        return self.lora_B[:, -1] if self.has_bias else None
+
+    def set_phase(self, phase: str):
+        self.phase = check_phase(phase)
+        self.lora_A.requires_grad_(False)
+        self.lora_B.requires_grad_(phase in ("B", "AB"))
+
+    def forward(self, x):
+        if self.has_bias:
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+        return self.lora_delta(x)
+
+    def extra_repr(self):
+        return f"in={self.base.in_features}, out={self.base.out_features}, bias={self.has_bias} (trained fully)"
 
 
 QKV_SLICES = ("q", "k", "v")

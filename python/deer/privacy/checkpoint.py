@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..nn.config import LoRAConfig
 from ..nn.inject import _require_lora, get_lora_state, set_lora_state
-from ..nn.lora import LoRAConv2d, LoRAEmbedding, LoRALinear, LoRAQKV
+from ..nn.lora import FullLinear, LoRAConv2d, LoRAEmbedding, LoRALinear, LoRAQKV
 from ..nn.mha import LinearMultiheadAttention
 
 WEIGHTS = "adapter_model.safetensors"
@@ -44,7 +44,7 @@ def _peft_units(model: nn.Module):
                          "converted by inject_lora to q_proj/k_proj/v_proj/out_proj) has no peft equivalent (peft "
                          "adapts the fused in_proj of the original module): use "
                          "deer.privacy.checkpoint.save_lora_state")
-    odd = [n for n, m in units if not isinstance(m, (LoRALinear, LoRAConv2d, LoRAEmbedding))]
+    odd = [n for n, m in units if not isinstance(m, (LoRALinear, LoRAConv2d, LoRAEmbedding, FullLinear))]
     if odd:
         raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear / LoRAConv2d / LoRAEmbedding layers; "
                          "peft cannot load them")
@@ -85,6 +85,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
         raise ValueError("save_adapter: some LoRA layers are merged into their base weights; unmerge() first")
     tensors = {}
     for name, m in units:
+        if isinstance(m, FullLinear):   # peft's modules_to_save: the module's own state dict keys
+            tensors[f"{PREFIX}{name}.weight"] = m.weight.detach().contiguous().cpu()
+            if m.has_bias:
+                tensors[f"{PREFIX}{name}.bias"] = m.bias.detach().contiguous().cpu()
+            continue
         A, B = _peft_shapes(m)
         ka, kb = _peft_keys(m)
         tensors[f"{PREFIX}{name}.{ka}"] = m.lora_A.detach().reshape(A).contiguous().cpu()
@@ -121,7 +126,12 @@ def load_adapter(model: nn.Module, directory: str) -> None:
     units = dict(_peft_units(model))
     tensors = load_file(os.path.join(directory, WEIGHTS))
     state = {}
+    full = {}
     for key, t in tensors.items():
+        head, _, leaf = key[len(PREFIX):].rpartition(".")
+        if key.startswith(PREFIX) and isinstance(units.get(head), FullLinear) and leaf in ("weight", "bias"):
+            full.setdefault(head, {})[leaf] = t
+            continue
         if not key.startswith(PREFIX):
             raise KeyError(f"load_adapter: unexpected key {key!r} (expected {PREFIX}<path>.lora_A/B.weight or "
                            f"<path>.lora_embedding_A/B)")
@@ -136,6 +146,13 @@ def load_adapter(model: nn.Module, directory: str) -> None:
         which = "lora_" + which[-1]
         state[f"{_own_prefix(model)}{path}.{which}"] = t.reshape(unit.factor(which[-1]).shape) \
             if t.numel() == unit.factor(which[-1]).numel() else t
+    for path, wb in full.items():
+        unit = units[path]
+        if set(wb) != ({"weight", "bias"} if unit.has_bias else {"weight"}):
+            raise KeyError(f"load_adapter: the fully trained module {path!r} needs "
+                           f"{'weight and bias' if unit.has_bias else 'weight'}, the file has {sorted(wb)}")
+        B = torch.cat([wb["weight"], wb["bias"][:, None]], 1) if unit.has_bias else wb["weight"]
+        state[f"{_own_prefix(model)}{path}.lora_B"] = B.to(unit.lora_B.dtype)
     set_lora_state(model, state, strict=True)
 
 

@@ -219,6 +219,27 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         return loss
 
 
+def _swap_replaced(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A peft module trained fully (modules_to_save) became a FullLinear whose weight and bias are one
+    new Parameter: put it in the optimizer where peft's weight was, and drop peft's weight and bias."""
+    from ..nn.lora import FullLinear
+    for name, u in module.named_modules():
+        old = getattr(u, "replaced", None) if isinstance(u, FullLinear) else None
+        if not old:
+            continue
+        ids = {id(p) for p in old}
+        if any(p in optimizer.state and optimizer.state[p] for p in old):
+            raise ValueError(f"make_private: the optimizer already holds state for {name!r} (modules_to_save), whose "
+                             f"weight and bias deer trains as one tensor: build the optimizer after make_private, or "
+                             f"before any step")
+        for g in optimizer.param_groups:
+            had = any(id(p) in ids for p in g["params"])
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
+            if had:
+                g["params"].append(u.lora_B)
+        u.replaced = None
+
+
 def _refuse_token_mean_loss(module, args, out) -> None:
     """A forward hook on the private model: refuse a loss the model computed itself over token-level
     logits (a transformers ModelOutput with .loss and (b, T, V) .logits: causal and masked LMs, token
@@ -343,6 +364,7 @@ class PrivacyEngine:
 
         if not lora_units(module) and is_peft_lora(module):
             from_peft(module)     # a peft model: its LoRA layers become deer's, sharing the tensors
+            _swap_replaced(module, optimizer)
         units = _require_lora(module, "make_private")
         phase = phase or ("B" if mech.needs_gram else _current_phase(units))
         mech.validate(phase)

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from .. import reference as ref
-from ..nn.lora import Captured
+from ..nn.lora import Captured, unit_factors
 from ..ops import per_sample_grad_norm
 from .mechanism import Mechanism
 
@@ -63,7 +63,7 @@ class FrozenMetric:
         self._entries: dict[tuple[int, str], tuple] = {}
         self._units = list(units)
         for li, (_, u) in enumerate(self._units):
-            for f in self.factors:
+            for f in unit_factors(u, phase):
                 self._build(li, u, f)
 
     def _build(self, li: int, unit, f: str) -> None:
@@ -83,7 +83,7 @@ class FrozenMetric:
         if not self.mechanism.needs_gram or self.phase == "AB":
             return
         for li, (_, u) in enumerate(self._units):
-            for f in self.factors:
+            for f in unit_factors(u, self.phase):
                 src = u.lora_A if f == "B" else u.lora_B
                 ver, ptr, _ = self._entries[(li, f)]
                 if ver != src._version or ptr != src.data_ptr():
@@ -98,7 +98,7 @@ class FrozenMetric:
         return by_dtype[dtype]
 
     def effective_multiplier(self, noise_multiplier: float) -> float:
-        grams = [self._entries[(li, f)][2][torch.float64][0] for li in range(len(self._units)) for f in self.factors]
+        grams = [e[2][torch.float64][0] for e in self._entries.values()]
         return self.mechanism.effective_multiplier(noise_multiplier, grams)
 
 
@@ -117,7 +117,7 @@ def per_sample_tensors(units: Sequence[tuple[str, object]], chunks: Sequence[Seq
         if acc == torch.float64:
             cs = [Captured(*(None if t is None else t.double() for t in c), V=None if getattr(c, "V", None) is None else c.V.double())
                   for c in cs]
-        for f in metric.factors:
+        for f in unit_factors(u, metric.phase):
             K, R = metric.get(li, f, acc)
             gs, ns = [], []
             for chunk in cs:
