@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader, TensorDataset
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _example() -> str:
+def _example(tag: str = "readme-example") -> str:
     text = README.read_text()
-    m = re.search(r"<!-- readme-example -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "README.md lost its <!-- readme-example --> python block"
+    m = re.search(rf"<!-- {tag} -->\s*```python\n(.*?)```", text, re.S)
+    assert m, f"README.md lost its <!-- {tag} --> python block"
     return m.group(1)
 
 
@@ -45,3 +45,28 @@ def test_readme_example_runs_and_spends_the_budget(gen, capsys):
             assert not torch.equal(after[n], p), f"{n} was never trained"
         else:                                                    # the pretrained weights stay frozen
             assert torch.equal(after[n], p), f"frozen weight {n} changed"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_readme_peft_example_trains_lora_and_the_head(gen, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(gen.initial_seed())
+    cfg = transformers.BertConfig(vocab_size=31, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16, num_labels=3)
+    base = transformers.BertForSequenceClassification(cfg).eval()
+    ref = __import__("copy").deepcopy(base)
+    x = torch.randint(0, 31, (64, 6), generator=gen)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    monkeypatch.chdir(tmp_path)
+    ns = {"model": base, "train_loader": DataLoader(TensorDataset(x, y), batch_size=16), "EPOCHS": 2}
+    exec(compile(_example("readme-example-peft"), str(README), "exec"), ns)
+    model = ns["model"]
+    head = model.base_model.model.classifier
+    assert isinstance(head, __import__("deer").nn.FullLinear)
+    assert not torch.equal(head.weight, ref.classifier.weight) and not torch.equal(head.bias, ref.classifier.bias)
+    loaded = peft.PeftModel.from_pretrained(ref, str(tmp_path / "adapter")).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x[:4]).logits, model(input_ids=x[:4]).logits,
+                                   rtol=1e-5, atol=1e-5)
