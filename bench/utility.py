@@ -178,7 +178,7 @@ def run_grid(grid_path: str, out: str, quick: bool = False, jobs: int = 1, log=p
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "runs.jsonl")
     done = _load(path)
-    t_start, ran = time.time(), 0
+    t_start, ran, commit = time.time(), 0, _commit()   # the code that runs is the one checked out now
     for stage in ("tune", "grid"):
         tasks = [t for t in _tasks(g, None if stage == "tune" else tuned_bounds(g, done))
                  if any((t[0], t[1], t[2], e, m, t[3], c) not in done for m, e, c in t[4])]
@@ -197,7 +197,7 @@ def run_grid(grid_path: str, out: str, quick: bool = False, jobs: int = 1, log=p
         wall = os.path.join(out, "wall.json")
         hist = json.load(open(wall)) if os.path.exists(wall) else []
         hist.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)), "runs": ran, "jobs": jobs,
-                     "seconds": round(time.time() - t_start, 1), "commit": _commit()})
+                     "seconds": round(time.time() - t_start, 1), "commit": commit})
         with open(wall, "w") as f:
             json.dump(hist, f, indent=1)
     rows = _ordered(done)
@@ -284,8 +284,10 @@ def report(rows: list[dict], out: str, g: dict) -> str:
     lines = ["# Utility benchmark\n",
              f"{len(rows)} runs ({len(grid)} grid, {len(rows) - len(grid)} tuning); machine: "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU used; torch "
-             f"{torch.__version__}; commit {_commit()}; wall time {sum(h['seconds'] for h in hist) / 60:.1f} min over "
-             f"{len(hist)} invocation(s) ({', '.join(str(h['jobs']) for h in hist) or '-'} processes).\n",
+             f"{torch.__version__}; code at commit {', '.join(sorted({h['commit'] for h in hist})) or _commit()}; wall "
+             f"time {sum(h['seconds'] for h in hist) / 60:.1f} min over {len(hist)} invocation(s) "
+             f"({', '.join(str(h['jobs']) for h in hist) or '-'} processes); the runs' own times add up to "
+             f"{sum(r['seconds'] for r in rows) / 60:.1f} min.\n",
              f"Grid: methods {g['methods']}, epsilons {g['epsilons']}, alphas {g['alphas']}, privacy {g['privacy']}, "
              f"seeds {g['seeds']}; base {json.dumps(g['base'])}.\n",
              "Test metrics are the round's with the best accuracy on the public validation split (mean +- std over "

@@ -132,3 +132,55 @@ def test_batchnorm_in_training_mode_is_refused(gen):
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.steps_taken == 1
+
+
+def test_peft_conv_lora_converts_and_trains(gen):
+    """peft's Conv2d LoRA in: make_private converts it (A, B as 2-D views of peft's tensors, swapped into
+    the optimizer); with noise off the step equals the clipped per-sample autograd mean through peft's
+    own layers, and the update lands in peft's tensors too."""
+    import warnings
+    import deer
+    from test_reused_layers import C
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(int(gen.initial_seed() % 1000))
+    pm = peft.get_peft_model(SmallCNN(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c1", "c2", "fc"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    b = 5
+    x, y = torch.randn(b, 3, 9, 7, generator=gen), torch.randint(0, 4, (b,), generator=gen)
+    oracle = copy.deepcopy(pm)
+    names = [n for n, p in oracle.named_parameters() if p.requires_grad]
+    params = dict(oracle.named_parameters())
+    want = {n: torch.zeros_like(params[n]) for n in names}
+    for i in range(b):
+        gs = torch.autograd.grad(F.cross_entropy(oracle(x[i:i + 1]), y[i:i + 1]), [params[n] for n in names])
+        c = min(1.0, C / float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs))))
+        for n, g in zip(names, gs):
+            want[n] += c * g / b
+    peft_a = pm.base_model.model.c1.lora_A["default"].weight
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, _ = deer.make_private(pm, opt, None, noise_multiplier=0.0, max_grad_norm=C, sample_rate=0.5,
+                                          expected_batch_size=float(b), seed=0, loss_reduction="sum", phase="AB")
+    c1 = model.base_model.model.c1
+    assert isinstance(c1, LoRAConv2d) and c1.lora_A.data_ptr() == peft_a.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x), rtol=1e-5, atol=1e-5)
+    start = peft_a.detach().clone()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    opt.step()
+    assert opt.last_step["clipped_fraction"] > 0.5
+    for n, u in lora_units(model):
+        for f in "AB":
+            key = f"{n}.lora_{f}.default.weight"
+            g = u.factor(f).grad.view_as(want[key])
+            assert float((g - want[key]).norm() / want[key].norm()) < 1e-4, key
+    # the step updated the shared storage: peft's own tensor moved by -lr * grad
+    torch.testing.assert_close(peft_a.detach(), start - c1.lora_A.grad.view_as(start), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="dilation"):
+        from deer.nn import from_peft
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2), nn.Flatten())
+        from_peft(peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0"])))

@@ -7,16 +7,19 @@ per layer into r and scaling), use_rslora (its scaling alpha / sqrt(r) becomes d
 target_modules, Linear, Conv1D and Embedding base layers (an Embedding's lora_embedding_A / _B become
 LoRAEmbedding's A / B). What deer refuses, by name, rather than train wrongly:
 DoRA (use_dora), trainable biases (bias != 'none', lora_bias), several adapters in one layer, a merged
-layer, and peft's LoRA on Conv layers. modules_to_save (full layers trained beside LoRA) become
-FullLinear units (nn.Linear modules only): their weight and bias are one new Parameter, B = [W | b],
-so the unit keeps peft's originals in `replaced` (make_private swaps them in the optimizer).
+layer, peft's conv LoRA other than Conv2d with dilation 1 (peft's A ignores the base's dilation), and
+modules_to_save other than nn.Linear. peft's Conv2d LoRA becomes LoRAConv2d with A and B as 2-D views
+of peft's (r, in, kh, kw) and (out, r, 1, 1) tensors (the same storage, new Parameters); a Linear in
+modules_to_save becomes a FullLinear, whose weight and bias are one new Parameter, B = [W | b]. Such a
+unit keeps peft's original Parameters in `replaced`, and make_private swaps them for the unit's in the
+optimizer.
 After the conversion, save with deer.save_adapter (peft's format; PeftModel.from_pretrained loads it).
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from .lora import FullLinear, LoRAEmbedding, LoRALinear
+from .lora import FullLinear, LoRAConv2d, LoRAEmbedding, LoRALinear
 
 
 def _refuse(what: str, why: str):
@@ -58,9 +61,12 @@ def from_peft(model: nn.Module) -> nn.Module:
                     "deer trains one adapter: delete the others (model.delete_adapter) first")
         a = adapters[0]
         kind = type(layer).__name__
-        if kind not in ("Linear", "Embedding"):
+        if kind not in ("Linear", "Embedding", "Conv2d"):
             _refuse(f"{name!r} is peft's LoRA on a {type(layer.get_base_layer()).__name__}",
-                    "deer converts LoRA on Linear, Conv1D and Embedding layers only")
+                    "deer converts LoRA on Linear, Conv1D, Conv2d and Embedding layers only")
+        if kind == "Conv2d" and tuple(layer.get_base_layer().dilation) != (1, 1):
+            _refuse(f"{name!r} is peft's conv LoRA on a Conv2d with dilation {layer.get_base_layer().dilation}",
+                    "peft's A convolution ignores the dilation, deer's branch follows the base layer")
         if layer.use_dora.get(a, False):
             _refuse(f"{name!r} uses DoRA", "deer's per-sample gradients are for plain LoRA")
         if getattr(layer, "lora_bias", {}).get(a, False):
@@ -69,7 +75,14 @@ def from_peft(model: nn.Module) -> nn.Module:
             _refuse(f"{name!r} is merged into its base weight", "call model.unmerge_adapter() first")
         drop = layer.lora_dropout[a]
         r, scale = int(layer.r[a]), float(layer.scaling[a])
-        if kind == "Embedding":   # peft applies no dropout on the embedding branch, nor does deer
+        if kind == "Conv2d":
+            unit = LoRAConv2d(layer.get_base_layer(), r, alpha=scale * r,
+                              dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, name=name)
+            pa, pb = layer.lora_A[a].weight, layer.lora_B[a].weight
+            unit.lora_A = nn.Parameter(pa.data.view(r, -1), requires_grad=pa.requires_grad)
+            unit.lora_B = nn.Parameter(pb.data.view(pb.shape[0], r), requires_grad=pb.requires_grad)
+            unit.replaced = [pa, pb]
+        elif kind == "Embedding":   # peft applies no dropout on the embedding branch, nor does deer
             unit = LoRAEmbedding(layer.get_base_layer(), r, alpha=scale * r, name=name)
             unit.lora_A = layer.lora_embedding_A[a]    # the same Parameters: (r, num_embeddings), (dim, r)
             unit.lora_B = layer.lora_embedding_B[a]

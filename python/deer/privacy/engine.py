@@ -220,23 +220,23 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
 
 
 def _swap_replaced(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """A peft module trained fully (modules_to_save) became a FullLinear whose weight and bias are one
-    new Parameter: put it in the optimizer where peft's weight was, and drop peft's weight and bias."""
-    from ..nn.lora import FullLinear
-    for name, u in module.named_modules():
-        old = getattr(u, "replaced", None) if isinstance(u, FullLinear) else None
+    """Units from_peft built with new Parameters (a FullLinear's B = [W | b], a conv LoRA's 2-D views of
+    peft's factors) keep peft's originals in `replaced`: put the unit's Parameters in the optimizer
+    group that held them, and drop peft's."""
+    for name, u in lora_units(module):
+        old = getattr(u, "replaced", None)
         if not old:
             continue
         ids = {id(p) for p in old}
         if any(p in optimizer.state and optimizer.state[p] for p in old):
-            raise ValueError(f"make_private: the optimizer already holds state for {name!r} (modules_to_save), whose "
-                             f"weight and bias deer trains as one tensor: build the optimizer after make_private, or "
-                             f"before any step")
+            raise ValueError(f"make_private: the optimizer already holds state for {name!r}, whose tensors deer "
+                             f"replaces (a module trained fully, or a conv LoRA): build the optimizer after "
+                             f"make_private, or before any step")
         for g in optimizer.param_groups:
             had = any(id(p) in ids for p in g["params"])
             g["params"] = [p for p in g["params"] if id(p) not in ids]
             if had:
-                g["params"].append(u.lora_B)
+                g["params"] += [u.factor(f) for f in u.trainable]
         u.replaced = None
 
 
