@@ -178,7 +178,23 @@ def run_grid(grid_path: str, out: str, quick: bool = False, jobs: int = 1, log=p
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "runs.jsonl")
     done = _load(path)
-    t_start, ran, commit = time.time(), 0, _commit()   # the code that runs is the one checked out now
+    t_start, ran, commit = time.time(), [0], _commit()   # the code that runs is the one checked out now
+    try:
+        _stages(g, out, done, jobs, log, ran)
+    finally:   # an interrupted invocation's time counts too
+        if ran[0]:
+            wall = os.path.join(out, "wall.json")
+            hist = json.load(open(wall)) if os.path.exists(wall) else []
+            hist.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)), "runs": ran[0],
+                         "jobs": jobs, "seconds": round(time.time() - t_start, 1), "commit": commit})
+            with open(wall, "w") as f:
+                json.dump(hist, f, indent=1)
+    rows = _ordered(done)
+    report(rows, out, g)
+    return rows
+
+
+def _stages(g: dict, out: str, done: dict, jobs: int, log, ran: list) -> None:
     for stage in ("tune", "grid"):
         tasks = [t for t in _tasks(g, None if stage == "tune" else tuned_bounds(g, done))
                  if any((t[0], t[1], t[2], e, m, t[3], c) not in done for m, e, c in t[4])]
@@ -190,32 +206,20 @@ def run_grid(grid_path: str, out: str, quick: bool = False, jobs: int = 1, log=p
             with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as ex:
                 futures = [ex.submit(_run_task, g, out, t, keys) for t in tasks]
                 results = (f.result() for f in futures)
-                ran += _collect(results, done, out, g, log)
+                _collect(results, done, out, g, log, ran)
         else:
-            ran += _collect((_run_task(g, out, t, keys) for t in tasks), done, out, g, log)
-    if ran:
-        wall = os.path.join(out, "wall.json")
-        hist = json.load(open(wall)) if os.path.exists(wall) else []
-        hist.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start)), "runs": ran, "jobs": jobs,
-                     "seconds": round(time.time() - t_start, 1), "commit": commit})
-        with open(wall, "w") as f:
-            json.dump(hist, f, indent=1)
-    rows = _ordered(done)
-    report(rows, out, g)
-    return rows
+            _collect((_run_task(g, out, t, keys) for t in tasks), done, out, g, log, ran)
 
 
-def _collect(results, done, out, g, log) -> int:
-    n = 0
+def _collect(results, done, out, g, log, ran: list) -> None:
     for rows in results:
         for row in rows:
             done[_key(row)] = row
-            n += 1
+            ran[0] += 1
             log(f"[utility] {row['stage']} {row['privacy']} alpha={row['alpha']} eps={row['epsilon']} "
                 f"{row['method']} C={row['max_grad_norm']} seed={row['seed']}: test acc "
                 f"{row['best']['accuracy']:.3f} at best val ({row['seconds']:.0f}s)")
         report(_ordered(done), out, g)   # after every task: an interrupted grid still has its report
-    return n
 
 
 def _ordered(done: dict) -> list[dict]:
@@ -275,6 +279,33 @@ def headline(rows: list[dict], g: dict) -> list[str]:
     return lines
 
 
+def summary(grid: list[dict], g: dict) -> list[str]:
+    """One compact table per privacy level (the README's): test accuracy at the best validation round,
+    mean +- std over seeds, a column per (alpha, epsilon), a row per method, floor and ceiling first."""
+    lines = ["\n## Summary (test accuracy at the best validation round, mean +- std over seeds)\n"]
+    cols = [(a, e) for a in g["alphas"] for e in g["epsilons"]]
+    labels = {}
+    for r in grid:
+        if r["epsilon"] is not None:
+            labels.setdefault(r["method"], r["label"])
+    for privacy in g["privacy"]:
+        sub = [r for r in grid if r["privacy"] == privacy]
+        if not sub:
+            continue
+        lines += [f"\n### {privacy} level\n", "| method | " + " | ".join(f"alpha {a}, eps {e}" for a, e in cols) + " |",
+                  "| --- |" + " ---: |" * len(cols)]
+        for name, pick in (("backbone, no fine-tuning (floor)", lambda r, a: r["alpha"] == a and r["epsilon"] is None),
+                           ("FedAvg-LoRA, no DP (ceiling)", lambda r, a: r["alpha"] == a and r["epsilon"] is None)):
+            key = (lambda r: r["initial"]["accuracy"]) if "floor" in name else (lambda r: r["best"]["accuracy"])
+            lines.append(f"| {name} | " + " | ".join(_fmt(_mean_std([key(r) for r in sub if pick(r, a)]))
+                                                    for a, _ in cols) + " |")
+        for m in g["methods"]:
+            lines.append(f"| {labels.get(m, m)} | " + " | ".join(_fmt(_mean_std(
+                [r["best"]["accuracy"] for r in sub if r["method"] == m and r["alpha"] == a and r["epsilon"] == e]))
+                for a, e in cols) + " |")
+    return lines
+
+
 def report(rows: list[dict], out: str, g: dict) -> str:
     """report.md and accuracy_vs_epsilon.png from the rows so far."""
     import torch
@@ -327,6 +358,7 @@ def report(rows: list[dict], out: str, g: dict) -> str:
                              f"{_fmt(acc)} | {last[0]:.3f} | {_fmt(f1)} | {_fmt(auc)} | {spent[0]:.2f} | "
                              f"{auth[0]:.3g} | {sig[0]:.3g} | {len(rs)} |")
     lines += headline(rows, g)
+    lines += summary(grid, g)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 
 import deer
 from deer.losses import causal_lm_loss
@@ -166,8 +166,9 @@ def _oracle(z: Zoo, tmp_path, gen) -> nn.Module:
 
 
 def _oracle_grads(oracle: nn.Module, z: Zoo) -> dict[str, torch.Tensor]:
-    """torch.func: per-sample gradients of every trainable peft tensor (vmap over samples of grad of
-    the sample's own loss), clipped jointly to C, summed, / b."""
+    """torch.func: per-sample gradients of every trainable peft tensor (torch.func.grad of each
+    sample's own loss through functional_call, one sample at a time: transformers' mask code branches
+    on the data, which vmap refuses), clipped jointly to C, summed, / b."""
     params = {n: p.detach() for n, p in oracle.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in oracle.named_parameters() if not p.requires_grad}
     buffers = dict(oracle.named_buffers())
@@ -181,8 +182,9 @@ def _oracle_grads(oracle: nn.Module, z: Zoo) -> dict[str, torch.Tensor]:
             out = functional_call(oracle, state, inputs)
         return z.loss(out, *(t.unsqueeze(0) for t in row[k:]))[0]
 
-    g = vmap(grad(sample_loss), in_dims=(None,) + (0,) * (len(z.batch) + len(z.targets)))(params, *z.batch, *z.targets)
     b = z.batch[0].shape[0]
+    per = [grad(sample_loss)(params, *(t[i] for t in (*z.batch, *z.targets))) for i in range(b)]
+    g = {n: torch.stack([p[n] for p in per]) for n in params}
     norms = torch.sqrt(sum((v.double() ** 2).flatten(1).sum(1) for v in g.values()))
     c = torch.clamp(C / norms, max=1.0).float()
     return {n: (c.view(-1, *[1] * (v.dim() - 1)) * v).sum(0) / b for n, v in g.items()}

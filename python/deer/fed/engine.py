@@ -259,10 +259,16 @@ class InProcessClients:
                 hook = lambda step, m, _c=cid: self.client_hook(_c, rnd, phase, step, m)  # noqa: E731
             deadline = time.monotonic() + cfg.client_timeout_s if cfg.client_timeout_s else None
             try:
-                out[cid] = upd = train_client(self.job, cid, rnd, si, phase, spec, sigma,
-                                              {**start, **self.personal.get(cid, {})}, deadline=deadline, hook=hook)
-                if upd.personal:
-                    self.personal[cid] = upd.personal
+                upd = train_client(self.job, cid, rnd, si, phase, spec, sigma, {**start, **self.personal.get(cid, {})},
+                                   deadline=deadline, hook=hook)
+                bad = [k for k, t in upd.personal.items() if not torch.isfinite(t).all()]
+                if bad:   # diverged: the client keeps the factors it had and sends nothing this sub-round
+                    out[cid] = (f"its own factors {bad[:2]} are not finite after local training (it keeps the ones "
+                                f"it had)")
+                else:
+                    out[cid] = upd
+                    if upd.personal:
+                        self.personal[cid] = upd.personal
             except Exception as e:  # noqa: BLE001  a failing client must not end the run
                 out[cid] = f"{type(e).__name__}: {e}"
             finally:
