@@ -11,7 +11,7 @@ import torch
 
 from deer.fed import FedConfig, prepare_job, run_method
 from deer.fed.accounting import ReleaseJournal, epsilon
-from deer.nn import get_lora_state, lora_key
+from deer.nn import get_lora_state, lora_key, lora_units
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -329,3 +329,26 @@ def test_validation_split_selects_the_reported_round(gen):
     vals = [h["val"]["accuracy"] for h in res["history"]]
     assert res["best"] is res["history"][vals.index(max(vals))]
     assert tiny_cfg(seed).val_fraction == 0.0 and prepare_job(tiny_cfg(seed), log=lambda *a: None).data.val is None
+
+
+def test_fedsa_client_whose_own_factors_diverge_keeps_its_previous_ones(gen):
+    """A client whose B (never sent) turns non-finite is left out of that sub-round with the reason,
+    keeps the B it had, and the run's metrics stay finite."""
+    seed = gen.initial_seed() % 100000
+    cfg = tiny_cfg(seed, rounds=3, lr=0.3)
+    job = prepare_job(cfg, log=lambda *a: None)
+    starts = {}
+
+    def hook(cid, rnd, phase, step, model):
+        if step == 0:
+            starts[(cid, rnd)] = {k: t.detach().clone() for k, t in get_lora_state(model).items() if k.endswith("lora_B")}
+        if cid == 1 and rnd == 1 and step == 1:
+            with torch.no_grad():
+                next(u for _, u in lora_units(model)).lora_B.fill_(float("nan"))
+
+    logs = []
+    res = run_method(job, "fedsa", log=logs.append, client_hook=hook)
+    assert any("round 2 AB: client 1 left out: its own factors" in l and "not finite" in l for l in logs), logs
+    for k, t in starts[(1, 1)].items():   # round 3 starts from the B client 1 had before round 2
+        assert torch.equal(starts[(1, 2)][k], t)
+    assert all(torch.isfinite(torch.tensor(h["accuracy"])) for h in res["history"])
