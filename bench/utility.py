@@ -387,7 +387,8 @@ def _plot(rows, out, g):
                 ax.axhline(m, color="gray", linestyle=style, label=f"{label} {m:.3f}")
         ax.set(title=f"privacy {p}, alpha {a}", xlabel="epsilon", ylabel="test accuracy (best val round)",
                xscale="log")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_vs_epsilon.png"), dpi=120)
     plt.close(fig)

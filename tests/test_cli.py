@@ -144,7 +144,7 @@ def test_readme_train_commands_run(tmp_path, monkeypatch, capsys):
     from safetensors.torch import save_file
     from deer.fed.model import build_backbone
     lines = _readme_train_commands()
-    assert len(lines) == 3 and "--resume" in lines[-1]
+    assert len(lines) == 4 and "--resume" in lines[-1]
     monkeypatch.chdir(tmp_path)
     tiny = dict(o.split("=", 1) for o in TINY)
     (tmp_path / "my.yaml").write_text(yaml.safe_dump({k: yaml.safe_load(v) for k, v in tiny.items()}))
