@@ -134,3 +134,17 @@ def test_two_adapters_and_merged_layers_are_refused(gen):
     model.merge_adapter()
     with pytest.raises(ValueError, match=r"is merged into its base weight.*unmerge_adapter"):
         from_peft(model)
+
+
+def test_lora_bias_and_other_conv_lora_are_refused(gen):
+    model = _peft(gen, lora_bias=True)
+    with pytest.raises(ValueError, match=r"from_peft: '.*' has a LoRA bias \(lora_bias=True\); its gradient would "
+                                         r"escape clipping"):
+        from_peft(model)
+    net = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 3), torch.nn.Flatten())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"is peft's LoRA on a Conv1d; deer converts LoRA on Linear, Conv1D, Conv2d "
+                                         r"and Embedding layers only"):
+        from_peft(pm)
