@@ -15,7 +15,7 @@ from deer.nn import inject_lora, lora_units
 from deer.nn.lora import LoRAConv2d
 
 from test_lora_probe import dead_units
-from test_reused_layers import _assert_close, _oracle_grads, _prepare, _private_grads
+from test_reused_layers import C, _assert_close, _oracle_grads, _prepare, _private_grads
 
 timm = pytest.importorskip("timm")
 
@@ -140,7 +140,6 @@ def test_peft_conv_lora_converts_and_trains(gen):
     own layers, and the update lands in peft's tensors too."""
     import warnings
     import deer
-    from test_reused_layers import C
     peft = pytest.importorskip("peft")
     torch.manual_seed(int(gen.initial_seed() % 1000))
     pm = peft.get_peft_model(SmallCNN(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c1", "c2", "fc"]))
@@ -153,12 +152,8 @@ def test_peft_conv_lora_converts_and_trains(gen):
     oracle = copy.deepcopy(pm)
     names = [n for n, p in oracle.named_parameters() if p.requires_grad]
     params = dict(oracle.named_parameters())
-    want = {n: torch.zeros_like(params[n]) for n in names}
-    for i in range(b):
-        gs = torch.autograd.grad(F.cross_entropy(oracle(x[i:i + 1]), y[i:i + 1]), [params[n] for n in names])
-        c = min(1.0, C / float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs))))
-        for n, g in zip(names, gs):
-            want[n] += c * g / b
+    want = dict(zip(names, _oracle_grads(oracle, lambda m, i: F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]), b,
+                                         [params[n] for n in names])))
     peft_a = pm.base_model.model.c1.lora_A["default"].weight
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1.0)
     with warnings.catch_warnings():

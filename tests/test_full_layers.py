@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import deer
 from deer.nn import FullLinear, NoLoRALayersError, get_lora_state, inject_lora, lora_units
 
-from test_reused_layers import C, _assert_close
+from test_reused_layers import C, _assert_close, _oracle_grads
 
 peft = pytest.importorskip("peft")
 
@@ -72,12 +72,8 @@ def test_private_step_on_a_peft_model_with_a_trained_head(gen, phase):
     if phase == "B":   # the LoRA A factors are frozen in the B phase; the head trains with B
         trained = [n for n in trained if "lora_A" not in n]
     params = dict(oracle.named_parameters())
-    want = {n: torch.zeros_like(params[n]) for n in trained}
-    for i in range(b):
-        gs = torch.autograd.grad(F.cross_entropy(oracle(x[i:i + 1]), y[i:i + 1]), [params[n] for n in trained])
-        c = min(1.0, C / float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs))))
-        for n, g in zip(trained, gs):
-            want[n] += c * g / b
+    want = dict(zip(trained, _oracle_grads(oracle, lambda m, i: F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]), b,
+                                           [params[n] for n in trained])))
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -68,9 +68,11 @@ def _private_grads(model, loss_fn, b, batches=1):
     return [p.grad.clone() for p in params]
 
 
-def _oracle_grads(oracle, sample_losses, b):
-    """Clipped per-sample gradients summed over samples / b, each sample's gradient from its own loss."""
-    params = [p for _, u in lora_units(oracle) for p in (u.lora_A, u.lora_B)]
+def _oracle_grads(oracle, sample_losses, b, params=None):
+    """Clipped per-sample gradients summed over samples / b, each sample's gradient from its own loss;
+    of `params` (default: every LoRA factor of the oracle), clipped jointly."""
+    if params is None:
+        params = [p for _, u in lora_units(oracle) for p in (u.lora_A, u.lora_B)]
     total = [torch.zeros_like(p) for p in params]
     for i in range(b):
         gs = torch.autograd.grad(sample_losses(oracle, i), params)

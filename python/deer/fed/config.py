@@ -35,6 +35,14 @@ class MethodSpec:
     label: str
     shared: str | None = None
 
+    def require_stateless_clients(self, where: str) -> None:
+        """Raise ConfigError where clients keep no state between rounds (Flower) but this method needs it."""
+        if self.shared is not None:
+            raise ConfigError(f"{where}: method {self.name!r} ({self.label}) keeps every client's own "
+                              f"{'/'.join(sorted(set('AB') - set(self.shared)))} between rounds, and deer's Flower "
+                              f"ClientApp keeps no state between rounds: it runs in-process only "
+                              f"(deer train methods=[{self.name}]); use another method on Flower")
+
     def sent(self, phase: str) -> str:
         """The factors of `phase` that leave the client, as a phase string ('A', 'B' or 'AB')."""
         return phase if self.shared is None else "".join(f for f in phase if f in self.shared)

@@ -296,10 +296,8 @@ def run_method(job: Job, method: str, run_dir: str | None = None, *, log=print,
         clients = InProcessClients(job, client_hook)
     elif client_hook is not None:
         raise ValueError("client_hook applies to the in-process clients only")
-    if spec.shared is not None and not isinstance(clients, InProcessClients):
-        raise ConfigError(f"method {spec.name!r} ({spec.label}) keeps every client's own {'/'.join(set('AB') - set(spec.shared))} "
-                          f"across rounds; deer's Flower ClientApp keeps no state between rounds, so it runs in-process "
-                          f"only: use another method on Flower")
+    if not isinstance(clients, InProcessClients):
+        spec.require_stateless_clients("run_method")
     sigma, how = calibrate_noise(cfg, spec, data)
     rundir = RunDir(run_dir) if run_dir else None
     try:
@@ -402,8 +400,7 @@ def _run_rounds(job: Job, spec: MethodSpec, sigma: float, how: str, rundir, clie
             log(f"[{spec.label}] WARNING: round {rnd + 1}: the model's outputs on the test set are not finite: the "
                 f"adapters diverged (finite but huge). Lower lr, or bound each update with update_norm_bound")
         if rundir:
-            rundir.save(rnd, {**global_state, **{f"client{c}:{k}": t for c, st_c in personal.items()
-                                                 for k, t in st_c.items()}}, history, skipped, cfg.fingerprint(), spec.name)
+            rundir.save(rnd, _join_personal(global_state, personal), history, skipped, cfg.fingerprint(), spec.name)
         bar.update()
     bar.close()
     over_target("at the end of the run,")
@@ -485,8 +482,14 @@ def _score(job: Job, global_state: LoRAState, personal: dict[int, LoRAState], sp
     return {m: float(np.mean([r[m] for r in rows])) for m in rows[0]}
 
 
+def _join_personal(global_state: LoRAState, personal: dict[int, LoRAState]) -> LoRAState:
+    """The adapters a checkpoint stores: the global ones and each client's personal ones as
+    "client<id>:<key>" (read back by _split_personal)."""
+    return {**global_state, **{f"client{c}:{k}": t for c, st in personal.items() for k, t in st.items()}}
+
+
 def _split_personal(state: LoRAState) -> tuple[LoRAState, dict[int, LoRAState]]:
-    """A checkpoint's adapters into the global ones and each client's personal ones ("client<id>:<key>")."""
+    """A checkpoint's adapters into the global ones and each client's personal ones (_join_personal)."""
     glob, personal = {}, {}
     for k, t in state.items():
         head, sep, rest = k.partition(":")

@@ -349,9 +349,7 @@ def init_deployment(folder: str, cfg: FedConfig, superlink: str, method: str = "
     (the federation "deer" for the flwr CLI: `FLWR_HOME=<folder>/flwr`), and unless insecure, certs/ (a
     private CA and the SuperLink's TLS certificate for the host of `superlink`) and keys/ (one key pair
     per site for SuperNode authentication). Refuses a folder that already holds a deployment."""
-    if method_spec(method).shared is not None:
-        raise ValueError(f"method {method!r} keeps state on each client between rounds, which deer's Flower ClientApp "
-                         f"does not: it runs in-process only (deer train methods=[{method}])")
+    method_spec(method).require_stateless_clients("deer flower init")
     host, sep, port = superlink.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"--superlink {superlink!r} must be HOST:PORT, e.g. 10.0.0.5:9093")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .lora import FullLinear, LoRAConv2d, LoRAEmbedding, LoRALinear
+from .lora import FullLinear, lora_class
 
 
 def _refuse(what: str, why: str):
@@ -40,7 +40,7 @@ def from_peft(model: nn.Module) -> nn.Module:
     deer LoRALinear in place, with the same base layer, factors (the same Parameter objects), scale and
     dropout; returns the model. The forward is unchanged."""
     from peft.tuners.lora import LoraLayer
-    from .inject import NoLoRALayersError
+    from .inject import NoLoRALayersError, replace_module
     for name, cfg in (getattr(model, "peft_config", None) or {}).items():
         if getattr(cfg, "peft_type", None) is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
             _refuse(f"adapter {name!r} is {cfg.peft_type}", "deer converts LoRA adapters only")
@@ -75,25 +75,23 @@ def from_peft(model: nn.Module) -> nn.Module:
             _refuse(f"{name!r} is merged into its base weight", "call model.unmerge_adapter() first")
         drop = layer.lora_dropout[a]
         r, scale = int(layer.r[a]), float(layer.scaling[a])
+        base = layer.get_base_layer()
+        # peft applies no dropout on the embedding branch, nor does deer
+        p = drop.p if isinstance(drop, nn.Dropout) and kind != "Embedding" else 0.0
+        unit = lora_class(base)(base, r, alpha=scale * r, dropout=p, name=name)
         if kind == "Conv2d":
-            unit = LoRAConv2d(layer.get_base_layer(), r, alpha=scale * r,
-                              dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, name=name)
             pa, pb = layer.lora_A[a].weight, layer.lora_B[a].weight
             unit.lora_A = nn.Parameter(pa.data.view(r, -1), requires_grad=pa.requires_grad)
             unit.lora_B = nn.Parameter(pb.data.view(pb.shape[0], r), requires_grad=pb.requires_grad)
             unit.replaced = [pa, pb]
-        elif kind == "Embedding":   # peft applies no dropout on the embedding branch, nor does deer
-            unit = LoRAEmbedding(layer.get_base_layer(), r, alpha=scale * r, name=name)
+        elif kind == "Embedding":
             unit.lora_A = layer.lora_embedding_A[a]    # the same Parameters: (r, num_embeddings), (dim, r)
             unit.lora_B = layer.lora_embedding_B[a]
         else:
-            unit = LoRALinear(layer.get_base_layer(), r, alpha=scale * r,
-                              dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0, name=name)
             unit.lora_A = layer.lora_A[a].weight       # the same Parameters: (r, in) and (out, r)
             unit.lora_B = layer.lora_B[a].weight
         unit.train(layer.training)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, unit)
+        replace_module(model, name, unit)
     for name, wrapper in saved:
         adapters = list(wrapper.modules_to_save.keys())
         if len(adapters) != 1:
@@ -106,6 +104,5 @@ def from_peft(model: nn.Module) -> nn.Module:
         unit = FullLinear(trained, name=name)
         unit.replaced = [p for p in (trained.weight, trained.bias) if p is not None]
         unit.train(wrapper.training)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, unit)
+        replace_module(model, name, unit)
     return model

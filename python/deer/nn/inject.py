@@ -45,6 +45,12 @@ def _summary_of_names(model: nn.Module, limit: int = 40) -> str:
 _UNSET = object()
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at the qualified module path `name` of `model`."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
 def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence[Target], r: int = _UNSET,
                 alpha: float | None = _UNSET, dropout: float = _UNSET, qkv_slices: Iterable[str] | None = _UNSET,
                 dtype: torch.dtype | None = None, freeze_base: bool = True, *, rank_pattern: dict = _UNSET,
@@ -118,11 +124,9 @@ def inject_lora(model: nn.Module, target_modules: LoRAConfig | Target | Sequence
             new = LoRAQKV(*args, slices=config.qkv_slices, **init)
         else:
             new = lora_class(module)(*args, **init)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        replace_module(model, name, new)
     for name, module in full:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, FullLinear(module, name=name, dtype=dtype))
+        replace_module(model, name, FullLinear(module, name=name, dtype=dtype))
     return model
 
 
@@ -162,9 +166,7 @@ def _convert_attention(model: nn.Module, config: LoRAConfig) -> None:
                              f"LoRA layer's input as the sample. Build it with batch_first=True (the weights are "
                              f"the same; transpose its inputs), or target only its attention projections")
     for name in convert:
-        mha = model.get_submodule(name)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, LinearMultiheadAttention.from_mha(mha, name))
+        replace_module(model, name, LinearMultiheadAttention.from_mha(model.get_submodule(name), name))
     # nn.TransformerEncoder may have chosen its nested-tensor fast path when it was built; that path
     # packs the batch and would bypass the converted layers' forward.
     for name, enc in model.named_modules():

@@ -46,8 +46,8 @@ def _peft_units(model: nn.Module):
                          "deer.privacy.checkpoint.save_lora_state")
     odd = [n for n, m in units if not isinstance(m, (LoRALinear, LoRAConv2d, LoRAEmbedding, FullLinear))]
     if odd:
-        raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear / LoRAConv2d / LoRAEmbedding layers; "
-                         "peft cannot load them")
+        raise ValueError(f"save_adapter: LoRA units {odd[:3]} are not LoRALinear / LoRAConv2d / LoRAEmbedding / "
+                         "FullLinear layers; peft cannot load them")
     # paths as peft names them: a PeftModel's own start with base_model.model., which peft adds on load
     strip = _own_prefix(model)
     return [(n.removeprefix(strip), m) for n, m in units]
