@@ -32,7 +32,6 @@ import warnings
 
 from dataclasses import replace
 
-import pytest
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +44,12 @@ from bench.models import Case, build_step, device_name
 CPU_CENTER = dict(model="tiny", batch=32, img=64, rank=8, targets="qkv")
 CUDA_CENTER = dict(model="base", batch=64, img=224, rank=8, targets="qkv")
 QUICK = dict(model="tiny", depth=2, batch=8, img=32, rank=4, targets="qkv")
+# Decoder LMs (CPU): tiny Llama and a GPT-2-shaped model, LoRA r = 8 on the attention projections,
+# (batch, tokens) = (16, 128) and (8, 512); quick: 1 layer, 4 sequences of 16 tokens.
+DECODERS = [dict(arch=a, model="tiny", img=0, rank=8, targets="attn", batch=b, seq=t)
+            for a in ("llama", "gpt2") for b, t in ((16, 128), (8, 512))]
+QUICK_DECODERS = [dict(arch=a, model="tiny", depth=1, img=0, rank=4, targets="attn", batch=4, seq=16)
+                  for a in ("llama", "gpt2")]
 
 
 def _quick(config) -> bool:
@@ -68,7 +73,7 @@ def _deer_backends(device: str) -> list[str]:
 def _methods(device: str, backends: list[str], fused: bool = False) -> list[dict]:
     """Every compared method for one configuration (fused: also deer with the fused optimizer step,
     isotropic noise, on the compiled / Triton backends)."""
-    out = [dict(method="nonprivate", noise="none")]
+    out = [dict(method="nonprivate", noise="none"), dict(method="peft", noise="none")]
     for b in backends:
         for noise in ("isotropic", "regulated"):
             out.append(dict(method="deer", backend=b, noise=noise))
@@ -99,6 +104,8 @@ def cases_for(device: str, quick: bool) -> list[Case]:
 
     if quick:
         add(QUICK, phases=("A", "B"), backs=backends, fused=True)
+        for d in QUICK_DECODERS:
+            add(d, backs=backends)
         return cases
     if device == "cpu":
         c = CPU_CENTER
@@ -111,6 +118,8 @@ def cases_for(device: str, quick: bool) -> list[Case]:
         for r in (4, 32):
             add(_with(c, rank=r))
         add(_with(c, targets="all"))
+        for d in DECODERS:
+            add(d)
     else:
         c = CUDA_CENTER
         add(c, phases=("A", "B"), backs=backends, fused=True)
@@ -143,12 +152,15 @@ def pytest_generate_tests(metafunc):
 
 def environment_row(device: str) -> dict:
     import opacus
+    import peft
     import timm
+    import transformers
 
     import deer
     return {
         "device_name": device_name(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "opacus": opacus.__version__, "timm": timm.__version__,
+        "peft": peft.__version__, "transformers": transformers.__version__,
         "deer": getattr(deer, "__version__", "unknown"), "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -199,9 +211,10 @@ def _warm_up(device: str) -> None:
     peak memory."""
     if device in _WARMED:
         return
-    for m in _methods(device, _deer_backends(device)[:1]):
-        step, _ = build_step(Case(device=device, phase="B", **QUICK, **m))
-        step()
+    for cfg in [QUICK] + QUICK_DECODERS:
+        for m in _methods(device, _deer_backends(device)[:1]):
+            step, _ = build_step(Case(device=device, phase="B", **cfg, **m))
+            step()
     _WARMED.add(device)
 
 
@@ -226,8 +239,7 @@ def test_step(benchmark, case: Case, request):
         run()          # first step: lazy state (optimizer buffers, Opacus hooks) is created here
         if not quick:
             run()
-    benchmark.group = (f"{case.device}-{case.model}-b{case.batch}-img{case.img}-r{case.rank}-"
-                       f"{case.targets}-{case.phase}")
+    benchmark.group = case.config_id()
     benchmark.extra_info.update(case.as_row())
     benchmark.extra_info.update(environment_row(case.device))
     benchmark.extra_info.update({"impl": info["impl"], "peak_mem_bytes": pm.bytes, "peak_mem_kind": pm.kind,

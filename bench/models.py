@@ -1,11 +1,16 @@
 """Shared builders for the end-to-end benchmark (bench/bench_step.py), its report and the fairness test.
 
-Every compared method trains the *same* LoRA parameters of the *same* frozen timm ViT on the *same*
-batch. A case is described by a `Case`; `build_step(case)` returns a zero-argument callable that runs
-one full training step (forward, backward, per-sample clipping, noise, optimizer step) and the state
-it needs. Methods:
+Every compared method trains the *same* LoRA parameters of the *same* frozen model on the *same*
+batch. Models (`Case.arch`): a timm ViT classifying random images (cross-entropy), or a decoder LM, a
+tiny HF Llama or a GPT-2-shaped HF model (transformers' Conv1D layers, fused c_attn), on random token
+sequences with right padding and the causal LM loss, each sample's loss the mean over its own valid
+tokens (deer.losses.causal_lm_loss, through `CausalLMLoss`). A case is described by a `Case`;
+`build_step(case)` returns a zero-argument callable that runs one full training step (forward,
+backward, per-sample clipping, noise, optimizer step) and the state it needs. Methods:
 
     nonprivate      LoRA with deer's LoRALinear, plain backward + SGD: the floor
+    peft            LoRA with peft's LoRA layers (get_peft_model), plain backward + SGD: the second
+                    floor, the non-private LoRA people run today
     deer            deer's DP step (backend = cpu | cuda | triton | reference),
                     noise 'isotropic' (Euclidean clipping, standard DP-SGD) or
                     'regulated' (regulated-metric clipping + low-cost regulated noise, deer's default)
@@ -15,6 +20,7 @@ it needs. Methods:
                     a full (m x n) Gaussian draw and a pseudo-inverse of the frozen factor per layer
                     per step
 
+peft's layers wrap the same frozen base modules and get the same A and B values as deer's.
 For Opacus the LoRA factors are plain nn.Linear modules (`OpacusLoRALinear`) so Opacus can compute
 their per-sample gradients; parameters are copied from the deer model, so both hold identical values.
 Phases follow deer: 'A' trains A (B frozen), 'B' trains B (A frozen). B is given random (non-zero)
@@ -30,10 +36,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deer import reference as ref
+from deer.losses import causal_lm_loss
 from deer.nn import LoRAConfig, LoRALinear, inject_lora, lora_layers
+from deer.nn.inject import replace_module
 from deer.ops import resolve_backend
 
 # timm ViT sizes (embed dim, depth, heads): the ViT-Ti/S/B of "How to train your ViT", built with timm's
@@ -43,9 +50,25 @@ VIT_SIZES = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
-METHODS = ("nonprivate", "deer", "opacus_hooks", "opacus_ghost", "deer_on_opacus")
-LORA_TARGETS = {"qkv": ("attn.qkv",), "qkv_proj": ("attn.qkv", "attn.proj"),
-                "all": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+# Decoder LMs built from a config (random init, nothing downloaded). "tiny" Llama: 4 layers of width
+# 256 with grouped-query attention (4 query heads, 2 key/value heads); the GPT-2-shaped model has
+# GPT-2's layout (Conv1D projections, fused c_attn, learned positions) at the same width and depth.
+# Both have an 8192-token vocabulary and no dropout; `Case.depth` overrides the number of layers.
+DECODER_SIZES = {
+    "llama": {"tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=8192, max_position_embeddings=512)},
+    "gpt2": {"tiny": dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8192, n_positions=512,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)},
+}
+ARCH_NAMES = {"vit": "ViT", "llama": "Llama", "gpt2": "GPT-2"}
+METHODS = ("nonprivate", "peft", "deer", "opacus_hooks", "opacus_ghost", "deer_on_opacus")
+# LoRA targets per architecture (suffixes of module names; "attn": the attention projections)
+LORA_TARGETS = {
+    "vit": {"qkv": ("attn.qkv",), "qkv_proj": ("attn.qkv", "attn.proj"),
+            "all": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")},
+    "llama": {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")},
+    "gpt2": {"attn": ("attn.c_attn", "attn.c_proj")},
+}
 NUM_CLASSES = 10
 
 # When True (the report's profiler run), every step labels its stages so a profile says where the time
@@ -63,7 +86,7 @@ class Case:
     method: str
     model: str = "tiny"
     batch: int = 32
-    img: int = 64
+    img: int = 64                   # ViT image size (0 for decoders)
     rank: int = 8
     phase: str = "B"
     noise: str = "isotropic"        # isotropic | regulated | paper (deer_on_opacus) | none (nonprivate)
@@ -76,16 +99,23 @@ class Case:
     max_grad_norm: float = 1.0
     lam: float = 1e-2
     fused: bool = False             # deer: make_private(fused_update=True), the optimizer step in the kernel
+    arch: str = "vit"               # vit | llama | gpt2
+    seq: int = 0                    # decoders: tokens per sequence (before padding)
 
     @property
     def tokens(self) -> int:
-        return (self.img // self.patch) ** 2 + 1
+        return self.seq if self.arch != "vit" else (self.img // self.patch) ** 2 + 1
+
+    def config_id(self) -> str:
+        """The configuration (model, shapes, LoRA, phase) without the method: the benchmark group."""
+        d = f"-d{self.depth}" if self.depth is not None else ""
+        shape = f"img{self.img}" if self.arch == "vit" else f"T{self.seq}"
+        arch = "" if self.arch == "vit" else f"{self.arch}-"
+        return f"{self.device}-{arch}{self.model}{d}-b{self.batch}-{shape}-r{self.rank}-{self.targets}-{self.phase}"
 
     def id(self) -> str:
         meth = self.method if self.backend == "-" else f"{self.method}[{self.backend}]"
-        d = f"-d{self.depth}" if self.depth is not None else ""
-        return (f"{self.device}-{self.model}{d}-b{self.batch}-img{self.img}-r{self.rank}-{self.targets}-"
-                f"{self.phase}-{meth}-{self.noise}" + ("-fused" if self.fused else ""))
+        return f"{self.config_id()}-{meth}-{self.noise}" + ("-fused" if self.fused else "")
 
     def as_row(self) -> dict:
         row = asdict(self)
@@ -140,30 +170,87 @@ def build_vit(model: str, img: int, depth: int | None = None, patch: int = 16, s
     return vit
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
+def build_decoder(arch: str, model: str, depth: int | None = None, seed: int = 0) -> nn.Module:
+    """A frozen decoder LM of DECODER_SIZES[arch][model] (random init, no dropout; training mode, as
+    Opacus requires)."""
+    import transformers
+    if arch not in DECODER_SIZES or model not in DECODER_SIZES[arch]:
+        raise ValueError(f"unknown decoder {arch!r} size {model!r}; choose one of "
+                         f"{[(a, m) for a in DECODER_SIZES for m in DECODER_SIZES[a]]}")
+    cfg = dict(DECODER_SIZES[arch][model])
+    torch.manual_seed(seed)
+    if arch == "llama":
+        if depth is not None:
+            cfg["num_hidden_layers"] = depth
+        lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    else:
+        if depth is not None:
+            cfg["n_layer"] = depth
+        lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return lm
 
 
-def _set(module: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(_get(module, parent) if parent else module, leaf, new)
+def build_base(case: Case) -> nn.Module:
+    """The frozen model of `case`, before LoRA."""
+    if case.arch == "vit":
+        return build_vit(case.model, case.img, case.depth, case.patch)
+    return build_decoder(case.arch, case.model, case.depth)
 
 
-def inject_deer_lora(vit: nn.Module, rank: int, targets: str = "qkv", seed: int = 1) -> list[LoRALinear]:
-    """deer.nn.inject_lora on the target Linears of every block (one LoRALinear each, a fused qkv
-    included; alpha = 2 r, A drawn from `seed`). B gets random values (std 1/sqrt(m)) so both phases
-    are non-trivial, as after a few rounds of training."""
-    if targets not in LORA_TARGETS:
-        raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {tuple(LORA_TARGETS)}")
-    inject_lora(vit, LoRAConfig(LORA_TARGETS[targets], r=rank, alpha=2 * rank, qkv_slices=None), seed=seed)
+def lora_targets(case: Case) -> tuple[str, ...]:
+    by_arch = LORA_TARGETS.get(case.arch)
+    if by_arch is None:
+        raise ValueError(f"unknown architecture {case.arch!r}; choose one of {tuple(LORA_TARGETS)}")
+    if case.targets not in by_arch:
+        raise ValueError(f"unknown LoRA targets {case.targets!r} for {case.arch}; choose one of {tuple(by_arch)}")
+    return by_arch[case.targets]
+
+
+def inject_deer_lora(model: nn.Module, rank: int, targets: tuple[str, ...], seed: int = 1) -> list[LoRALinear]:
+    """deer.nn.inject_lora on the target layers (one LoRALinear each, a fused qkv / c_attn included;
+    alpha = 2 r, A drawn from `seed`). B gets random values (std 1/sqrt(m)) so both phases are
+    non-trivial, as after a few rounds of training."""
+    inject_lora(model, LoRAConfig(targets, r=rank, alpha=2 * rank, qkv_slices=None), seed=seed)
     g = torch.Generator().manual_seed(seed)
-    layers = lora_layers(vit)
+    layers = lora_layers(model)
     with torch.no_grad():
         for lyr in layers:
             lyr.lora_B.copy_(torch.randn(lyr.lora_B.shape, generator=g) / math.sqrt(lyr.out_features))
     return layers
+
+
+def to_peft(deer_model: nn.Module, case: Case) -> nn.Module:
+    """`deer_model` with each deer LoRALinear replaced by peft's LoRA layer around the same frozen base
+    module, with the same A, B and scale (lora_alpha = 2 r), the factor of the other phase frozen.
+    deer's layers are taken out, not copied: the two models share no LoRA state and the base weights
+    exist once."""
+    import warnings
+
+    import peft
+    factors = {}
+    for name, mod in list(deer_model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            factors[name] = (mod.lora_A.detach().clone(), mod.lora_B.detach().clone())
+            replace_module(deer_model, name, mod.base)
+    cfg = peft.LoraConfig(r=case.rank, lora_alpha=2 * case.rank, lora_dropout=0.0,
+                          target_modules=list(lora_targets(case)), fan_in_fan_out=case.arch == "gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(deer_model, cfg)
+    inner = pm.base_model.model
+    with torch.no_grad():
+        for name, (A, B) in factors.items():
+            lyr = inner.get_submodule(name)
+            lyr.lora_A["default"].weight.copy_(A)
+            lyr.lora_B["default"].weight.copy_(B)
+            lyr.lora_A["default"].weight.requires_grad_(case.phase in ("A", "AB"))
+            lyr.lora_B["default"].weight.requires_grad_(case.phase in ("B", "AB"))
+    found = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in pm.modules())
+    if found != len(factors):
+        raise RuntimeError(f"peft targeted {found} layers, deer {len(factors)}: the floors would differ")
+    return pm
 
 
 class OpacusLoRALinear(nn.Module):
@@ -197,25 +284,58 @@ def to_opacus_lora(deer_model: nn.Module) -> tuple[nn.Module, list[OpacusLoRALin
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoRALinear):
             new = OpacusLoRALinear(mod)
-            _set(model, name, new)
+            replace_module(model, name, new)
             swapped.append(new)
     return model, swapped
 
 
-def make_batch(case: Case, seed: int = 2):
+class CausalLMLoss(nn.Module):
+    """deer.losses.causal_lm_loss as a criterion module with a `reduction` attribute, the form Opacus'
+    ghost clipping needs (it sets reduction='none' to get the (b,) per-sample losses)."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits, labels):
+        return causal_lm_loss(logits, labels, reduction=self.reduction)
+
+
+def criterion(case: Case) -> nn.Module:
+    return nn.CrossEntropyLoss() if case.arch == "vit" else CausalLMLoss()
+
+
+def logits_of(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def make_batch(case: Case, seed: int = 2) -> tuple[dict, torch.Tensor]:
+    """(inputs, target): the model's keyword inputs and the loss target. ViT: random images and
+    labels. Decoders: random token ids with right padding (sample i keeps T - i T / (2 b) tokens, the
+    first sample unpadded, so lengths run from T down to about T / 2), attention mask, and labels =
+    the ids with the padding set to -100."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(case.batch, 3, case.img, case.img, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (case.batch,), generator=g)
-    return x.to(case.device), y.to(case.device)
+    if case.arch == "vit":
+        x = torch.randn(case.batch, 3, case.img, case.img, generator=g)
+        y = torch.randint(0, NUM_CLASSES, (case.batch,), generator=g)
+        return {"x": x.to(case.device)}, y.to(case.device)
+    vocab = DECODER_SIZES[case.arch][case.model]["vocab_size"]
+    T = case.seq
+    ids = torch.randint(0, vocab, (case.batch, T), generator=g)
+    mask = torch.ones(case.batch, T, dtype=torch.long)
+    for i in range(case.batch):
+        mask[i, T - (i * T) // (2 * case.batch):] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(case.device), "attention_mask": mask.to(case.device)}, labels.to(case.device)
 
 
 def build_lora_model(case: Case) -> tuple[nn.Module, list[LoRALinear]]:
-    vit = build_vit(case.model, case.img, case.depth, case.patch)
-    layers = inject_deer_lora(vit, case.rank, case.targets)
-    vit.to(case.device)
+    model = build_base(case)
+    layers = inject_deer_lora(model, case.rank, lora_targets(case))
+    model.to(case.device)
     for lyr in layers:
         lyr.set_phase(case.phase)
-    return vit, layers
+    return model, layers
 
 
 def trainable(model: nn.Module) -> list[torch.nn.Parameter]:
@@ -226,7 +346,12 @@ def trainable(model: nn.Module) -> list[torch.nn.Parameter]:
 # deer's DP step: deer.privacy.PrivacyEngine as a user writes it.
 # ------------------------------------------------------------------------------------------------
 
-def build_deer_step(case: Case, model, layers, x, y, lr: float = 1e-3):
+def _loader(inputs: dict, target, batch: int):
+    """A loader over the fixed batch (make_private and Opacus take the sample rate from it)."""
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*inputs.values(), target), batch_size=batch)
+
+
+def build_deer_step(case: Case, model, layers, inputs, target, lr: float = 1e-3):
     """The deer step for `case` as a callable step(zero_grad=True): PrivacyEngine().make_private(...)
     with a mean loss and fixed batches; regulated noise uses the metric regulator (deer's sound
     default). Returns (step, impl_name)."""
@@ -235,7 +360,8 @@ def build_deer_step(case: Case, model, layers, x, y, lr: float = 1e-3):
     from deer.privacy import PrivacyEngine
     backend = resolve_backend(torch.device(case.device), None if case.backend == "-" else case.backend)
     opt = torch.optim.SGD(trainable(model), lr=lr)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=case.batch)
+    loader = _loader(inputs, target, case.batch)
+    crit = criterion(case)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # poisson_sampling=False: fixed batches, timed only
         model_p, opt_p, _ = PrivacyEngine().make_private(
@@ -245,7 +371,7 @@ def build_deer_step(case: Case, model, layers, x, y, lr: float = 1e-3):
 
     def step(zero_grad: bool = True):
         with stage("forward"):
-            loss = F.cross_entropy(model_p(x), y)
+            loss = crit(logits_of(model_p(**inputs)), target)
         with stage("backward"):
             loss.backward()
         with stage("step"):
@@ -292,7 +418,7 @@ def _opacus_dp_optimizer_class():
     return PaperRegulatedDPOptimizer
 
 
-def build_opacus_step(case: Case, deer_model, x, y, lr: float = 1e-3):
+def build_opacus_step(case: Case, deer_model, inputs, target, lr: float = 1e-3):
     """Opacus hooks / ghost / deer_on_opacus on an OpacusLoRALinear copy of the deer model."""
     import warnings
 
@@ -302,11 +428,11 @@ def build_opacus_step(case: Case, deer_model, x, y, lr: float = 1e-3):
     for lyr in olayers:
         lyr.set_phase(case.phase)
     opt = torch.optim.SGD(trainable(model), lr=lr)
-    crit = nn.CrossEntropyLoss()
+    crit = criterion(case)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # secure-RNG and poisson_sampling=False warnings
         if case.method in ("opacus_hooks", "opacus_ghost"):
-            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=case.batch)
+            loader = _loader(inputs, target, case.batch)
             mode = "hooks" if case.method == "opacus_hooks" else "ghost"
             out = PrivacyEngine().make_private(
                 module=model, optimizer=opt, criterion=crit, data_loader=loader,
@@ -331,7 +457,7 @@ def build_opacus_step(case: Case, deer_model, x, y, lr: float = 1e-3):
 
     def step(zero_grad: bool = True):
         with stage("forward"):
-            loss = crit_p(gsm(x), y)
+            loss = crit_p(logits_of(gsm(**inputs)), target)
         with stage("backward"):
             loss.backward()
         with stage("step"):
@@ -342,12 +468,14 @@ def build_opacus_step(case: Case, deer_model, x, y, lr: float = 1e-3):
     return step, gsm, olayers, dpopt
 
 
-def build_nonprivate_step(case: Case, model, x, y):
+def build_nonprivate_step(case: Case, model, inputs, target):
+    """Plain LoRA training (deer's layers, or peft's for the 'peft' floor): loss, backward, SGD."""
     opt = torch.optim.SGD(trainable(model), lr=1e-3)
+    crit = criterion(case)
 
     def step(zero_grad: bool = True):
         with stage("forward"):
-            loss = F.cross_entropy(model(x), y)
+            loss = crit(logits_of(model(**inputs)), target)
         with stage("backward"):
             loss.backward()
         with stage("step"):
@@ -363,18 +491,24 @@ def build_step(case: Case):
     trained parameters (to check they stay finite)."""
     if case.method not in METHODS:
         raise ValueError(f"unknown method {case.method!r}; choose one of {METHODS}")
-    x, y = make_batch(case)
+    inputs, target = make_batch(case)
     model, layers = build_lora_model(case)
     info = {"impl": case.method}
     if case.method == "nonprivate":
-        step = build_nonprivate_step(case, model, x, y)
+        step = build_nonprivate_step(case, model, inputs, target)
+        info["params"] = trainable(model)
+    elif case.method == "peft":
+        import peft
+        model = to_peft(model, case)
+        step = build_nonprivate_step(case, model, inputs, target)
+        info["impl"] = f"peft {peft.__version__}"
         info["params"] = trainable(model)
     elif case.method == "deer":
-        step, impl = build_deer_step(case, model, layers, x, y)
+        step, impl = build_deer_step(case, model, layers, inputs, target)
         info["impl"] = f"deer:{impl}"
         info["params"] = trainable(model)
     else:
-        step, gsm, olayers, _ = build_opacus_step(case, model, x, y)
+        step, gsm, olayers, _ = build_opacus_step(case, model, inputs, target)
         info["impl"] = f"opacus {_opacus_version()}"
         info["params"] = trainable(gsm)
         del model, layers
@@ -391,7 +525,7 @@ def _opacus_version() -> str:
 # on the same batch must agree (tests/test_bench_smoke.py).
 # ------------------------------------------------------------------------------------------------
 
-def clipped_grads(case: Case, model, x, y, methods=("deer", "opacus_hooks", "opacus_ghost",
+def clipped_grads(case: Case, model, inputs, target, methods=("deer", "opacus_hooks", "opacus_ghost",
                                                     "deer_on_opacus")) -> dict[str, list[torch.Tensor]]:
     """For each method: the gradient it hands the optimizer (sum_i c_i g_i / b with the noise off) for
     the trained factor of every LoRA layer, in layer order, Euclidean flat clipping (what Opacus
@@ -403,30 +537,32 @@ def clipped_grads(case: Case, model, x, y, methods=("deer", "opacus_hooks", "opa
         if meth == "deer":
             m = copy.deepcopy(model)
             lys = lora_layers(m)
-            step, _ = build_deer_step(c, m, lys, x, y, lr=0.0)
+            step, _ = build_deer_step(c, m, lys, inputs, target, lr=0.0)
             step(zero_grad=False)
             out[meth] = [(l.lora_A if c.phase == "A" else l.lora_B).grad.detach().clone() for l in lys]
         else:
-            step, gsm, olayers, dpopt = build_opacus_step(c, model, x, y, lr=0.0)
+            step, gsm, olayers, dpopt = build_opacus_step(c, model, inputs, target, lr=0.0)
             step(zero_grad=False)
             out[meth] = [(l.lora_A if c.phase == "A" else l.lora_B).weight.grad.detach().clone()
                          for l in olayers]
     return out
 
 
-def reference_clipped_grads(model, layers, x, y, phase: str, max_grad_norm: float):
+def reference_clipped_grads(case: Case, model, inputs, target, phase: str, max_grad_norm: float):
     """float64 oracle: per-sample gradients from deer.reference on the captured (X, G) of every layer,
     Euclidean flat clipping, mean over the batch. Returns (grads per layer, per-sample norms)."""
     m = copy.deepcopy(model)
     lys = lora_layers(m)
     for l in lys:
         l.capture = True
-    F.cross_entropy(m(x), y, reduction="sum").backward()
+    crit = criterion(case)
+    crit.reduction = "sum"
+    crit(logits_of(m(**inputs)), target).backward()
     batches = []
     for l in lys:
         l.capture = False
         (X, U, G), = l.pop_captured()
         batches.append(ref.LayerBatch(X.double(), G.double(), l.lora_A.detach().double(),
                                       l.lora_B.detach().double(), l.scale))
-    res = ref.dp_step(batches, phase, max_grad_norm, 0.0, x.shape[0])
+    res = ref.dp_step(batches, phase, max_grad_norm, 0.0, target.shape[0])
     return [g[phase] for g in res.grads], res.sq_norms.sqrt()

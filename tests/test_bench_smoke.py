@@ -2,8 +2,10 @@
 Opacus ghost clipping and "DEeR on Opacus" hand the optimizer the same clipped, averaged gradient of
 the same LoRA parameters on the same batch, and that gradient is the float64 reference's.
 
-The model is a 2-block ViT-tiny at 32 px (5 tokens) with LoRA on qkv, an odd batch (7) and rank 3,
-both DEeR phases. The clipping bound is the median per-sample norm, so some samples are clipped and
+The models are a 2-block ViT-tiny at 32 px (5 tokens) with LoRA on qkv, and the benchmark's two
+decoder LMs (tiny Llama, GPT-2-shaped) cut to one layer, on right-padded sequences of 11 tokens with
+the causal LM loss and LoRA on the attention projections; an odd batch (7) and rank 3, both DEeR
+phases. The clipping bound is the median per-sample norm, so some samples are clipped and
 some are not: a method that skipped clipping, clipped per layer, or scaled by the wrong batch size
 would differ from the reference by far more than the tolerance (checked against the unclipped mean).
 """
@@ -23,8 +25,11 @@ if ROOT not in sys.path:
 
 pytest.importorskip("opacus")
 pytest.importorskip("timm")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
 
-from bench.models import Case, build_lora_model, clipped_grads, make_batch, reference_clipped_grads  # noqa: E402
+from bench.models import (Case, build_lora_model, build_nonprivate_step, clipped_grads, make_batch,  # noqa: E402
+                          reference_clipped_grads, to_peft)
 
 RTOL = 2e-4   # fp32 per-sample gradients and norms of a 2-block ViT against the float64 oracle
 
@@ -33,29 +38,35 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+SHAPES = {"vit": dict(depth=2, img=32, targets="qkv"),
+          "llama": dict(arch="llama", depth=1, img=0, seq=11, targets="attn"),
+          "gpt2": dict(arch="gpt2", depth=1, img=0, seq=11, targets="attn")}
+
+
+@pytest.mark.parametrize("arch", list(SHAPES))
 @pytest.mark.parametrize("phase", ["A", "B"])
-def test_clipped_gradients_agree_across_methods(phase, gen):
+def test_clipped_gradients_agree_across_methods(phase, arch, gen):
     seed = gen.initial_seed()
     torch.manual_seed(seed)
-    case = Case(method="deer", model="tiny", depth=2, img=32, batch=7, rank=3, phase=phase,
-                noise="isotropic", backend="-", sigma=0.0)
+    case = Case(method="deer", model="tiny", batch=7, rank=3, phase=phase, noise="isotropic", backend="-",
+                sigma=0.0, **SHAPES[arch])
     model, layers = build_lora_model(case)
-    x, y = make_batch(case, seed=seed % (2 ** 31))
+    inputs, target = make_batch(case, seed=seed % (2 ** 31))
     # Unclipped per-sample norms decide C: the median, so the batch has clipped and unclipped samples.
-    _, norms = reference_clipped_grads(model, layers, x, y, phase, 1e30)  # no clipping
+    _, norms = reference_clipped_grads(case, model, inputs, target, phase, 1e30)  # no clipping
     C = float(norms.median())
     clipped = int((norms > C * (1 + 1e-3)).sum())
     assert 0 < clipped < case.batch, f"seed {seed}: want a partly clipped batch, norms {norms.tolist()}"
     case = replace(case, max_grad_norm=C)
-    want, _ = reference_clipped_grads(model, layers, x, y, phase, C)
-    unclipped, _ = reference_clipped_grads(model, layers, x, y, phase, 1e30)  # no clipping
+    want, _ = reference_clipped_grads(case, model, inputs, target, phase, C)
+    unclipped, _ = reference_clipped_grads(case, model, inputs, target, phase, 1e30)  # no clipping
     # The planted error (no clipping) must be far outside the tolerance, or the test could not fail.
     gap = min(_rel_err(u, w) for u, w in zip(unclipped, want))
     assert gap > 50 * RTOL, f"seed {seed}: clipping changes the gradient by only {gap:.2e}"
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = clipped_grads(case, model, x, y)
+        got = clipped_grads(case, model, inputs, target)
     assert set(got) == {"deer", "opacus_hooks", "opacus_ghost", "deer_on_opacus"}
     for meth, grads in got.items():
         assert len(grads) == len(want), f"{meth}: {len(grads)} trained tensors, reference {len(want)}"
@@ -66,11 +77,35 @@ def test_clipped_gradients_agree_across_methods(phase, gen):
                                 f"float64 reference by {err:.2e} (tolerance {RTOL})")
 
 
-def _bench_json(tmp_path, times_ms: dict, mem_mib: dict):
+@pytest.mark.parametrize("arch", list(SHAPES))
+def test_peft_floor_trains_the_same_parameters(arch, gen):
+    """The peft floor is the same non-private LoRA step as deer's floor: same loss, and the same
+    gradient of the same trained factor in every layer (only the layer implementation differs)."""
+    import copy
+
+    import peft
+    seed = gen.initial_seed()
+    case = Case(method="nonprivate", model="tiny", batch=5, rank=3, phase="A", noise="none", **SHAPES[arch])
+    model, layers = build_lora_model(case)
+    inputs, target = make_batch(case, seed=seed % (2 ** 31))
+    pm = to_peft(copy.deepcopy(model), case)
+    ours = build_nonprivate_step(case, model, inputs, target)(zero_grad=False)
+    theirs = build_nonprivate_step(case, pm, inputs, target)(zero_grad=False)
+    assert abs(float(ours.detach()) - float(theirs.detach())) <= 1e-5 * abs(float(ours.detach()))
+    plyrs = [m for m in pm.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(plyrs) == len(layers) > 0
+    for lyr, p in zip(layers, plyrs):
+        assert p.lora_B["default"].weight.grad is None            # phase A: B frozen in both
+        err = _rel_err(p.lora_A["default"].weight.grad, lyr.lora_A.grad)
+        assert err < 1e-5, f"{arch}: peft's A gradient off deer's by {err:.2e}"
+
+
+def _bench_json(tmp_path, times_ms: dict, mem_mib: dict, **config):
     import json
     base = dict(device="cpu", model="tiny", depth=None, batch=32, img=64, rank=8, targets="qkv", phase="B",
                 device_name="test cpu", torch="t", opacus="o", timm="m", deer="d", python="p",
                 date="2026-01-01T00:00:00+00:00", peak_mem_kind="cpu_peak_rss_delta", impl="x")
+    base.update(config)
     rows = []
     for key, t in times_ms.items():
         method, _, backend = key.partition(":")
@@ -97,7 +132,8 @@ def test_report_overheads_and_targets(tmp_path, deer_ms, verdict):
     over = deer_ms / 100.0 - 1
     # paired overhead (here: none recorded, so the separate medians), separate medians, separate mins
     assert f"| deer[cpu] isotropic | {deer_ms:.1f} | {over:+.3f} | {over:+.3f} | {over:+.3f} | 104 | 1.04 | n/a |" in md
-    assert f"| {deer_ms / 100:.2f} | {deer_ms / 150:.2f} | {deer_ms / 120:.2f} | {over:+.3f} | +0.500 | +0.200 |" in md
+    assert (f"| {deer_ms / 100:.2f} | n/a | {deer_ms / 150:.2f} | {deer_ms / 120:.2f} | {over:+.3f} | +0.500 "
+            "| +0.200 |") in md
     line = next(l for l in md.splitlines() if l.startswith("- cpu ViT-tiny b32") and "deer[cpu]" in l)
     assert line.count(verdict) == 3, line
     assert (out / "benchmark.json").exists() and (out / "README_section.md").exists()
@@ -121,3 +157,23 @@ def test_report_overhead_is_paired_when_recorded():
     assert rows[0]["overhead"] == 0.0
     assert rows[1]["overhead"] == 0.04 and abs(rows[1]["overhead_separate"] - 0.5) < 1e-12
     assert abs(rows[2]["overhead"] - 0.2) < 1e-12
+
+
+@pytest.mark.parametrize("deer_ms,peft_ms,verdicts", [(104.0, 98.0, ("met", "met")), (106.0, 95.0, ("MISSED", "MISSED"))])
+def test_report_decoder_target_and_peft_floor(tmp_path, deer_ms, peft_ms, verdicts):
+    """A decoder configuration's targets on hand-made medians: deer's overhead at most 0.05 and below
+    Opacus hooks' (110 ms) and ghost's (150 ms); deer's non-private step within 3% of peft's
+    (100 / 98 = 1.020 met; 100 / 95 = 1.053 missed)."""
+    from bench import report
+    times = {"nonprivate": 100.0, "peft": peft_ms, "deer:cpu": deer_ms, "opacus_hooks": 110.0, "opacus_ghost": 150.0}
+    p = _bench_json(tmp_path, times, {k: 100.0 for k in times}, arch="llama", img=0, seq=128, batch=16,
+                    targets="attn")
+    out = tmp_path / "out"
+    assert report.main([str(p), "--out", str(out), "--no-profile"]) == 0
+    md = (out / "report.md").read_text()
+    line = next(l for l in md.splitlines() if l.startswith("- cpu Llama-tiny b16 T128 r8 attn phase B, deer[cpu]"))
+    assert f"overhead {deer_ms / 100 - 1:+.3f} <= 0.05 {verdicts[0]}" in line, line
+    assert "< Opacus hooks' +0.100 met" in line and "< Opacus ghost's +0.500 met" in line, line
+    floor = next(l for l in md.splitlines() if l.startswith("- cpu Llama-tiny b16 T128") and "peft" in l)
+    assert f"= {100 / peft_ms:.3f} <= 1.03 {verdicts[1]}" in floor, floor
+    assert "| cpu Llama-tiny b16 T128 r8 attn phase B | peft non-private |" in (out / "README_section.md").read_text()

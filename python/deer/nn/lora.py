@@ -64,7 +64,9 @@ class _LoRABranch(torch.autograd.Function):
         # that gradient with the fp32 factors the same way.
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        return (u @ B.T) * scale
+        # The scale multiplies the r-wide tensors (u here, v in the backward), not the m- or n-wide
+        # outputs: the same product, a fraction of the elementwise work.
+        return (u * scale) @ B.T
 
     @staticmethod
     def backward(ctx, gout):
@@ -79,7 +81,7 @@ class _LoRABranch(torch.autograd.Function):
         unit = ctx.unit
         capturing = unit is not None and unit.capture
         v = gout @ B                      # (..., r): dL/du / s
-        gx = (v @ A) * s if ctx.needs_input_grad[0] else None
+        gx = (v * s) @ A if ctx.needs_input_grad[0] else None
         gA = gB = None
         if capturing:
             # Keep only what the trained factors need: B needs (U, G), A needs (X, G). Dropping X in
@@ -97,9 +99,9 @@ class _LoRABranch(torch.autograd.Function):
                                            task=torch._C._current_graph_task_id(), call=ctx.call))
         else:
             if ctx.needs_input_grad[1]:
-                gA = s * v.reshape(-1, v.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+                gA = (v.reshape(-1, v.shape[-1]).T @ x.reshape(-1, x.shape[-1])) * s
             if ctx.needs_input_grad[2]:
-                gB = s * gout.reshape(-1, gout.shape[-1]).T @ u.reshape(-1, u.shape[-1])
+                gB = (gout.reshape(-1, gout.shape[-1]).T @ u.reshape(-1, u.shape[-1])) * s
         return gx, gA, gB, None, None
 
 
