@@ -1,8 +1,11 @@
-"""End-to-end private LoRA training step: deer vs Opacus vs non-private LoRA.
+"""End-to-end private LoRA training step: deer vs Opacus vs non-private LoRA (deer's layer and peft's).
 
 One case = one full step (forward, backward, per-sample clipping, noise, optimizer step) of a timm ViT
-with LoRA on the attention qkv projection (or qkv + proj + MLP), timed by pytest-benchmark, with its
-peak memory and a machine-readable row in `extra_info`. Methods and how each is built: bench/models.py.
+with LoRA on the attention qkv projection (or qkv + proj + MLP), or of a decoder LM (tiny Llama,
+GPT-2-shaped) with LoRA on the attention projections and the causal LM loss on right-padded
+sequences, timed by pytest-benchmark, with its peak memory and a machine-readable row in
+`extra_info`. Every configuration has two non-private floors: deer's LoRA layer and peft's.
+Methods and how each is built: bench/models.py.
 
     pytest bench/bench_step.py --benchmark-json=bench/results/step.json         # default sweep
     DEER_BENCH_QUICK=1 pytest bench/bench_step.py --benchmark-json=/tmp/q.json  # smoke (< 60 s)
@@ -10,16 +13,18 @@ peak memory and a machine-readable row in `extra_info`. Methods and how each is 
 
 Default CPU sweep (2-core friendly): ViT-tiny, batch 32, image 64 (17 tokens), rank 8, LoRA on qkv as
 the centre, both phases; then one knob at a time: model small, batch 8/16/64, image 32/128, rank 4/32,
-LoRA on every Linear of the blocks. After its own rounds every case runs up to 5 more,
+LoRA on every Linear of the blocks; then the decoders, tiny Llama and GPT-2-shaped at (batch, tokens) =
+(16, 128) and (8, 512), rank 8, phase B. After its own rounds every case runs up to 5 more,
 interleaved with the non-private step of its configuration (`paired_overhead` in its row: the
 median per-pair time ratio - 1, which a shared machine's drifting load barely moves). CUDA (when present): ViT-B/16 at 224 px, batch 64/128/256, plus
 tiny/small at batch 32, every deer backend available. At the centre configurations (and CUDA batch 256)
 deer also runs with the fused optimizer step (make_private(fused_update=True), id suffix '-fused').
-DEER_BENCH_ROUNDS sets the timed rounds per
+glibc's malloc keeps freed memory for reuse during the run (bench/memory.py: keep_freed_memory;
+DEER_BENCH_MALLOC=default turns that off). DEER_BENCH_ROUNDS sets the timed rounds per
 case (default 7 on CPU, 20 on CUDA), DEER_BENCH_THREADS torch's intra-op threads; each case's 1-minute
 load average is recorded (shared machines); DEER_BENCH_CASES (a regular expression on the case id)
 runs a subset. `--quick` (or DEER_BENCH_QUICK=1): a 2-block
-ViT-tiny at 32 px, batch 8, every method/backend/phase once; it checks every case runs and writes its
+ViT-tiny at 32 px, batch 8, and 1-layer decoders on 4 sequences of 16 tokens, every method/backend once; it checks every case runs and writes its
 row, and asserts nothing about speed.
 """
 from __future__ import annotations
@@ -38,7 +43,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `bench` is imported as a package from the repository root
     sys.path.insert(0, _ROOT)
 
-from bench.memory import peak_memory
+from bench.memory import malloc_state, peak_memory
 from bench.models import Case, build_step, device_name
 
 CPU_CENTER = dict(model="tiny", batch=32, img=64, rank=8, targets="qkv")
@@ -161,6 +166,7 @@ def environment_row(device: str) -> dict:
         "device_name": device_name(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "opacus": opacus.__version__, "timm": timm.__version__,
         "peft": peft.__version__, "transformers": transformers.__version__,
+        "malloc": malloc_state(),
         "deer": getattr(deer, "__version__", "unknown"), "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

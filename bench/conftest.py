@@ -37,6 +37,16 @@ def _bench_threads():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bench_malloc():
+    """glibc keeps freed memory for reuse (bench.memory.keep_freed_memory, why: there) unless
+    DEER_BENCH_MALLOC=default; rows record which (`malloc`)."""
+    from bench.memory import keep_freed_memory
+    if os.environ.get("DEER_BENCH_MALLOC", "keep") != "default":
+        keep_freed_memory()
+    yield
+
+
 @pytest.fixture(scope="session")
 def quick(request) -> bool:
     return is_quick(request.config)

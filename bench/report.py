@@ -441,7 +441,10 @@ def header(rows: list[dict], data: dict, note: str | None) -> str:
              "- peak memory: " + ", ".join(mem_kinds) + " (cpu_peak_rss_delta: process peak RSS while the case "
              "is built and stepped minus RSS before it; cuda_max_allocated_delta: torch.cuda.max_memory_allocated "
              "over the same span)",
-             f"- rounds per case: {sorted({r.get('rounds') for r in rows})}"]
+             f"- rounds per case: {sorted({r.get('rounds') for r in rows})}",
+             "- glibc malloc: " + ", ".join(sorted({r.get("malloc", "default") for r in rows})) +
+             " ('keep-freed': freed memory is kept for reuse, not unmapped and faulted in again every step; "
+             "bench/memory.py)"]
     if note:
         lines.append(f"- note: {note}")
     return "\n".join(lines)

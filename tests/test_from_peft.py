@@ -114,6 +114,16 @@ def test_peft_options_deer_cannot_honour_are_refused(gen, kw, why):
         from_peft(model)
 
 
+def test_adapters_other_than_lora_are_refused():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_gpt2(), peft.IA3Config(target_modules=["c_attn", "c_fc"],
+                                                            feedforward_modules=["c_fc"]))
+    with pytest.raises(ValueError, match=r"from_peft: adapter 'default' is (PeftType\.)?IA3; deer converts LoRA "
+                                         r"adapters only"):
+        from_peft(model)
+
+
 def test_modules_to_save_other_than_linear_are_refused(gen):
     """A Linear in modules_to_save trains fully (tests/test_full_layers.py); other module types are
     refused by name."""

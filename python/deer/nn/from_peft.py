@@ -67,8 +67,6 @@ def from_peft(model: nn.Module) -> nn.Module:
         if kind == "Conv2d" and tuple(layer.get_base_layer().dilation) != (1, 1):
             _refuse(f"{name!r} is peft's conv LoRA on a Conv2d with dilation {layer.get_base_layer().dilation}",
                     "peft's A convolution ignores the dilation, deer's branch follows the base layer")
-        if layer.use_dora.get(a, False):
-            _refuse(f"{name!r} uses DoRA", "deer's per-sample gradients are for plain LoRA")
         if getattr(layer, "lora_bias", {}).get(a, False):
             _refuse(f"{name!r} has a LoRA bias (lora_bias=True)", "its gradient would escape clipping")
         if layer.merged:
