@@ -21,7 +21,8 @@ tiny/small at batch 32, every deer backend available. At the centre configuratio
 deer also runs with the fused optimizer step (make_private(fused_update=True), id suffix '-fused').
 glibc's malloc keeps freed memory for reuse during the run (bench/memory.py: keep_freed_memory;
 DEER_BENCH_MALLOC=default turns that off). DEER_BENCH_ROUNDS sets the timed rounds per
-case (default 7 on CPU, 20 on CUDA), DEER_BENCH_THREADS torch's intra-op threads; each case's 1-minute
+case (default 7 on CPU, 20 on CUDA), DEER_BENCH_PAIRS the paired rounds (default 5),
+DEER_BENCH_THREADS torch's intra-op threads; each case's 1-minute
 load average is recorded (shared machines); DEER_BENCH_CASES (a regular expression on the case id)
 runs a subset. `--quick` (or DEER_BENCH_QUICK=1): a 2-block
 ViT-tiny at 32 px, batch 8, and 1-layer decoders on 4 sequences of 16 tokens, every method/backend once; it checks every case runs and writes its
@@ -253,8 +254,10 @@ def test_step(benchmark, case: Case, request):
     rounds = 1 if quick else int(os.environ.get("DEER_BENCH_ROUNDS", 7 if case.device == "cpu" else 20))
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=0 if quick else 1, iterations=1)
     if floor is not None:
-        # 5 pairs at most: the default sweep stays under 15 minutes on 2 shared cores
-        benchmark.extra_info.update(paired_overhead(run, floor, min(rounds, 5)))
+        # 5 pairs by default (the default sweep stays under 20 minutes on 2 cores); DEER_BENCH_PAIRS
+        # sets more for a focused rerun of a few configurations
+        pairs = int(os.environ.get("DEER_BENCH_PAIRS", min(rounds, 5)))
+        benchmark.extra_info.update(paired_overhead(run, floor, pairs))
     # The step really trained: every trained parameter is finite (a NaN would void the timing).
     for p in info["params"]:
         assert torch.isfinite(p).all(), f"{case.id()}: non-finite parameter after the step"

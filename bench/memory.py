@@ -54,17 +54,24 @@ def keep_freed_memory() -> bool:
     activations) as fresh pages: measured on a T = 512 decoder step, about 210,000 page faults per
     step, 20% of the step time, varying by +-15% between steps, far more than the differences the
     benchmark compares. Kept, the faults go away and every method's step is measured without them.
-    peak_memory still calls malloc_trim before each case, so the memory one case freed is released
-    before the next is measured. Returns False where this is not glibc."""
+    peak_memory switches back to returning freed memory while it measures a case. Returns False
+    where this is not glibc."""
+    global _KEPT
+    _KEPT = _KEPT or _mallopt(keep=True)
+    return _KEPT
+
+
+def _mallopt(keep: bool) -> bool:
+    """keep: the settings above; else glibc's initial ones fixed (mmap and trim thresholds 128 KiB,
+    no top pad), so every large block is mapped on allocation and unmapped on free and the RSS
+    follows the live memory."""
+    mmap, trim, pad = ((1 << 30), (1 << 31) - 1, 1 << 26) if keep else (128 << 10, 128 << 10, 0)
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
-              and libc.mallopt(_M_TOP_PAD, 1 << 26) == 1)
+        return (libc.mallopt(_M_MMAP_THRESHOLD, mmap) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1
+                and libc.mallopt(_M_TOP_PAD, pad) == 1)
     except (OSError, AttributeError):
         return False
-    global _KEPT
-    _KEPT = _KEPT or ok
-    return ok
 
 
 _KEPT = False
@@ -107,11 +114,19 @@ def peak_memory(device: str | torch.device):
         torch.cuda.synchronize(dev)
         pm.bytes = int(torch.cuda.max_memory_allocated(dev) - base)
         return
-    _malloc_trim()
-    ok = _reset_hwm()
-    base = _status_kb("VmRSS")
-    pm = PeakMemory(CPU_KIND)
-    yield pm
-    hwm = _status_kb("VmHWM")
+    # Memory kept for reuse (keep_freed_memory) would hide a case's allocations in pages an earlier
+    # one left, or count pages freed inside the case: measure with freed memory returned at once.
+    if _KEPT:
+        _mallopt(keep=False)
+    try:
+        _malloc_trim()
+        ok = _reset_hwm()
+        base = _status_kb("VmRSS")
+        pm = PeakMemory(CPU_KIND)
+        yield pm
+        hwm = _status_kb("VmHWM")
+    finally:
+        if _KEPT:
+            _mallopt(keep=True)
     if ok and base is not None and hwm is not None:
         pm.bytes = int(max(0, hwm - base) * 1024)

@@ -242,6 +242,9 @@ def profile_case(row: dict, steps: int = 3, top: int = 15) -> tuple[dict, str]:
     case = Case(**fields)
     if row.get("torch_threads"):
         torch.set_num_threads(int(row["torch_threads"]))     # as the benchmark ran
+    if row.get("malloc") == "keep-freed":
+        from bench.memory import keep_freed_memory
+        keep_freed_memory()                                  # as the benchmark ran
     warnings.filterwarnings("ignore", category=UserWarning)
     models.PROFILE_STAGES = True
     try:
@@ -297,14 +300,14 @@ def profile_section(missed: list[dict], by_cfg: dict, floor_missed: list[tuple] 
         return ""
     out = ["## Where the time goes (profile of the deer step)", "",
            "A target was missed, so deer's step is profiled with torch.profiler next to the non-private and "
-           "Opacus steps of the same configuration (the centre configuration of the sweep when a target was "
-           "missed there, else the worst missed case). Stages are timed with record_function: 'forward' "
+           "Opacus steps of the same configuration (per device and architecture: the centre configuration of "
+           "the sweep when a target was missed there, else the worst missed case). Stages are timed with record_function: 'forward' "
            "(model + loss), 'backward' (all backward passes, LoRA captures / Opacus hooks included), 'step' "
            "(per-sample norms, clipping, noise, optimizer update). Every method is profiled back to back in "
            "one process right after the sweep, so this comparison is less exposed to load changes than the "
            "medians above; absolute numbers differ from them.", ""]
-    for device in sorted({r["device"] for r in missed}):
-        dm = [r for r in missed if r["device"] == device]
+    for device, arch in sorted({(r["device"], r.get("arch", "vit")) for r in missed}):
+        dm = [r for r in missed if r["device"] == device and r.get("arch", "vit") == arch]
         centre = [r for r in dm if _is_centre(config_of(r))]
         groups = defaultdict(list)
         for r in (centre or [max(dm, key=lambda r: r["overhead"] or 0)]):

@@ -177,3 +177,38 @@ def test_report_decoder_target_and_peft_floor(tmp_path, deer_ms, peft_ms, verdic
     floor = next(l for l in md.splitlines() if l.startswith("- cpu Llama-tiny b16 T128") and "peft" in l)
     assert f"= {100 / peft_ms:.3f} <= 1.03 {verdicts[1]}" in floor, floor
     assert "| cpu Llama-tiny b16 T128 r8 attn phase B | peft non-private |" in (out / "README_section.md").read_text()
+
+
+def test_kept_freed_memory_and_peak_memory(tmp_path):
+    """bench.memory in a fresh process (its malloc settings are process-wide): with freed memory
+    kept, allocating and freeing a 64 MiB tensor again faults in (almost) no pages, where glibc's
+    default faults in all of them; and peak_memory still sees a 96 MiB tensor allocated inside a case
+    after 256 MiB were freed before it (the kept pages are not counted as free, reused and missed)."""
+    import subprocess
+    code = f'''
+import resource, sys, torch
+sys.path.insert(0, {ROOT!r})
+from bench.memory import keep_freed_memory, malloc_state, peak_memory
+def faults():
+    n = 16 << 20
+    torch.ones(n).sum(); torch.ones(n).sum(); f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        torch.ones(n).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+before = faults()
+assert malloc_state() == "default"
+assert keep_freed_memory() and malloc_state() == "keep-freed"
+after = faults()
+big = torch.ones(64 << 20); del big
+with peak_memory("cpu") as pm:
+    x = torch.ones(24 << 20); x.sum(); del x
+print(before, after, pm.bytes)
+'''
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after, peak = (int(v) for v in out.stdout.split())
+    pages = 3 * (64 << 20) // 4096
+    assert before > pages // 2, f"default malloc faulted only {before} pages for 3 x 64 MiB"
+    assert after < pages // 20, f"kept memory still faulted {after} pages"
+    if peak is not None:
+        assert peak >= 90 << 20, f"peak_memory saw {peak / 2 ** 20:.0f} MiB of a 96 MiB tensor"
