@@ -34,11 +34,18 @@ def _status_kb(field: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _malloc_trim() -> None:
+def _libc():
+    """glibc, or None where it is not this process's C library."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _malloc_trim() -> None:
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 # mallopt parameters (glibc's malloc.h)
@@ -66,12 +73,11 @@ def _mallopt(keep: bool) -> bool:
     no top pad), so every large block is mapped on allocation and unmapped on free and the RSS
     follows the live memory."""
     mmap, trim, pad = ((1 << 30), (1 << 31) - 1, 1 << 26) if keep else (128 << 10, 128 << 10, 0)
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return (libc.mallopt(_M_MMAP_THRESHOLD, mmap) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1
-                and libc.mallopt(_M_TOP_PAD, pad) == 1)
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
+    return (libc.mallopt(_M_MMAP_THRESHOLD, mmap) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1
+            and libc.mallopt(_M_TOP_PAD, pad) == 1)
 
 
 _KEPT = False

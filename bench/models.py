@@ -60,7 +60,6 @@ DECODER_SIZES = {
     "gpt2": {"tiny": dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8192, n_positions=512,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)},
 }
-ARCH_NAMES = {"vit": "ViT", "llama": "Llama", "gpt2": "GPT-2"}
 METHODS = ("nonprivate", "peft", "deer", "opacus_hooks", "opacus_ghost", "deer_on_opacus")
 # LoRA targets per architecture (suffixes of module names; "attn": the attention projections)
 LORA_TARGETS = {
@@ -245,8 +244,8 @@ def to_peft(deer_model: nn.Module, case: Case) -> nn.Module:
             lyr = inner.get_submodule(name)
             lyr.lora_A["default"].weight.copy_(A)
             lyr.lora_B["default"].weight.copy_(B)
-            lyr.lora_A["default"].weight.requires_grad_(case.phase in ("A", "AB"))
-            lyr.lora_B["default"].weight.requires_grad_(case.phase in ("B", "AB"))
+            lyr.lora_A["default"].weight.requires_grad_("A" in ref.trained_factors(case.phase))
+            lyr.lora_B["default"].weight.requires_grad_("B" in ref.trained_factors(case.phase))
     found = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in pm.modules())
     if found != len(factors):
         raise RuntimeError(f"peft targeted {found} layers, deer {len(factors)}: the floors would differ")
@@ -269,9 +268,9 @@ class OpacusLoRALinear(nn.Module):
         self.scale = src.scale
 
     def set_phase(self, phase: str):
-        ref.check_phase(phase)
-        self.lora_A.weight.requires_grad_(phase in ("A", "AB"))
-        self.lora_B.weight.requires_grad_(phase in ("B", "AB"))
+        trained = ref.trained_factors(phase)
+        self.lora_A.weight.requires_grad_("A" in trained)
+        self.lora_B.weight.requires_grad_("B" in trained)
 
     def forward(self, x):
         return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale

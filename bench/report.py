@@ -306,8 +306,8 @@ def profile_section(missed: list[dict], by_cfg: dict, floor_missed: list[tuple] 
            "(per-sample norms, clipping, noise, optimizer update). Every method is profiled back to back in "
            "one process right after the sweep, so this comparison is less exposed to load changes than the "
            "medians above; absolute numbers differ from them.", ""]
-    for device, arch in sorted({(r["device"], r.get("arch", "vit")) for r in missed}):
-        dm = [r for r in missed if r["device"] == device and r.get("arch", "vit") == arch]
+    for device, arch in sorted({(r["device"], r.get("arch", _DEFAULTS["arch"])) for r in missed}):
+        dm = [r for r in missed if r["device"] == device and r.get("arch", _DEFAULTS["arch"]) == arch]
         centre = [r for r in dm if _is_centre(config_of(r))]
         groups = defaultdict(list)
         for r in (centre or [max(dm, key=lambda r: r["overhead"] or 0)]):

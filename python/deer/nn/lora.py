@@ -153,9 +153,10 @@ class LoRAFactors(nn.Module):
 
     def set_phase(self, phase: str):
         """'A': train A (B frozen); 'B': train B (A frozen); 'AB': train both."""
-        self.phase = check_phase(phase)
-        self.lora_A.requires_grad_(phase in ("A", "AB"))
-        self.lora_B.requires_grad_(phase in ("B", "AB"))
+        trained = trained_factors(phase)
+        self.phase = phase
+        self.lora_A.requires_grad_("A" in trained)
+        self.lora_B.requires_grad_("B" in trained)
 
     @property
     def trained(self) -> tuple[str, ...]:
