@@ -18,7 +18,7 @@ pytest.importorskip("flwr")
 from safetensors.torch import load_file  # noqa: E402
 
 from deer.fed import FedConfig, run_method  # noqa: E402
-from deer.fed.flower_app import APP_PYPROJECT, write_job  # noqa: E402
+from deer.fed.flower_app import APP_PYPROJECT, CONNECT_TIMEOUT_S, write_job  # noqa: E402
 from deer.nn import lora_key  # noqa: E402
 
 
@@ -99,10 +99,11 @@ class Deployment:
 
     def __init__(self, tmp_path, job_dir, out_dir, method, num_partitions, clientapp=None):
         self.tmp, self.port, self.n = tmp_path, _free_port(), num_partitions
-        self.procs, self.nodes, self.starts = [], {}, 0
+        self.procs, self.nodes, self.starts, self.log_of = [], {}, 0, {}
         self.app, home = tmp_path / "app", tmp_path / "flwr_home"
         self.app.mkdir()
-        app = APP_PYPROJECT.format(job_dir=job_dir, out_dir=out_dir, method=method, connect_timeout=60)
+        app = APP_PYPROJECT.format(job_dir=job_dir, out_dir=out_dir, method=method,
+                                   connect_timeout=CONNECT_TIMEOUT_S)
         if clientapp:
             app = app.replace('clientapp = "deer.fed.flower_app:client_app"', f'clientapp = "{clientapp}"')
         (self.app / "pyproject.toml").write_text(app)
@@ -120,7 +121,8 @@ insecure = true
 
     def _start(self, cmd, name):
         self.starts += 1
-        proc = _start(cmd, self.tmp / f"{name}.{self.starts}.log", self.env)
+        self.log_of[name] = self.tmp / f"{name}.{self.starts}.log"   # the latest process of that name
+        proc = _start(cmd, self.log_of[name], self.env)
         self.procs.append(proc)
         return proc[0]
 
@@ -150,14 +152,14 @@ insecure = true
     def logs(self):
         return "\n".join(f"== {f.name}\n" + f.read_text()[-3000:] for f in sorted(self.tmp.glob("*.log")))
 
-    def wait_for(self, path, timeout=400, done=lambda p: p.exists()):
+    def wait_for(self, path, timeout=400, done=lambda p: p.exists(), poll=0.5):
         """Until done(path); fails if a process exited (except those killed on purpose) or time is up."""
         deadline = time.monotonic() + timeout  # each message starts a flwr-clientapp process (torch import)
         while not done(path):
             dead = [p.args[0] for p, _ in self.procs if p.poll() is not None and p not in self.killed]
             assert not dead, f"{dead} exited early:\n{self.logs()}"
             assert time.monotonic() < deadline, f"waited {timeout}s for {path.name}:\n{self.logs()}"
-            time.sleep(0.5)
+            time.sleep(poll)
 
     def wait_round(self, out_dir, rnd, timeout=400):
         """Until the run directory's checkpoint says round `rnd` (1-based) is complete."""
@@ -246,9 +248,10 @@ def test_flower_survives_a_killed_supernode_and_takes_it_back(tmp_path, gen):
 
 
 def test_flower_resumes_after_a_superlink_restart(tmp_path, gen):
-    """The SuperLink (and the ServerApp under it) is killed after round 1; restarted on the same port
-    and database, with the same SuperNodes still running, a resubmitted run resumes from its last completed round and
-    ends with the adapters of an uninterrupted run with the same seed."""
+    """The SuperLink (and the ServerApp under it) is killed while round 2's train messages are out;
+    restarted on the same port and database, with the same SuperNodes still running (each first ends
+    its pull of the killed run's message), a resubmitted run resumes from its last completed round and ends
+    with the adapters of an uninterrupted run with the same seed."""
     from deer.fed import prepare_job
     seed = gen.initial_seed() % 100000
     cfg = _tiny(seed, rounds=3, methods=["ffa"])
@@ -262,10 +265,13 @@ def test_flower_resumes_after_a_superlink_restart(tmp_path, gen):
             d.supernode(k)
         d.submit()
         d.wait_round(out_dir, 1)
+        # flwr numbers rounds from 0: round 2's train message reaching a SuperNode is "ROUND 1.0"
+        d.wait_for(d.log_of["supernode0"], done=lambda p: "ROUND 1.0]" in p.read_text(), poll=0.05)
         d.kill(d.link)
+        assert json.loads((out_dir / "state.json").read_text())["round"] == 0, "round 2 ended before the kill"
         d.superlink(database=tmp_path / "superlink.db")
         d.submit()
-        d.wait_for(out_dir / "metrics.json", timeout=500)
+        d.wait_for(out_dir / "metrics.json", timeout=CONNECT_TIMEOUT_S + 400)
         time.sleep(0.5)
         log = (out_dir / "server.log").read_text()
         assert all(p.poll() is None for p in d.nodes.values()), d.logs()   # the SuperNodes reconnected

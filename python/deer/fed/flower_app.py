@@ -162,6 +162,13 @@ class FlowerClients:
 # ServerApp
 # ----------------------------------------------------------------------------------------------
 
+# How long the ServerApp waits for every partition's SuperNode to connect and answer. After a SuperLink
+# restart a SuperNode may first spend up to a minute on the killed run's last message (its objects are
+# gone with the old SuperLink; Flower keeps pulling until that run's heartbeats lapse, 2 x 30 s, and it
+# is marked finished) before it answers the new run, so this must be well above that.
+CONNECT_TIMEOUT_S = 300
+
+
 def _connect(grid, cfg: FedConfig, timeout: float, log) -> dict[int, int]:
     """Wait for the SuperNodes, then learn which node serves which partition: {client: node id}."""
     deadline = time.monotonic() + timeout
@@ -186,7 +193,7 @@ def _server_main(grid, context) -> None:
         def say(msg):  # to `flwr log` and to <out-dir>/server.log, which keeps every line of every run
             log(INFO, msg)
             server_log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
-        node_of = _connect(grid, job.cfg, float(rc.get("connect-timeout", 120)), say)
+        node_of = _connect(grid, job.cfg, float(rc.get("connect-timeout", CONNECT_TIMEOUT_S)), say)
         run_method(job, str(rc.get("method", "deer")), out_dir, log=say,
                    clients=FlowerClients(grid, node_of, job.cfg.client_timeout_s, job.cfg.num_clients, say))
 
@@ -343,7 +350,7 @@ def _site_keys(keys: str, sites: int) -> None:
 
 
 def init_deployment(folder: str, cfg: FedConfig, superlink: str, method: str = "deer", insecure: bool = False,
-                    connect_timeout: float = 300, log=print) -> dict[str, str]:
+                    connect_timeout: float = CONNECT_TIMEOUT_S, log=print) -> dict[str, str]:
     """Write a complete Flower deployment of `cfg` into `folder`: job/ (config + backbone, what every
     party loads), app/pyproject.toml (deer's ServerApp and ClientApp, the run config), flwr/config.toml
     (the federation "deer" for the flwr CLI: `FLWR_HOME=<folder>/flwr`), and unless insecure, certs/ (a
